@@ -1,0 +1,180 @@
+"""Every error fastpull raises on purpose.
+
+The tree::
+
+    FastpullError                      exit 1 unless a subclass says otherwise
+    ├── UsageError                     exit 2  bad option values, unusable settings
+    │   └── InvalidReference           exit 2  (also a ValueError) malformed image reference
+    ├── ConfigError                    exit 2  unreadable / broken config.json or fastpull config
+    ├── CredentialError                exit 3  a credential helper is missing or failed
+    ├── RegistryError                  exit 5  anything the remote side did wrong
+    │   ├── ConnectionFailed           exit 5  DNS, connect, reset, timeout   (retryable)
+    │   ├── TLSFailure                 exit 5  certificate / handshake / downgrade refused
+    │   ├── Unauthorized               exit 3  401 after auth was attempted
+    │   ├── Denied                     exit 3  403
+    │   ├── NotFound                   exit 4  manifest / blob / repository unknown
+    │   ├── TooManyRequests            exit 5  429 after retries                 (retryable)
+    │   ├── ServerError                exit 5  5xx after retries                 (retryable)
+    │   └── ProtocolError              exit 5  the server answered something impossible
+    ├── ManifestError                  exit 6  a document that must not be used
+    │   ├── UnsupportedManifest        exit 6  schema 1, unknown media type, unknown algorithm
+    │   └── PlatformNotFound           exit 4  no manifest for the requested platform
+    ├── DigestMismatch                 exit 6  bytes do not match their digest; nothing was kept
+    ├── StoreError                     exit 7  the local OCI layout cannot be used or written
+    └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
+
+``retryable`` marks errors worth another attempt. Every error pickles (worker processes
+send them to the parent), keeping its message and attributes. Messages never contain
+credentials: code that builds them passes URLs through :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+class FastpullError(Exception):
+    """Root of fastpull's errors. ``str(err)`` is the one line shown to the user."""
+
+    exit_code = 1
+    retryable = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        for key, value in details.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.details))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls: type[FastpullError], message: str, details: dict[str, Any]) -> FastpullError:
+    return cls(message, **details)
+
+
+class UsageError(FastpullError):
+    """The user asked for something that cannot work (bad option value, bad setting)."""
+
+    exit_code = 2
+
+
+class InvalidReference(UsageError, ValueError):
+    """An image reference that does not follow Docker's grammar."""
+
+
+class ConfigError(FastpullError):
+    """A configuration file exists but cannot be read or parsed."""
+
+    exit_code = 2
+
+
+class CredentialError(FastpullError):
+    """Credentials could not be obtained or stored (missing or failing helper)."""
+
+    exit_code = 3
+
+
+class RegistryError(FastpullError):
+    """The registry (or the network to it) did not give us what we asked for."""
+
+    exit_code = 5
+
+
+class ConnectionFailed(RegistryError):
+    """The host could not be reached or the connection broke."""
+
+    retryable = True
+
+
+class TLSFailure(RegistryError):
+    """TLS verification or negotiation failed, or a downgrade to plain HTTP was refused."""
+
+
+class Unauthorized(RegistryError):
+    """401: no credentials, or the registry rejected the ones we sent."""
+
+    exit_code = 3
+
+
+class Denied(RegistryError):
+    """403: authenticated, but not allowed."""
+
+    exit_code = 3
+
+
+class NotFound(RegistryError):
+    """The manifest, blob, tag or repository does not exist."""
+
+    exit_code = 4
+
+
+class TooManyRequests(RegistryError):
+    """429: rate limited, still after honouring Retry-After."""
+
+    retryable = True
+
+
+class ServerError(RegistryError):
+    """5xx from the registry."""
+
+    retryable = True
+
+
+class ProtocolError(RegistryError):
+    """A response that breaks the protocol: wrong Content-Range, bad redirect, garbage body."""
+
+
+class ManifestError(FastpullError):
+    """A manifest, index or config that is malformed or unsafe to use."""
+
+    exit_code = 6
+
+
+class UnsupportedManifest(ManifestError):
+    """Well-formed, but something fastpull does not pull (schema 1, unknown type)."""
+
+
+class PlatformNotFound(ManifestError):
+    """An index with no entry for the requested platform."""
+
+    exit_code = 4
+
+
+class DigestMismatch(FastpullError):
+    """Content did not hash to its digest (or had the wrong size). Nothing was stored."""
+
+    exit_code = 6
+    retryable = True
+
+
+class StoreError(FastpullError):
+    """The local store cannot be used: not a layout, not writable, disk full."""
+
+    exit_code = 7
+
+
+class Interrupted(FastpullError):
+    """The user stopped the pull (SIGINT → 130, SIGTERM → 143)."""
+
+    exit_code = 130
+
+
+def redact_url(url: str) -> str:
+    """Drop userinfo and the query string, which may carry secrets (signed CDN URLs)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<unparseable URL>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    query = "…" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
