@@ -1,0 +1,52 @@
+"""Ctrl-C and SIGTERM, turned into a flag that the transfer loops poll.
+
+A signal handler that raises would fire inside a libcurl callback, where pycurl swallows
+the exception; so the handler only records the signal, and the loops (which wake at
+least every 0.2 s) raise :class:`~fastpull.errors.Interrupted` at a safe point. Data
+committed stays; nothing half-written reaches ``blobs/`` or ``index.json``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from .errors import Interrupted
+
+_received: int | None = None
+_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _handler(signum: int, _frame: FrameType | None) -> None:
+    global _received
+    _received = signum
+
+
+def check() -> None:
+    """Raise Interrupted if a stop was requested since the handlers were installed."""
+    if _received is not None:
+        name = "interrupted" if _received == signal.SIGINT else "terminated"
+        raise Interrupted(
+            f"{name}; partial downloads are kept for the next pull",
+            exit_code=_EXIT_CODES.get(_received, 130),
+        )
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Install the flag-setting handlers (main thread only; elsewhere a no-op)."""
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received = None
+    previous = {sig: signal.signal(sig, _handler) for sig in _EXIT_CODES}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _received = None

@@ -1,0 +1,236 @@
+"""The ``fastpull`` command. Thin: parse options, call the library, print.
+
+Errors are turned into one line on stderr and an exit code here and nowhere else
+(:func:`main`); see the README for the table of exit codes.
+"""
+
+from __future__ import annotations
+
+import platform as _platform
+import sys
+from collections.abc import Sequence
+
+import click
+import orjson
+
+from . import __version__, cancel, hashing
+from .credentials import Credentials, CredentialStore
+from .errors import FastpullError, UsageError
+from .listing import human_duration, image_rows
+from .progress import human_size, renderer_for
+from .pull import Puller
+from .reference import Reference
+from .registry import DOCKER_HUB, RegistryClient
+from .settings import Settings
+from .store import Store, resolve_store_path
+from .transport import Transport
+from .types import Platform
+
+_STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
+
+
+def _open_store(settings: Settings, create: bool = True) -> Store:
+    return Store.open(resolve_store_path(settings.store), create=create)
+
+
+def _tag_was_defaulted(text: str, ref: Reference) -> bool:
+    last = text.rsplit("/", 1)[-1]
+    return ref.digest is None and ":" not in last
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Pull container images from OCI / Docker registries at line rate."""
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-a", "--all-tags", is_flag=True, help="Pull every tagged image of the repository.")
+@click.option("--platform", "platform_text", help="os/arch[/variant] to pull (default: this host).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image reference.")
+@click.option("--json", "json_output", is_flag=True, help="One JSON event per line.")
+@click.option("--store", help=_STORE_HELP)
+@click.option(
+    "--insecure-registry",
+    "insecure",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Allow plain HTTP / unverified TLS for this registry (repeatable).",
+)
+@click.option("--ca-cert", type=click.Path(dir_okay=False), help="Extra CA certificate (PEM).")
+@click.option(
+    "--max-concurrent-downloads",
+    type=click.IntRange(1, 64),
+    help="Blobs downloaded at once (default 6).",
+)
+def pull(
+    name: str,
+    all_tags: bool,
+    platform_text: str | None,
+    quiet: bool,
+    json_output: bool,
+    store: str | None,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    max_concurrent_downloads: int | None,
+) -> None:
+    """Download an image (NAME[:TAG|@DIGEST]) into the local OCI layout store."""
+    ref = Reference.parse(name)
+    if all_tags and (ref.digest is not None or not _tag_was_defaulted(name, ref)):
+        raise UsageError("tag can't be used with --all-tags/-a")
+    settings = Settings.load(
+        insecure_registries=insecure,
+        ca_cert=ca_cert,
+        store=store,
+        max_concurrent_downloads=max_concurrent_downloads,
+    )
+    target = Platform.parse(platform_text) if platform_text else None
+    the_store = _open_store(settings)
+    render = renderer_for(quiet=quiet, json_output=json_output)
+    with (
+        cancel.handled(),
+        Puller(the_store, settings=settings, platform=target, on_event=render) as puller,
+    ):
+        if not all_tags:
+            puller.pull(ref, default_tag=_tag_was_defaulted(name, ref))
+            return
+        tags = puller.tags(ref)
+        if not tags:
+            raise UsageError(f"repository {ref.familiar.rsplit(':', 1)[0]} has no tags")
+        for tag in tags:
+            puller.pull(ref.with_tag(tag))
+
+
+@cli.command()
+@click.argument("repository", required=False)
+@click.option("--digests", is_flag=True, help="Show repo digests.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--store", help=_STORE_HELP)
+def images(repository: str | None, digests: bool, fmt: str, store: str | None) -> None:
+    """List the images in the store."""
+    settings = Settings.load(store=store)
+    path = resolve_store_path(settings.store)
+    rows = image_rows(Store.open(path, create=False), repository) if path.exists() else []
+    if fmt == "json":
+        for row in rows:
+            record = {
+                "Repository": row.repository,
+                "Tag": row.tag,
+                "Digest": row.digest,
+                "ID": row.image_id,
+                "CreatedAt": row.created.isoformat() if row.created else None,
+                "Size": row.size,
+                "Reference": row.reference,
+            }
+            click.echo(orjson.dumps(record).decode())
+        return
+    header = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else [])
+    header += ["IMAGE ID", "CREATED", "SIZE"]
+    table = [header]
+    for row in rows:
+        cells = [row.repository, row.tag] + ([row.digest] if digests else [])
+        cells += [row.image_id, human_duration(row.created), human_size(row.size)]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for r in table:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _login_server(server: str | None) -> str:
+    if not server:
+        return DOCKER_HUB
+    for prefix in ("https://", "http://"):
+        server = server.removeprefix(prefix)
+    server = server.split("/", 1)[0]
+    if server in ("index.docker.io", "registry-1.docker.io"):
+        return DOCKER_HUB
+    return server
+
+
+@cli.command()
+@click.argument("server", required=False)
+@click.option("-u", "--username", help="Username.")
+@click.option("-p", "--password", help="Password (prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]")
+@click.option("--ca-cert", type=click.Path(dir_okay=False))
+def login(
+    server: str | None,
+    username: str | None,
+    password: str | None,
+    password_stdin: bool,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+) -> None:
+    """Log in to a registry (default Docker Hub); credentials go to docker's config.json."""
+    registry = _login_server(server)
+    if password_stdin:
+        if password:
+            raise UsageError("--password and --password-stdin are mutually exclusive")
+        if not username:
+            raise UsageError("must provide --username with --password-stdin")
+        password = sys.stdin.read().rstrip("\r\n")
+    elif password:
+        click.echo(
+            "WARNING! Using --password via the CLI is insecure. Use --password-stdin.", err=True
+        )
+    if not username:
+        username = click.prompt("Username")
+    if not password:
+        password = click.prompt("Password", hide_input=True)
+    if not username or not password:
+        raise UsageError("username and password are required")
+    credentials = Credentials(username=username, password=password)
+    settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert)
+    with cancel.handled(), Transport(tls_for=settings.tls_for) as transport:
+        client = RegistryClient(
+            registry, settings=settings, credentials=credentials, transport=transport
+        )
+        client.check_login()
+    CredentialStore().store(registry, credentials)
+    click.echo("Login Succeeded")
+
+
+@cli.command()
+@click.argument("server", required=False)
+def logout(server: str | None) -> None:
+    """Remove stored credentials for a registry (default Docker Hub)."""
+    registry = _login_server(server)
+    if CredentialStore().erase(registry):
+        click.echo(f"Removing login credentials for {registry}")
+    else:
+        click.echo(f"Not logged in to {registry}")
+
+
+@cli.command()
+def version() -> None:
+    """Show versions and which hashing backend is in use."""
+    import pycurl
+
+    click.echo(f"fastpull {__version__}")
+    click.echo(f"hashing: {hashing.BACKEND} ({hashing.BACKEND_DETAIL})")
+    click.echo(f"libcurl: {pycurl.version}")
+    click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run the command, map errors to one stderr line and an exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except FastpullError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        return 130
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+        return 1
+    return 0

@@ -1,0 +1,117 @@
+"""What ``fastpull images`` shows: one row per tagged image in the store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import FastpullError, InvalidReference
+from .manifest import (
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
+    ImageManifest,
+    parse_config,
+    parse_document,
+)
+from .pull import REPO_DIGEST_ANNOTATION
+from .reference import Reference
+from .store import REF_NAME_ANNOTATION, Store
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One line of ``fastpull images``."""
+
+    repository: str
+    tag: str
+    digest: str
+    image_id: str
+    created: datetime | None
+    size: int
+    reference: str
+
+
+def image_rows(store: Store, pattern: str | None = None) -> list[ImageRow]:
+    """Rows for every image whose reference matches ``pattern`` (``repo`` or ``repo:tag``)."""
+    wanted = _filter(pattern)
+    rows: list[ImageRow] = []
+    for entry in store.images():
+        name = entry.annotations.get(REF_NAME_ANNOTATION)
+        if not name:
+            continue
+        try:
+            ref = Reference.parse(name)
+        except InvalidReference:
+            continue  # written by another tool with its own naming; not ours to show
+        if wanted is not None and not wanted(ref):
+            continue
+        created, image_id, size = None, "<unknown>", entry.size
+        try:
+            doc = parse_document(
+                store.read_blob(entry.digest, max_size=MAX_MANIFEST_SIZE),
+                entry.media_type,
+                entry.digest,
+                name,
+            )
+            if isinstance(doc, ImageManifest):
+                config_raw = store.read_blob(doc.config.digest, max_size=MAX_CONFIG_SIZE)
+                created = parse_config(config_raw, name).created
+                image_id, size = doc.config.digest.short, doc.size
+        except FastpullError:
+            pass  # a damaged entry still gets a row; `fastpull verify` explains it
+        familiar = ref.familiar
+        repository = familiar.split("@")[0].rsplit(":", 1)[0] if ref.tag else familiar.split("@")[0]
+        rows.append(
+            ImageRow(
+                repository=repository,
+                tag=ref.tag or "<none>",
+                digest=entry.annotations.get(REPO_DIGEST_ANNOTATION, str(entry.digest)),
+                image_id=image_id,
+                created=created,
+                size=size,
+                reference=name,
+            )
+        )
+    rows.sort(key=lambda r: (r.repository, r.tag))
+    return rows
+
+
+def _filter(pattern: str | None) -> Callable[[Reference], bool] | None:
+    if not pattern:
+        return None
+    ref = Reference.parse(pattern)
+    explicit_tag = ":" in pattern.rsplit("/", 1)[-1]
+    return lambda r: r.name == ref.name and (not explicit_tag or r.tag == ref.tag)
+
+
+def human_duration(then: datetime | None, now: datetime | None = None) -> str:
+    """``5 days ago``, as docker words ages."""
+    if then is None:
+        return "N/A"
+    now = now or datetime.now(timezone.utc)
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    seconds = (now - then).total_seconds()
+    if seconds < 1:
+        return "Less than a second ago"
+    if seconds < 60:
+        return f"{int(seconds)} seconds ago"
+    minutes = seconds / 60
+    if minutes < 2:
+        return "About a minute ago"
+    if minutes < 60:
+        return f"{int(minutes)} minutes ago"
+    hours = minutes / 60
+    if hours < 2:
+        return "About an hour ago"
+    if hours < 48:
+        return f"{int(hours)} hours ago"
+    days = hours / 24
+    if days < 14:
+        return f"{int(days)} days ago"
+    if days < 60:
+        return f"{int(days / 7)} weeks ago"
+    if days < 730:
+        return f"{int(days / 30)} months ago"
+    return f"{int(days / 365)} years ago"

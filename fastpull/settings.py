@@ -1,0 +1,215 @@
+"""User settings: which registries may use plain HTTP, which CAs to trust, defaults.
+
+Sources, later ones winning for scalar values and adding up for lists:
+``$FASTPULL_CONFIG`` or ``$XDG_CONFIG_HOME/fastpull/config.json`` (``~/.config/...``),
+then ``FASTPULL_INSECURE_REGISTRIES`` (comma separated), then command-line options.
+
+Plain HTTP is allowed only for loopback registries (as Docker does) and for hosts the
+user names as insecure; for those, HTTPS is still tried first, without verification,
+exactly like Docker's ``insecure-registries``. Everything else must be HTTPS, verified.
+CIDR entries match only registries named by an IP literal, never a DNS answer (a Docker
+bug, CVE-2026-92543, matched any resolved address).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from .errors import ConfigError, UsageError
+from .transport import TLSConfig
+
+_CONFIG_KEYS = {"insecure-registries", "store", "max-concurrent-downloads", "ca-cert"}
+
+
+def split_host_port(registry: str) -> tuple[str, int | None]:
+    """``[::1]:5000`` → (``::1``, 5000); ``localhost`` → (``localhost``, None)."""
+    if registry.startswith("["):
+        host, _, rest = registry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = registry.partition(":")
+    if port and not port.isdigit():
+        raise UsageError(f"invalid registry address {registry!r}")
+    return host.lower(), int(port) if port else None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def is_loopback(registry: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ``::1``, with or without a port."""
+    host, _ = split_host_port(registry)
+    if host == "localhost":
+        return True
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
+
+
+def config_file_path() -> Path:
+    """Where fastpull's own settings live."""
+    explicit = os.environ.get("FASTPULL_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fastpull" / "config.json"
+
+
+def certs_d_dir() -> Path:
+    """Docker's per-registry certificate directory (``FASTPULL_CERTS_D`` overrides it)."""
+    return Path(os.environ.get("FASTPULL_CERTS_D", "/etc/docker/certs.d"))
+
+
+def _load_config_file(path: Path) -> dict[str, object]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    unknown = set(data) - _CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    insecure = data.get("insecure-registries", [])
+    if not isinstance(insecure, list) or not all(isinstance(x, str) for x in insecure):
+        raise ConfigError(f"{path}: insecure-registries must be a list of strings")
+    for key in ("store", "ca-cert"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{path}: {key} must be a string")
+    mcd = data.get("max-concurrent-downloads", 6)
+    if not isinstance(mcd, int) or isinstance(mcd, bool) or not 1 <= mcd <= 64:
+        raise ConfigError(f"{path}: max-concurrent-downloads must be an integer from 1 to 64")
+    return data
+
+
+def _check_insecure_entry(entry: str) -> str:
+    entry = entry.strip().lower()
+    if "://" in entry:
+        entry = urlsplit(entry).netloc
+    if not entry or ("/" in entry and _cidr(entry) is None):
+        raise UsageError(f"invalid insecure registry {entry!r}: expected HOST[:PORT] or a CIDR")
+    return entry
+
+
+def _cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that shapes how fastpull talks to registries and where it stores images."""
+
+    insecure_registries: tuple[str, ...] = ()
+    ca_cert: str | None = None
+    store: str | None = None
+    max_concurrent_downloads: int = 6
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        insecure_registries: tuple[str, ...] = (),
+        ca_cert: str | None = None,
+        store: str | None = None,
+        max_concurrent_downloads: int | None = None,
+    ) -> Settings:
+        """Merge the config file, the environment and explicit (command-line) values."""
+        data = _load_config_file(config_file_path())
+        insecure = list(data.get("insecure-registries", []))  # type: ignore[call-overload]
+        env = os.environ.get("FASTPULL_INSECURE_REGISTRIES", "")
+        insecure += [e for e in env.split(",") if e.strip()]
+        insecure += list(insecure_registries)
+        ca = ca_cert or data.get("ca-cert")
+        if ca is not None and not os.path.isfile(str(ca)):
+            raise UsageError(f"CA certificate file {ca} does not exist")
+        return cls(
+            insecure_registries=tuple(_check_insecure_entry(e) for e in insecure),
+            ca_cert=str(ca) if ca else None,
+            store=store or data.get("store"),  # type: ignore[arg-type]
+            max_concurrent_downloads=max_concurrent_downloads
+            or int(data.get("max-concurrent-downloads", 6)),  # type: ignore[call-overload]
+        )
+
+    def is_insecure(self, registry: str) -> bool:
+        """May this registry be reached over plain HTTP / unverified TLS?"""
+        if is_loopback(registry):
+            return True
+        host, port = split_host_port(registry)
+        ip = _ip(host)
+        for entry in self.insecure_registries:
+            net = _cidr(entry) if "/" in entry else None
+            if net is not None:
+                if ip is not None and ip in net:
+                    return True
+                continue
+            e_host, e_port = split_host_port(entry)
+            if e_host == host and (e_port is None or e_port == port):
+                return True
+        return False
+
+    def tls_for(self, url: str) -> TLSConfig:
+        """TLS settings for one https origin: certs.d files, --ca-cert, insecure policy."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        cas: list[str] = [self.ca_cert] if self.ca_cert else []
+        client_cert = client_key = None
+        directory = certs_d_dir() / netloc
+        if directory.is_dir():
+            for entry in sorted(directory.iterdir()):
+                if entry.suffix == ".crt":
+                    cas.append(str(entry))
+                elif entry.suffix == ".cert" and entry.with_suffix(".key").is_file():
+                    client_cert, client_key = str(entry), str(entry.with_suffix(".key"))
+        return TLSConfig(
+            verify=not self.is_insecure(netloc),
+            ca_file=_bundle(cas),
+            client_cert=client_cert,
+            client_key=client_key,
+        )
+
+
+_bundles: dict[tuple[str, ...], str] = {}
+
+
+def _bundle(paths: list[str]) -> str | None:
+    """One CA file for libcurl: the file itself, or the concatenation of several."""
+    if len(paths) <= 1:
+        return paths[0] if paths else None
+    key = tuple(paths)
+    if key not in _bundles:
+        fd, name = tempfile.mkstemp(prefix="fastpull-ca-", suffix=".pem")
+        with os.fdopen(fd, "wb") as out:
+            for path in paths:
+                out.write(Path(path).read_bytes().rstrip(b"\n") + b"\n")
+        _bundles[key] = name
+        atexit.register(_remove, name)
+    return _bundles[key]
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

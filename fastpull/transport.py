@@ -1,0 +1,453 @@
+"""HTTP over libcurl: one place that configures handles, follows redirects safely,
+retries, and turns curl failures into fastpull errors.
+
+Why fastpull follows redirects itself instead of ``FOLLOWLOCATION``: the registry's
+``Authorization`` header must never reach another origin (libcurl CVE-2018-1000007,
+CVE-2022-27774/27776; the distribution spec now says so too). :func:`next_hop` is the
+single rule for that, used here and by the blob downloader.
+
+Every transfer runs on a ``CurlMulti`` polled in short slices, so Ctrl-C is seen within
+a fraction of a second even while a server is silent.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import orjson
+import pycurl
+
+from . import cancel
+from .errors import (
+    ConnectionFailed,
+    Denied,
+    FastpullError,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    TLSFailure,
+    TooManyRequests,
+    Unauthorized,
+    redact_url,
+)
+
+USER_AGENT = "fastpull/0.1 (+libcurl)"
+MAX_REDIRECTS = 5
+# Error and token bodies are capped; manifests have their own cap (manifest.MAX_MANIFEST_SIZE).
+MAX_SMALL_BODY = 1 << 20
+
+_SYSTEM_CA_CANDIDATES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """How to talk TLS to one origin: verify or not, which CA file, optional client cert."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+def system_ca_file() -> str | None:
+    """The distribution's CA bundle; the pycurl wheel's libcurl may not know where it is."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, *_SYSTEM_CA_CANDIDATES):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Response:
+    """A complete HTTP response with its body (bodies here are always small)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    url: str
+
+    def header(self, name: str) -> str | None:
+        """The last value of a header (names compare case-insensitively)."""
+        name = name.lower()
+        for key, value in reversed(self.headers):
+            if key == name:
+                return value
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        """Every value of a header, in order."""
+        name = name.lower()
+        return [value for key, value in self.headers if key == name]
+
+
+def parse_header_line(line: bytes, headers: list[tuple[str, str]]) -> int | None:
+    """Feed one raw header line; returns the status code on a status line.
+
+    A status line resets the list, so only the final response's headers remain
+    (libcurl passes along the headers of 100-continue and proxy CONNECT responses too).
+    """
+    text = line.decode("iso-8859-1").rstrip("\r\n")
+    if text.startswith("HTTP/"):
+        headers.clear()
+        parts = text.split(" ", 2)
+        if len(parts) >= 2 and parts[1].isdigit():
+            return int(parts[1])
+        return None
+    name, sep, value = text.partition(":")
+    if sep and name and name == name.strip():
+        headers.append((name.lower(), value.strip()))
+    return None
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) with the default port filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def next_hop(current: str, location: str | None) -> str:
+    """Where a 3xx points, refusing what would be unsafe to follow.
+
+    The caller must drop credentials unless ``origin(new) == origin(current)``.
+    """
+    if not location:
+        raise ProtocolError(f"redirect from {redact_url(current)} without a Location header")
+    target = urljoin(current, location.strip())
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ProtocolError(f"redirect to unsupported scheme {scheme!r} refused")
+    if urlsplit(current).scheme.lower() == "https" and scheme == "http":
+        raise TLSFailure(
+            f"redirect from {redact_url(current)} to plain HTTP {redact_url(target)} refused"
+        )
+    return target
+
+
+def configure_easy(
+    easy: pycurl.Curl,
+    url: str,
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    tls: TLSConfig | None = None,
+    body: bytes | None = None,
+    stall_seconds: int = 60,
+) -> None:
+    """Set every option fastpull relies on; shared by small requests and blob downloads."""
+    easy.setopt(pycurl.URL, url)
+    easy.setopt(pycurl.NOSIGNAL, 1)
+    easy.setopt(pycurl.FOLLOWLOCATION, 0)
+    easy.setopt(pycurl.UNRESTRICTED_AUTH, 0)
+    easy.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+    easy.setopt(pycurl.USERAGENT, USER_AGENT)
+    easy.setopt(pycurl.CONNECTTIMEOUT, 30)
+    # A transfer that moves under 1 byte/s for stall_seconds is dead.
+    easy.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+    easy.setopt(pycurl.LOW_SPEED_TIME, stall_seconds)
+    easy.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in (headers or {}).items()])
+    if method == "HEAD":
+        easy.setopt(pycurl.NOBODY, 1)
+    elif method == "POST":
+        easy.setopt(pycurl.POST, 1)
+        easy.setopt(pycurl.POSTFIELDS, body or b"")
+    elif method != "GET":
+        easy.setopt(pycurl.CUSTOMREQUEST, method)
+    tls = tls or TLSConfig()
+    if url.lower().startswith("https:"):
+        easy.setopt(pycurl.SSL_VERIFYPEER, 1 if tls.verify else 0)
+        easy.setopt(pycurl.SSL_VERIFYHOST, 2 if tls.verify else 0)
+        ca = tls.ca_file or system_ca_file()
+        if ca:
+            easy.setopt(pycurl.CAINFO, ca)
+        if tls.ca_file and os.path.isdir("/etc/ssl/certs"):
+            # A registry's own CA is added to the system roots, as docker's certs.d does.
+            easy.setopt(pycurl.CAPATH, "/etc/ssl/certs")
+        if tls.client_cert and tls.client_key:
+            easy.setopt(pycurl.SSLCERT, tls.client_cert)
+            easy.setopt(pycurl.SSLKEY, tls.client_key)
+
+
+# curl error codes (curl/curl.h) grouped by what they mean to a user.
+_TLS_CODES = {35, 51, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98}
+_RESOLVE_CODES = {5, 6}
+
+
+def curl_error(code: int, message: str, url: str) -> FastpullError:
+    """Map a libcurl error to the fastpull error a user can act on (the one place for it)."""
+    host = urlsplit(url).netloc.rpartition("@")[2] or url
+    if code in _RESOLVE_CODES:
+        return ConnectionFailed(f"cannot reach registry {host}: could not resolve host", host=host)
+    if code == 7:
+        return ConnectionFailed(f"cannot reach registry {host}: connection refused", host=host)
+    if code == 28:
+        return ConnectionFailed(f"cannot reach registry {host}: timed out ({message})", host=host)
+    if code in _TLS_CODES:
+        return TLSFailure(f"TLS error talking to {host}: {message}", host=host)
+    return ConnectionFailed(f"connection to {host} failed: {message}", host=host)
+
+
+def drive(multi: pycurl.CurlMulti, until: Callable[[], bool], slice_seconds: float = 0.2) -> None:
+    """Run a multi handle until ``until()`` is true, waking often enough for signals."""
+    while not until():
+        cancel.check()
+        status, _ = multi.perform()
+        while status == pycurl.E_CALL_MULTI_PERFORM:
+            status, _ = multi.perform()
+        if until():
+            return
+        multi.select(slice_seconds)
+
+
+@dataclass
+class _Capture:
+    max_body: int
+    status: int | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    overflow: bool = False
+
+    def on_header(self, line: bytes) -> None:
+        status = parse_header_line(line, self.headers)
+        if status is not None:
+            self.status = status
+
+    def on_body(self, data: bytes) -> int | None:
+        self.size += len(data)
+        if self.size > self.max_body:
+            self.overflow = True
+            return 0  # abort the transfer: a body this large is not what we asked for
+        self.chunks.append(data)
+        return None
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter; Retry-After wins when the server sends one."""
+
+    attempts: int = 5
+    base: float = 0.5
+    cap: float = 30.0
+    max_retry_after: float = 120.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to sleep before attempt number ``attempt + 1`` (attempt counts from 1)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        backoff = min(self.cap, self.base * (2 ** (attempt - 1)))
+        return backoff / 2 + random.uniform(0, backoff / 2)
+
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class Transport:
+    """Small HTTP requests (ping, manifests, tokens, tag lists) with retries and redirects.
+
+    ``tls_for(url)`` decides TLS settings per origin. ``sleep`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        tls_for: Callable[[str], TLSConfig] | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._tls_for = tls_for or (lambda _url: TLSConfig())
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._multi = pycurl.CurlMulti()
+        self._easy = pycurl.Curl()
+
+    def close(self) -> None:
+        """Release the libcurl handles (and with them the kept-alive connections)."""
+        self._easy.close()
+        self._multi.close()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep in slices so that Ctrl-C during a backoff is seen at once."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            cancel.check()
+            self._sleep(min(left, 0.2))
+        cancel.check()
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        max_body: int = MAX_SMALL_BODY,
+    ) -> Response:
+        """One attempt, no redirects. Raises on network failure or an oversized body."""
+        easy = self._easy
+        easy.reset()
+        configure_easy(easy, url, method=method, headers=headers, tls=self._tls_for(url), body=body)
+        capture = _Capture(max_body)
+        easy.setopt(pycurl.HEADERFUNCTION, capture.on_header)
+        easy.setopt(pycurl.WRITEFUNCTION, capture.on_body)
+        done: list[tuple[int, str] | None] = []
+        self._multi.add_handle(easy)
+        try:
+
+            def finished() -> bool:
+                _, ok, failed = self._multi.info_read()
+                if ok:
+                    done.append(None)
+                for _handle, code, message in failed:
+                    done.append((code, message))
+                return bool(done)
+
+            drive(self._multi, finished)
+        finally:
+            self._multi.remove_handle(easy)
+        if capture.overflow:
+            raise ProtocolError(
+                f"response from {redact_url(url)} is larger than {max_body} bytes; refused"
+            )
+        failure = done[0]
+        if failure is not None:
+            raise curl_error(failure[0], failure[1], url) from None
+        status = capture.status or int(easy.getinfo(pycurl.RESPONSE_CODE))
+        return Response(status, tuple(capture.headers), b"".join(capture.chunks), url)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        max_body: int = MAX_SMALL_BODY,
+    ) -> Response:
+        """Send with retries (network errors, 408/429/5xx) and safe redirect following.
+
+        Credentials (``Authorization``) are only kept while the redirect stays on the
+        original origin. The final response is returned whatever its status, except that
+        429 and 5xx still failing after all attempts raise.
+        """
+        attempt = 0
+        current = url
+        hdrs = dict(headers or {})
+        hops = 0
+        while True:
+            attempt += 1
+            try:
+                response = self.send(method, current, hdrs, body, max_body)
+            except ConnectionFailed:
+                if attempt >= self.retry.attempts:
+                    raise
+                self._pause(self.retry.delay(attempt))
+                continue
+            if response.status in (301, 302, 303, 307, 308):
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise ProtocolError(f"too many redirects from {redact_url(url)}")
+                target = next_hop(current, response.header("location"))
+                if origin(target) != origin(current):
+                    hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
+                current = target
+                if response.status == 303:
+                    method, body = "GET", None
+                continue
+            if response.status in RETRYABLE_STATUS:
+                if attempt < self.retry.attempts:
+                    wait = parse_retry_after(response.header("retry-after"))
+                    self._pause(self.retry.delay(attempt, wait))
+                    continue
+                raise http_error(response, redact_url(url))
+            return response
+
+
+def http_error(response: Response, what: str) -> FastpullError:
+    """The error docker would print for a failed response, using the spec's error body.
+
+    The single place where HTTP statuses become fastpull errors; at most 64 KiB of the
+    body is read, and only the registry's error codes and messages are shown.
+    """
+    codes: list[str] = []
+    try:
+        body = orjson.loads(response.body[:65536]) if response.body else None
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        for err in body["errors"][:4]:
+            if isinstance(err, dict):
+                for key in ("code", "message"):
+                    text = str(err.get(key, "")).strip()[:200]
+                    if text and text.lower() not in codes:
+                        codes.append(text.lower())
+    detail = ": ".join(codes)
+    host = urlsplit(response.url).netloc.rpartition("@")[2]
+    status = response.status
+    if status == 401:
+        return Unauthorized(f"unauthorized: authentication required ({what})")
+    if status == 403:
+        return Denied(f"denied: requested access to the resource is denied ({what})")
+    if status == 404:
+        return NotFound(f"{what} not found: {detail or 'not found'}")
+    if status == 429:
+        return TooManyRequests(
+            f"toomanyrequests: {host} is rate limiting requests (HTTP 429, still after "
+            "retries); wait, or log in for a higher limit",
+            host=host,
+        )
+    if status >= 500:
+        return ServerError(f"{what}: {host} answered HTTP {status} (still after retries)")
+    return ProtocolError(
+        f"{what}: {host} answered HTTP {status}" + (f": {detail}" if detail else "")
+    )
+
+
+__all__ = [
+    "MAX_SMALL_BODY",
+    "Response",
+    "RetryPolicy",
+    "TLSConfig",
+    "Transport",
+    "configure_easy",
+    "curl_error",
+    "drive",
+    "http_error",
+    "next_hop",
+    "origin",
+    "parse_header_line",
+    "parse_retry_after",
+    "system_ca_file",
+]
