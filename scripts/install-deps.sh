@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# System packages fastpull's build, tests, demo and benchmarks use (Debian / Ubuntu).
+# Idempotent: packages already present are not fetched again.
+set -euo pipefail
+
+packages=(
+  docker-registry   # the real registry the tests and the demo run on loopback
+  skopeo umoci      # interop: they must read what fastpull stores
+  apache2-utils     # htpasswd (bcrypt) for the basic-auth registry
+  libssl-dev gcc    # the native extension links OpenSSL's libcrypto
+  curl
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
