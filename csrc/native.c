@@ -1,0 +1,518 @@
+/*
+ * fastpull._native: SHA-256 / SHA-512 on OpenSSL 3 libcrypto (EVP API), plus
+ * hash_fd_range(), which feeds a byte range of an open file into a hasher without
+ * holding the GIL. fastpull/hashing.py picks between this module and hashlib.
+ *
+ * Locking follows CPython's hashlib: every hasher owns a PyThread lock that guards
+ * its EVP_MD_CTX. Work done with the GIL released holds that lock for its whole
+ * duration, so concurrent update()/digest()/copy() calls from several threads are
+ * serialised and each update() is atomic.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+
+#if OPENSSL_VERSION_NUMBER < 0x30000000L
+#error "fastpull._native needs OpenSSL 3 (EVP_MD_get_size and friends)"
+#endif
+
+/* Byte ranges are offsets into files larger than 2 GiB. */
+_Static_assert(sizeof(off_t) >= 8, "fastpull._native needs a 64-bit off_t");
+
+/* Below this, releasing and re-taking the GIL costs more than hashing (hashlib's value). */
+#define GIL_RELEASE_MINSIZE 2048
+
+/* hash_fd_range() reads through one buffer of this size, reused for the whole range. */
+#define READ_BUFFER_SIZE (1024 * 1024)
+
+typedef struct {
+    const char *name;
+    const EVP_MD *(*md)(void);
+} Algorithm;
+
+static const Algorithm SHA256_ALGORITHM = {"sha256", EVP_sha256};
+static const Algorithm SHA512_ALGORITHM = {"sha512", EVP_sha512};
+
+typedef struct {
+    PyObject_HEAD
+    const Algorithm *algorithm;
+    EVP_MD_CTX *ctx;
+    PyThread_type_lock lock;
+} HasherObject;
+
+static PyTypeObject SHA256Type;
+static PyTypeObject SHA512Type;
+
+static int
+is_hasher(PyObject *obj)
+{
+    return Py_IS_TYPE(obj, &SHA256Type) || Py_IS_TYPE(obj, &SHA512Type);
+}
+
+/* Raise RuntimeError carrying OpenSSL's reason, and leave its error queue empty. */
+static void
+raise_openssl_error(const char *what)
+{
+    unsigned long code = ERR_get_error();
+    char reason[256];
+
+    if (code == 0) {
+        PyErr_Format(PyExc_RuntimeError, "%s failed", what);
+    }
+    else {
+        ERR_error_string_n(code, reason, sizeof(reason));
+        PyErr_Format(PyExc_RuntimeError, "%s failed: %s", what, reason);
+    }
+    ERR_clear_error();
+}
+
+/*
+ * Take self->lock while holding the GIL. Try without blocking first; if another
+ * thread owns the lock it is probably hashing with the GIL released, so wait for it
+ * without the GIL, or that thread could never re-acquire the GIL to finish.
+ */
+static void
+hasher_acquire(HasherObject *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void
+hasher_release(HasherObject *self)
+{
+    PyThread_release_lock(self->lock);
+}
+
+/* A hasher with its lock and context allocated but not initialised; NULL on error. */
+static HasherObject *
+hasher_alloc(PyTypeObject *type, const Algorithm *algorithm)
+{
+    HasherObject *self = (HasherObject *)type->tp_alloc(type, 0);
+
+    if (self == NULL) {
+        return NULL;
+    }
+    self->algorithm = algorithm;
+    self->ctx = EVP_MD_CTX_new();
+    if (self->ctx == NULL) {
+        goto nomemory;
+    }
+    self->lock = PyThread_allocate_lock();
+    if (self->lock == NULL) {
+        goto nomemory;
+    }
+    return self;
+
+nomemory:
+    Py_DECREF(self);
+    PyErr_NoMemory();
+    return NULL;
+}
+
+static void
+hasher_dealloc(HasherObject *self)
+{
+    if (self->ctx != NULL) {
+        EVP_MD_CTX_free(self->ctx);
+    }
+    if (self->lock != NULL) {
+        PyThread_free_lock(self->lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+hasher_feed(HasherObject *self, const void *data, Py_ssize_t len)
+{
+    int ok;
+
+    if (len >= GIL_RELEASE_MINSIZE) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        ok = EVP_DigestUpdate(self->ctx, data, (size_t)len);
+        PyThread_release_lock(self->lock);
+        Py_END_ALLOW_THREADS
+    }
+    else {
+        hasher_acquire(self);
+        ok = EVP_DigestUpdate(self->ctx, data, (size_t)len);
+        hasher_release(self);
+    }
+    if (!ok) {
+        raise_openssl_error("EVP_DigestUpdate");
+        return -1;
+    }
+    return 0;
+}
+
+/* Feed a bytes-like object; str is refused because it has no canonical encoding. */
+static int
+hasher_feed_object(HasherObject *self, PyObject *obj)
+{
+    Py_buffer view;
+    int result;
+
+    if (PyUnicode_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "strings must be encoded before hashing");
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    result = hasher_feed(self, view.buf, view.len);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+hasher_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"", NULL};
+    PyObject *data = NULL;
+    const Algorithm *algorithm;
+    HasherObject *self;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O", kwlist, &data)) {
+        return NULL;
+    }
+    algorithm = type == &SHA256Type ? &SHA256_ALGORITHM : &SHA512_ALGORITHM;
+    self = hasher_alloc(type, algorithm);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (!EVP_DigestInit_ex(self->ctx, algorithm->md(), NULL)) {
+        raise_openssl_error("EVP_DigestInit_ex");
+        goto error;
+    }
+    if (data != NULL && hasher_feed_object(self, data) < 0) {
+        goto error;
+    }
+    return (PyObject *)self;
+
+error:
+    Py_DECREF(self);
+    return NULL;
+}
+
+PyDoc_STRVAR(hasher_update_doc,
+             "update($self, data, /)\n--\n\n"
+             "Hash the bytes of a bytes-like object. Large inputs are hashed with the GIL "
+             "released.");
+
+static PyObject *
+hasher_update(HasherObject *self, PyObject *data)
+{
+    if (hasher_feed_object(self, data) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/*
+ * Finish a copy of the context so that the hasher itself can keep going.
+ * Writes EVP_MD_get_size() bytes to out; returns that size, or -1 with an exception.
+ */
+static int
+hasher_final(HasherObject *self, unsigned char *out)
+{
+    EVP_MD_CTX *temp = EVP_MD_CTX_new();
+    unsigned int size = 0;
+    int ok;
+
+    if (temp == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    hasher_acquire(self);
+    ok = EVP_MD_CTX_copy_ex(temp, self->ctx);
+    hasher_release(self);
+    if (!ok) {
+        raise_openssl_error("EVP_MD_CTX_copy_ex");
+        goto error;
+    }
+    if (!EVP_DigestFinal_ex(temp, out, &size)) {
+        raise_openssl_error("EVP_DigestFinal_ex");
+        goto error;
+    }
+    EVP_MD_CTX_free(temp);
+    return (int)size;
+
+error:
+    EVP_MD_CTX_free(temp);
+    return -1;
+}
+
+PyDoc_STRVAR(hasher_digest_doc,
+             "digest($self, /)\n--\n\nThe digest of the bytes hashed so far, as bytes.");
+
+static PyObject *
+hasher_digest(HasherObject *self, PyObject *Py_UNUSED(ignored))
+{
+    unsigned char out[EVP_MAX_MD_SIZE];
+    int size = hasher_final(self, out);
+
+    if (size < 0) {
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)out, size);
+}
+
+PyDoc_STRVAR(hasher_hexdigest_doc,
+             "hexdigest($self, /)\n--\n\n"
+             "The digest of the bytes hashed so far, as lowercase hexadecimal text.");
+
+static PyObject *
+hasher_hexdigest(HasherObject *self, PyObject *Py_UNUSED(ignored))
+{
+    static const char hexdigits[] = "0123456789abcdef";
+    unsigned char out[EVP_MAX_MD_SIZE];
+    char hex[2 * EVP_MAX_MD_SIZE];
+    int size = hasher_final(self, out);
+
+    if (size < 0) {
+        return NULL;
+    }
+    for (int i = 0; i < size; i++) {
+        hex[2 * i] = hexdigits[out[i] >> 4];
+        hex[2 * i + 1] = hexdigits[out[i] & 0x0f];
+    }
+    return PyUnicode_DecodeASCII(hex, 2 * (Py_ssize_t)size, "strict");
+}
+
+PyDoc_STRVAR(hasher_copy_doc,
+             "copy($self, /)\n--\n\nAn independent hasher in the same state as this one.");
+
+static PyObject *
+hasher_copy(HasherObject *self, PyObject *Py_UNUSED(ignored))
+{
+    HasherObject *clone = hasher_alloc(Py_TYPE(self), self->algorithm);
+    int ok;
+
+    if (clone == NULL) {
+        return NULL;
+    }
+    hasher_acquire(self);
+    ok = EVP_MD_CTX_copy_ex(clone->ctx, self->ctx);
+    hasher_release(self);
+    if (!ok) {
+        raise_openssl_error("EVP_MD_CTX_copy_ex");
+        Py_DECREF(clone);
+        return NULL;
+    }
+    return (PyObject *)clone;
+}
+
+static PyObject *
+hasher_get_name(HasherObject *self, void *Py_UNUSED(closure))
+{
+    return PyUnicode_FromString(self->algorithm->name);
+}
+
+static PyObject *
+hasher_get_digest_size(HasherObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(EVP_MD_get_size(self->algorithm->md()));
+}
+
+static PyObject *
+hasher_get_block_size(HasherObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(EVP_MD_get_block_size(self->algorithm->md()));
+}
+
+static PyMethodDef hasher_methods[] = {
+    {"update", (PyCFunction)hasher_update, METH_O, hasher_update_doc},
+    {"digest", (PyCFunction)hasher_digest, METH_NOARGS, hasher_digest_doc},
+    {"hexdigest", (PyCFunction)hasher_hexdigest, METH_NOARGS, hasher_hexdigest_doc},
+    {"copy", (PyCFunction)hasher_copy, METH_NOARGS, hasher_copy_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef hasher_getset[] = {
+    {"name", (getter)hasher_get_name, NULL, "Algorithm name, as hashlib spells it.", NULL},
+    {"digest_size", (getter)hasher_get_digest_size, NULL, "Digest length in bytes.", NULL},
+    {"block_size", (getter)hasher_get_block_size, NULL, "Internal block length in bytes.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(sha256_doc, "SHA256(data=b'', /)\n--\n\nSHA-256 hasher backed by OpenSSL.");
+PyDoc_STRVAR(sha512_doc, "SHA512(data=b'', /)\n--\n\nSHA-512 hasher backed by OpenSSL.");
+
+static PyTypeObject SHA256Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastpull._native.SHA256",
+    .tp_basicsize = sizeof(HasherObject),
+    .tp_dealloc = (destructor)hasher_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = sha256_doc,
+    .tp_methods = hasher_methods,
+    .tp_getset = hasher_getset,
+    .tp_new = hasher_new,
+};
+
+static PyTypeObject SHA512Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "fastpull._native.SHA512",
+    .tp_basicsize = sizeof(HasherObject),
+    .tp_dealloc = (destructor)hasher_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = sha512_doc,
+    .tp_methods = hasher_methods,
+    .tp_getset = hasher_getset,
+    .tp_new = hasher_new,
+};
+
+/*
+ * Hash up to *remaining bytes of fd from *offset, advancing both as it goes.
+ * Runs without the GIL. Returns 0 when done or at EOF, an errno value when pread
+ * fails (EINTR included, so the caller can run signal handlers), -1 if OpenSSL fails.
+ */
+static int
+feed_from_fd(EVP_MD_CTX *ctx, int fd, unsigned char *buf, size_t bufsize,
+             long long *offset, long long *remaining)
+{
+    while (*remaining > 0) {
+        size_t want = (unsigned long long)*remaining < bufsize ? (size_t)*remaining : bufsize;
+        ssize_t got = pread(fd, buf, want, (off_t)*offset);
+
+        if (got < 0) {
+            return errno;
+        }
+        if (got == 0) {
+            return 0;
+        }
+        if (!EVP_DigestUpdate(ctx, buf, (size_t)got)) {
+            return -1;
+        }
+        *offset += got;
+        *remaining -= got;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(hash_fd_range_doc,
+             "hash_fd_range(hasher, fd, offset, length, /)\n--\n\n"
+             "Feed bytes [offset, offset + length) of the open file descriptor fd into\n"
+             "hasher (a SHA256 or SHA512 object), reading with pread() without the GIL.\n"
+             "Stops early at end of file; returns the number of bytes hashed.");
+
+static PyObject *
+hash_fd_range(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *obj;
+    HasherObject *hasher;
+    int fd;
+    long long offset, length, remaining;
+    unsigned char *buf = NULL;
+    size_t bufsize;
+    int status;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "OiLL:hash_fd_range", &obj, &fd, &offset, &length)) {
+        return NULL;
+    }
+    if (!is_hasher(obj)) {
+        PyErr_Format(PyExc_TypeError,
+                     "hash_fd_range() needs a fastpull._native hasher, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    if (offset < 0 || length < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset and length must not be negative");
+        return NULL;
+    }
+    if (offset > LLONG_MAX - length) {
+        PyErr_SetString(PyExc_ValueError, "offset + length is beyond the largest file offset");
+        return NULL;
+    }
+    if (length == 0) {
+        return PyLong_FromLong(0);
+    }
+    hasher = (HasherObject *)obj;
+    /* Small ranges (the engine's typical increments) need no 1 MiB allocation. */
+    bufsize = length < READ_BUFFER_SIZE ? (size_t)length : READ_BUFFER_SIZE;
+    buf = PyMem_RawMalloc(bufsize);
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+
+    remaining = length;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(hasher->lock, WAIT_LOCK);
+        status = feed_from_fd(hasher->ctx, fd, buf, bufsize, &offset, &remaining);
+        PyThread_release_lock(hasher->lock);
+        Py_END_ALLOW_THREADS
+        if (status != EINTR) {
+            break;
+        }
+        /* PEP 475: run signal handlers, and stop if one raised (e.g. KeyboardInterrupt). */
+        if (PyErr_CheckSignals() < 0) {
+            goto done;
+        }
+    }
+    if (status > 0) {
+        errno = status;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    if (status < 0) {
+        raise_openssl_error("EVP_DigestUpdate");
+        goto done;
+    }
+    result = PyLong_FromLongLong(length - remaining);
+
+done:
+    PyMem_RawFree(buf);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"hash_fd_range", hash_fd_range, METH_VARARGS, hash_fd_range_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(module_doc, "SHA-256 / SHA-512 hashing on OpenSSL libcrypto, GIL released.");
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "fastpull._native",
+    .m_doc = module_doc,
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    PyObject *module;
+
+    if (PyType_Ready(&SHA256Type) < 0 || PyType_Ready(&SHA512Type) < 0) {
+        return NULL;
+    }
+    module = PyModule_Create(&native_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "SHA256", (PyObject *)&SHA256Type) < 0 ||
+        PyModule_AddObjectRef(module, "SHA512", (PyObject *)&SHA512Type) < 0 ||
+        PyModule_AddStringConstant(module, "BACKEND_INFO", OpenSSL_version(OPENSSL_VERSION)) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
