@@ -122,9 +122,9 @@ class RegistryClient:
                     return challenge
         return None
 
-    def _cache_key(self, challenge: auth.Challenge, scope: str) -> tuple[str, str, frozenset[str]]:
+    def _cache_key(self, challenge: auth.Challenge, scope: str) -> auth.CacheKey:
         params = challenge.params
-        return (params.get("realm", ""), params.get("service", ""), frozenset([scope]))
+        return auth.token_cache_key(params.get("realm", ""), params.get("service", ""), [scope])
 
     def authorization(self, scope: str) -> dict[str, str]:
         """Headers to send for ``scope`` without asking the registry first (may be empty)."""
@@ -227,7 +227,7 @@ class RegistryClient:
 
     def repository_url(self, repository: str, *parts: str) -> str:
         """``base/v2/<repository>/<parts...>`` with each part URL-quoted."""
-        tail = "/".join(quote(p, safe="") for p in parts)
+        tail = "/".join(quote(p, safe=":") for p in parts)
         return f"{self.base_url}/v2/{repository}/{tail}"
 
     def get_manifest(self, repository: str, reference: str | Digest, what: str) -> FetchedManifest:
