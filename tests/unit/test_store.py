@@ -27,6 +27,7 @@ import pytest
 from fastpull.errors import DigestMismatch, StoreError
 from fastpull.store import REF_NAME_ANNOTATION, Store, resolve_store_path
 from fastpull.types import Descriptor, Digest
+from tests.support.tools import require_tool
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -691,15 +692,6 @@ def test_kill_9_leaves_a_consistent_store(store: Store) -> None:
 
 
 # ── interoperability with skopeo and umoci ──────────────────────────────────────────────
-
-
-def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI (apt-get install {name})")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 def build_image(store: Store) -> tuple[Descriptor, bytes]:
