@@ -29,13 +29,12 @@ def human_size(size: float) -> str:
 
 
 def progress_bar(current: int, total: int, width: int = 50) -> str:
-    """``[=====>      ] 12.3MB/45.6MB``, docker's bar."""
+    """``[=====>      ] 12.3MB/45.6MB``, docker's bar (``width`` + 1 characters inside)."""
     if total <= 0:
         return human_size(current)
-    filled = min(width, int(width * current / total))
-    arrow = ">" if filled < width else ""
-    bar = "=" * max(0, filled - (1 if arrow else 0)) + arrow
-    return f"[{bar.ljust(width)}] {human_size(current)}/{human_size(total)}"
+    filled = max(0, min(width, int(width * current / total)))
+    bar = "=" * filled + ">" + " " * (width - filled)
+    return f"[{bar}] {human_size(current)}/{human_size(total)}"
 
 
 class LineRenderer:

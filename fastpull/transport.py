@@ -409,8 +409,10 @@ def http_error(response: Response, what: str) -> FastpullError:
     if isinstance(body, dict) and isinstance(body.get("errors"), list):
         for err in body["errors"][:4]:
             if isinstance(err, dict):
-                for key in ("code", "message"):
-                    text = str(err.get(key, "")).strip()[:200]
+                # MANIFEST_UNKNOWN reads as docker prints it: "manifest unknown".
+                code = str(err.get("code", "")).strip()[:60].lower().replace("_", " ")
+                message = str(err.get("message", "")).strip()[:200]
+                for text in (code, message):
                     if text and text.lower() not in codes:
                         codes.append(text.lower())
     detail = ": ".join(codes)
