@@ -60,11 +60,9 @@ def image_rows(store: Store, pattern: str | None = None) -> list[ImageRow]:
                 image_id, size = doc.config.digest.short, doc.size
         except FastpullError:
             pass  # a damaged entry still gets a row; `fastpull verify` explains it
-        familiar = ref.familiar
-        repository = familiar.split("@")[0].rsplit(":", 1)[0] if ref.tag else familiar.split("@")[0]
         rows.append(
             ImageRow(
-                repository=repository,
+                repository=ref.familiar_name,
                 tag=ref.tag or "<none>",
                 digest=entry.annotations.get(REPO_DIGEST_ANNOTATION, str(entry.digest)),
                 image_id=image_id,

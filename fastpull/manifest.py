@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from .errors import ManifestError, PlatformNotFound, UnsupportedManifest
+from .hashing import new_hasher
 from .types import Descriptor, Digest, Platform
 
 MAX_MANIFEST_SIZE = 4 << 20
@@ -84,8 +85,6 @@ class ImageConfig:
 
 def digest_of(raw: bytes, algorithm: str = "sha256") -> Digest:
     """Digest of bytes with the given algorithm."""
-    from .hashing import new_hasher
-
     hasher = new_hasher(algorithm)
     hasher.update(raw)
     return Digest(algorithm, hasher.hexdigest())
@@ -182,6 +181,46 @@ def _parse_manifest(
         Descriptor.from_json(entry, f"{where}: layers[{i}]") for i, entry in enumerate(entries)
     )
     return ImageManifest(media_type, digest, config, layers, raw)
+
+
+# Docker schema 2 media types and their OCI equivalents (what `skopeo copy` to oci: does).
+_DOCKER_TO_OCI = {
+    DOCKER_MANIFEST: OCI_MANIFEST,
+    DOCKER_CONFIG: OCI_CONFIG,
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    ),
+    "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": (
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+    ),
+}
+
+
+def to_oci(manifest: ImageManifest) -> ImageManifest:
+    """An OCI image manifest for a Docker schema 2 one; OCI manifests come back unchanged.
+
+    skopeo and umoci read only OCI media types from an image layout, so Docker-format
+    images are stored converted, as `skopeo copy` converts them. Config and layer bytes
+    (and so their digests, and the image ID) stay the same; only the manifest changes.
+    """
+    if manifest.media_type != DOCKER_MANIFEST:
+        return manifest
+
+    def convert(d: Descriptor) -> dict[str, Any]:
+        doc = d.to_json()
+        doc["mediaType"] = _DOCKER_TO_OCI.get(d.media_type, d.media_type)
+        return doc
+
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": convert(manifest.config),
+        "layers": [convert(layer) for layer in manifest.layers],
+    }
+    raw = orjson.dumps(document)
+    digest = digest_of(raw, manifest.digest.algorithm)
+    return _parse_manifest(orjson.loads(raw), OCI_MANIFEST, digest, raw, "converted manifest")
 
 
 def _arm_fallbacks(want: Platform) -> list[Platform]:

@@ -20,6 +20,7 @@ from .manifest import (
     parse_config,
     parse_document,
     select_platform,
+    to_oci,
 )
 from .reference import Reference
 from .registry import RegistryClient
@@ -30,6 +31,9 @@ from .types import Descriptor, Digest, Platform
 
 REPO_DIGEST_ANNOTATION = "io.fastpull.repo-digest"
 CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
+# Set when a Docker-format manifest was stored converted to OCI: the digest the registry
+# served for it (kept in blobs/ too, so the original stays verifiable).
+SOURCE_MANIFEST_ANNOTATION = "io.fastpull.source-manifest"
 # An index may point at another index; deeper nesting than this is refused.
 MAX_INDEX_DEPTH = 3
 
@@ -37,7 +41,8 @@ MAX_INDEX_DEPTH = 3
 @dataclass(frozen=True)
 class PullResult:
     """What one pull did. ``digest`` is the repo digest docker prints (the index's, for
-    multi-platform images); ``manifest_digest`` is the platform manifest stored."""
+    multi-platform images); ``manifest_digest`` is the platform manifest as stored (an
+    OCI conversion for Docker-format images, see ``manifest.to_oci``)."""
 
     reference: str
     familiar: str
@@ -141,16 +146,20 @@ class Puller:
         stats = self._fetch_blobs(client, ref, manifest)
         config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
         config = parse_config(config_raw, what, layer_count=len(manifest.layers))
+        stored = to_oci(manifest)
+        annotations = {
+            REPO_DIGEST_ANNOTATION: str(repo_digest),
+            CONTAINERD_NAME_ANNOTATION: str(ref),
+        }
         self.store.write_blob(manifest.digest, manifest.raw)
+        if stored is not manifest:
+            self.store.write_blob(stored.digest, stored.raw)
+            annotations[SOURCE_MANIFEST_ANNOTATION] = str(manifest.digest)
         platform = config.platform or self.platform
         descriptor = Descriptor(
-            manifest.media_type, manifest.digest, len(manifest.raw), platform=platform
+            stored.media_type, stored.digest, len(stored.raw), platform=platform
         )
-        self.store.add_image(
-            descriptor,
-            str(ref),
-            {REPO_DIGEST_ANNOTATION: str(repo_digest), CONTAINERD_NAME_ANNOTATION: str(ref)},
-        )
+        self.store.add_image(descriptor, str(ref), annotations)
         downloaded = sum(s.downloaded for s in stats)
         fresh = [s for s in stats if not s.already_present and s.digest != manifest.config.digest]
         for s in fresh:
@@ -161,7 +170,7 @@ class Puller:
             reference=str(ref),
             familiar=ref.familiar,
             digest=repo_digest,
-            manifest_digest=manifest.digest,
+            manifest_digest=stored.digest,
             config_digest=manifest.config.digest,
             platform=platform,
             layers=manifest.layers,

@@ -34,7 +34,8 @@ from .errors import (
     redact_url,
 )
 from .manifest import ACCEPT, MAX_MANIFEST_SIZE, check_digest, digest_of
-from .settings import Settings, split_host_port
+from .reference import split_registry
+from .settings import Settings
 from .transport import MAX_SMALL_BODY, Response, Transport, http_error, origin
 from .types import Digest
 
@@ -88,7 +89,7 @@ class RegistryClient:
         return self._base
 
     def _ping(self) -> str:
-        host, _ = split_host_port(self.host)
+        host, _ = split_registry(self.host)
         insecure = self.settings.is_insecure(self.host)
         schemes = ("https", "http") if insecure else ("https",)
         last: FastpullError | None = None

@@ -25,37 +25,10 @@ from urllib.parse import urlsplit
 import orjson
 
 from .errors import ConfigError, UsageError
+from .reference import is_loopback_registry, split_registry
 from .transport import TLSConfig
 
 _CONFIG_KEYS = {"insecure-registries", "store", "max-concurrent-downloads", "ca-cert"}
-
-
-def split_host_port(registry: str) -> tuple[str, int | None]:
-    """``[::1]:5000`` → (``::1``, 5000); ``localhost`` → (``localhost``, None)."""
-    if registry.startswith("["):
-        host, _, rest = registry[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = registry.partition(":")
-    if port and not port.isdigit():
-        raise UsageError(f"invalid registry address {registry!r}")
-    return host.lower(), int(port) if port else None
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def is_loopback(registry: str) -> bool:
-    """``localhost``, 127.0.0.0/8 or ``::1``, with or without a port."""
-    host, _ = split_host_port(registry)
-    if host == "localhost":
-        return True
-    ip = _ip(host)
-    return ip is not None and ip.is_loopback
 
 
 def config_file_path() -> Path:
@@ -109,6 +82,13 @@ def _check_insecure_entry(entry: str) -> str:
     return entry
 
 
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     try:
         return ipaddress.ip_network(entry, strict=False)
@@ -153,9 +133,9 @@ class Settings:
 
     def is_insecure(self, registry: str) -> bool:
         """May this registry be reached over plain HTTP / unverified TLS?"""
-        if is_loopback(registry):
+        if is_loopback_registry(registry):
             return True
-        host, port = split_host_port(registry)
+        host, port = split_registry(registry)
         ip = _ip(host)
         for entry in self.insecure_registries:
             net = _cidr(entry) if "/" in entry else None
@@ -163,7 +143,7 @@ class Settings:
                 if ip is not None and ip in net:
                     return True
                 continue
-            e_host, e_port = split_host_port(entry)
+            e_host, e_port = split_registry(entry)
             if e_host == host and (e_port is None or e_port == port):
                 return True
         return False

@@ -87,7 +87,16 @@ def test_multi_platform_index_selects_the_requested_platform(
     assert result.code == 0, result.err
     assert f"Digest: {index.manifest_digest}" in result.lines
     entry = entry_for(_store(), ref)
-    assert entry["digest"] == arm.manifest_digest
+    if fmt == "oci":
+        assert entry["digest"] == arm.manifest_digest
+    else:
+        # Stored converted to OCI (as `skopeo copy` does); the registry's digest is kept.
+        assert entry["annotations"]["io.fastpull.source-manifest"] == arm.manifest_digest
+        assert blob(_store(), arm.manifest_digest).read_bytes() == arm.manifest_bytes
+    stored = json.loads(blob(_store(), entry["digest"]).read_bytes())
+    assert stored["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert stored["config"]["digest"] == arm.config_digest
+    assert [layer["digest"] for layer in stored["layers"]] == [x.digest for x in arm.layers]
     # Normalized as containerd does: arm64/v8 is plain arm64.
     assert entry["platform"] == {"architecture": "arm64", "os": "linux"}
     assert entry["annotations"]["io.fastpull.repo-digest"] == index.manifest_digest

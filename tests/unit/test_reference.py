@@ -285,7 +285,7 @@ def test_names() -> None:
         ("[::1]:5000/x", "::1", 5000),
         ("[2001:db8::1]/x", "2001:db8::1", None),
         ("127.0.0.1:80/x", "127.0.0.1", 80),
-        ("Registry.Example.COM:0443/x", "Registry.Example.COM", 443),
+        ("Registry.Example.COM:0443/x", "registry.example.com", 443),
         ("localhost:" + "0" * 5000 + "80/x", "localhost", 80),
     ],
 )

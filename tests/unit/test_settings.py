@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fastpull.errors import ConfigError, UsageError
-from fastpull.settings import Settings, is_loopback, split_host_port
+from fastpull.reference import is_loopback_registry, split_registry
+from fastpull.settings import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -17,12 +18,12 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FASTPULL_INSECURE_REGISTRIES", raising=False)
 
 
-def test_split_host_port() -> None:
-    assert split_host_port("[::1]:5000") == ("::1", 5000)
-    assert split_host_port("Registry.Example:443") == ("registry.example", 443)
-    assert split_host_port("localhost") == ("localhost", None)
+def test_split_registry() -> None:
+    assert split_registry("[::1]:5000") == ("::1", 5000)
+    assert split_registry("Registry.Example:443") == ("registry.example", 443)
+    assert split_registry("localhost") == ("localhost", None)
     with pytest.raises(UsageError):
-        split_host_port("host:port")
+        split_registry("host:port")
 
 
 @pytest.mark.parametrize(
@@ -39,7 +40,7 @@ def test_split_host_port() -> None:
     ],
 )
 def test_loopback(registry: str, expected: bool) -> None:
-    assert is_loopback(registry) is expected
+    assert is_loopback_registry(registry) is expected
 
 
 def test_insecure_sources_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
