@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -41,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from . import cancel
 from .errors import DigestMismatch, ManifestError, StoreError
 from .hashing import new_hasher
 from .types import Descriptor, Digest
@@ -148,6 +150,21 @@ def _atomic_write(directory: Path, name: str, data: bytes, *, replace: bool) -> 
     _fsync_dir(directory)
 
 
+_LOCK_POLL_SECONDS = 0.05
+
+
+def _wait_for_flock(fd: int) -> None:
+    """Take an exclusive flock, polling so that Ctrl-C is noticed while another process
+    holds it (a blocking flock is restarted after the signal handler, and never returns)."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            cancel.check()
+            time.sleep(_LOCK_POLL_SECONDS)
+
+
 def _lock(path: Path) -> int:
     """Open ``path`` and take an exclusive flock on it, waiting as long as it takes.
 
@@ -159,7 +176,7 @@ def _lock(path: Path) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            _wait_for_flock(fd)
             locked = os.fstat(fd)
             try:
                 current = os.stat(path)

@@ -1,0 +1,286 @@
+"""Which bytes to fetch next: blobs cut into HTTP Range chunks, retries, endgame splits.
+
+Pure bookkeeping, no I/O, so every rule here is tested on its own
+(``tests/unit/test_scheduler.py``). The engine asks for work, reports what happened, and
+asks how far each blob is contiguous from byte 0 (what may be hashed).
+
+Rules:
+- A blob at most 1.5 chunks long is one request; a larger one is cut into chunks whose size
+  follows the whole job (``total / (connections * 4)``, between ``min_chunk`` and
+  ``max_chunk``), so one 1 GiB layer alone keeps every connection busy, and so do many
+  small layers.
+- Chunks are handed out largest blob first and, within a blob, in offset order, so each
+  blob's hash frontier advances while it downloads.
+- A failed chunk keeps what it wrote: the written part counts as done and only the rest
+  goes back in the queue, after a backoff. Attempts are counted per byte range and bounded.
+- Endgame: when a connection is idle and nothing is queued, the active chunk with the most
+  bytes left is split at the middle of its remainder (aria2's rule), so a slow connection
+  never holds the tail. The split takes effect only once the worker has acknowledged the
+  new end, so two transfers never write the same bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One request's worth of a blob: bytes ``[start, end)``."""
+
+    id: int
+    blob: int
+    start: int
+    end: int
+    attempt: int = 1
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class Outcome(enum.Enum):
+    """What became of a failed chunk."""
+
+    REQUEUED = "requeued"  # the unwritten rest waits for a retry
+    RESTARTED = "restarted"  # single-stream blob: everything from byte 0 again
+    EXHAUSTED = "exhausted"  # out of attempts
+
+
+@dataclass
+class _Active:
+    chunk: Chunk
+    position: int
+    shrinking: bool = False
+
+
+@dataclass
+class _Blob:
+    size: int
+    done: dict[int, int] = field(default_factory=dict)  # start → end of finished ranges
+    prefix: int = 0  # bytes contiguous from 0 that are done
+    single_stream: bool = False
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Chunking knobs; the defaults suit loopback and CDN-capped links alike."""
+
+    connections: int = 16
+    min_chunk: int = 2 * MIB
+    max_chunk: int = 64 * MIB
+    min_split: int = 2 * MIB
+    max_attempts: int = 6
+
+
+class Scheduler:
+    """Chunk bookkeeping for a set of blobs of known sizes (identified by index)."""
+
+    def __init__(self, sizes: list[int], policy: Policy | None = None) -> None:
+        self.policy = policy or Policy()
+        self._blobs = [_Blob(size) for size in sizes]
+        self._next_id = 0
+        self._pending: list[tuple[float, Chunk]] = []
+        self._active: dict[int, _Active] = {}
+        target = sum(sizes) // max(1, self.policy.connections * 4)
+        self.chunk_size = max(self.policy.min_chunk, min(self.policy.max_chunk, target))
+        for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
+            self._plan(index)
+
+    def _new(self, blob: int, start: int, end: int, attempt: int) -> Chunk:
+        self._next_id += 1
+        return Chunk(self._next_id, blob, start, end, attempt)
+
+    def _plan(self, blob: int) -> None:
+        """Queue a whole blob: one request if it is small, else chunks of ``chunk_size``."""
+        size = self._blobs[blob].size
+        if size <= self.chunk_size * 3 // 2:
+            self._pending.append((0.0, self._new(blob, 0, size, 1)))
+            return
+        position = 0
+        while position < size:
+            stop = min(size, position + self.chunk_size)
+            if size - stop < self.chunk_size // 2:
+                stop = size  # no runt chunk at the tail
+            self._pending.append((0.0, self._new(blob, position, stop, 1)))
+            position = stop
+
+    def size(self, blob: int) -> int:
+        """The blob's size in bytes."""
+        return self._blobs[blob].size
+
+    # -- handing out work ----------------------------------------------------------------
+
+    def next_chunk(self, now: float) -> Chunk | None:
+        """The next chunk to start (it becomes active), or None if nothing is ready."""
+        for i, (ready_at, chunk) in enumerate(self._pending):
+            if ready_at <= now:
+                del self._pending[i]
+                self._active[chunk.id] = _Active(chunk, chunk.start)
+                return chunk
+        return None
+
+    def next_ready_time(self) -> float | None:
+        """When the earliest waiting chunk becomes ready (None if the queue is empty)."""
+        return min((t for t, _ in self._pending), default=None)
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether any chunk is queued (ready or waiting for its backoff)."""
+        return bool(self._pending)
+
+    def active_chunks(self, blob: int | None = None) -> list[Chunk]:
+        """Chunks being fetched (of one blob, or all)."""
+        return [a.chunk for a in self._active.values() if blob is None or a.chunk.blob == blob]
+
+    # -- what workers report -------------------------------------------------------------
+
+    def progress(self, chunk_id: int, position: int) -> None:
+        """A worker has written its chunk up to ``position``."""
+        active = self._active.get(chunk_id)
+        if active is not None:
+            active.position = max(active.position, min(position, active.chunk.end))
+
+    def complete(self, chunk_id: int) -> Chunk:
+        """The whole chunk is written."""
+        active = self._active.pop(chunk_id)
+        self._mark_done(active.chunk.blob, active.chunk.start, active.chunk.end)
+        return active.chunk
+
+    def fail(self, chunk_id: int, position: int, ready_at: float) -> Outcome:
+        """The transfer stopped at ``position``: keep what was written, requeue the rest."""
+        active = self._active.pop(chunk_id)
+        chunk = active.chunk
+        info = self._blobs[chunk.blob]
+        if chunk.attempt >= self.policy.max_attempts:
+            return Outcome.EXHAUSTED
+        if info.single_stream:
+            # Without Range support nothing can resume: start the blob over.
+            info.done.clear()
+            info.prefix = 0
+            info.restarts += 1
+            self._pending.insert(
+                0, (ready_at, self._new(chunk.blob, 0, info.size, chunk.attempt + 1))
+            )
+            return Outcome.RESTARTED
+        position = max(chunk.start, min(position, chunk.end))
+        self._mark_done(chunk.blob, chunk.start, position)
+        if position < chunk.end:
+            retry = self._new(chunk.blob, position, chunk.end, chunk.attempt + 1)
+            self._pending.insert(0, (ready_at, retry))
+        return Outcome.REQUEUED
+
+    def retry_now(self, chunk_id: int) -> None:
+        """Requeue an active chunk at once with the same attempt (redirect, re-login)."""
+        active = self._active.pop(chunk_id)
+        chunk = active.chunk
+        if active.position > chunk.start and not self._blobs[chunk.blob].single_stream:
+            self._mark_done(chunk.blob, chunk.start, active.position)
+            chunk = self._new(chunk.blob, active.position, chunk.end, chunk.attempt)
+        self._pending.insert(0, (0.0, chunk))
+
+    # -- endgame -------------------------------------------------------------------------
+
+    def split_candidate(self) -> tuple[int, int] | None:
+        """(chunk id, proposed new end) of the active chunk most worth splitting, if any."""
+        best: _Active | None = None
+        for active in self._active.values():
+            left = active.chunk.end - active.position
+            if active.shrinking or left < 2 * self.policy.min_split:
+                continue
+            if self._blobs[active.chunk.blob].single_stream:
+                continue
+            if best is None or left > best.chunk.end - best.position:
+                best = active
+        if best is None:
+            return None
+        best.shrinking = True
+        return best.chunk.id, best.position + (best.chunk.end - best.position) // 2
+
+    def shrunk(self, chunk_id: int, new_end: int) -> Chunk | None:
+        """The worker agreed to stop at ``new_end``; queue the cut-off tail as a new chunk."""
+        active = self._active.get(chunk_id)
+        if active is None:
+            return None  # it finished before the request arrived: nothing was cut
+        active.shrinking = False
+        old = active.chunk
+        new_end = max(old.start, min(new_end, old.end))
+        if new_end >= old.end:
+            return None
+        active.chunk = Chunk(old.id, old.blob, old.start, new_end, old.attempt)
+        tail = self._new(old.blob, new_end, old.end, old.attempt)
+        self._pending.insert(0, (0.0, tail))
+        return tail
+
+    # -- server ignored Range ------------------------------------------------------------
+
+    def single_stream(self, blob: int) -> list[Chunk]:
+        """Switch a blob to one plain GET from byte 0, dropping queued chunks and progress.
+
+        Returns the blob's other active chunks: the caller cancels them and calls
+        :meth:`forget` for each once its worker has stopped writing.
+        """
+        info = self._blobs[blob]
+        info.single_stream = True
+        info.done.clear()
+        info.prefix = 0
+        self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
+        return self.active_chunks(blob)
+
+    def is_single_stream(self, blob: int) -> bool:
+        """Whether the blob is fetched with one plain GET because Range was ignored."""
+        return self._blobs[blob].single_stream
+
+    def forget(self, chunk_id: int) -> None:
+        """Drop an active chunk whose bytes no longer count (cancelled)."""
+        self._active.pop(chunk_id, None)
+
+    def adopt_whole(self, chunk_id: int) -> Chunk:
+        """The transfer of ``chunk_id`` now stands for the whole single-stream blob."""
+        active = self._active[chunk_id]
+        old = active.chunk
+        active.chunk = Chunk(old.id, old.blob, 0, self._blobs[old.blob].size, old.attempt)
+        return active.chunk
+
+    # -- how far each blob is ------------------------------------------------------------
+
+    def _mark_done(self, blob: int, start: int, end: int) -> None:
+        info = self._blobs[blob]
+        if end <= start:
+            return
+        info.done[start] = max(end, info.done.get(start, end))
+        while info.prefix in info.done:
+            info.prefix = info.done.pop(info.prefix)
+
+    def hashable(self, blob: int) -> int:
+        """Bytes from offset 0 that are written and will never be written again.
+
+        That is the done prefix, extended by the transfer running right at its edge: a
+        failed transfer resumes where it stopped, so what it wrote stays. Not so for a
+        single-stream blob, which restarts from 0 on failure.
+        """
+        info = self._blobs[blob]
+        if info.single_stream:
+            return info.prefix
+        for active in self._active.values():
+            if active.chunk.blob == blob and active.chunk.start == info.prefix:
+                return active.position
+        return info.prefix
+
+    def complete_blob(self, blob: int) -> bool:
+        """Every byte of the blob is written and no transfer of it is still running."""
+        info = self._blobs[blob]
+        return info.prefix >= info.size and not self.active_chunks(blob)
+
+    def received(self, blob: int) -> int:
+        """Bytes written so far, done or in flight (for progress display)."""
+        info = self._blobs[blob]
+        done = info.prefix + sum(end - start for start, end in info.done.items())
+        flying = sum(
+            a.position - a.chunk.start for a in self._active.values() if a.chunk.blob == blob
+        )
+        return min(info.size, done + flying)
