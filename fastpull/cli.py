@@ -18,7 +18,7 @@ from .credentials import Credentials, CredentialStore
 from .errors import FastpullError, UsageError
 from .listing import human_duration, image_rows
 from .progress import human_size, renderer_for
-from .pull import Puller
+from .pull import Puller, PullResult
 from .reference import Reference
 from .registry import DOCKER_HUB, RegistryClient
 from .settings import Settings
@@ -59,9 +59,22 @@ def cli() -> None:
 )
 @click.option("--ca-cert", type=click.Path(dir_okay=False), help="Extra CA certificate (PEM).")
 @click.option(
+    "--connections",
     "--max-concurrent-downloads",
+    "connections",
     type=click.IntRange(1, 64),
-    help="Blobs downloaded at once (default 6).",
+    help="Transfers at once, across all blobs and chunks (default 16).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 16),
+    help="Download processes (default: none for small pulls, else one per core, at most 4).",
+)
+@click.option(
+    "--stats",
+    "stats_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write per-blob bytes, seconds, connections and retries as JSON.",
 )
 def pull(
     name: str,
@@ -72,7 +85,9 @@ def pull(
     store: str | None,
     insecure: tuple[str, ...],
     ca_cert: str | None,
-    max_concurrent_downloads: int | None,
+    connections: int | None,
+    workers: int | None,
+    stats_file: str | None,
 ) -> None:
     """Download an image (NAME[:TAG|@DIGEST]) into the local OCI layout store."""
     ref = Reference.parse(name)
@@ -82,7 +97,8 @@ def pull(
         insecure_registries=insecure,
         ca_cert=ca_cert,
         store=store,
-        max_concurrent_downloads=max_concurrent_downloads,
+        connections=connections,
+        workers=workers,
     )
     target = Platform.parse(platform_text) if platform_text else None
     the_store = _open_store(settings)
@@ -91,14 +107,29 @@ def pull(
         cancel.handled(),
         Puller(the_store, settings=settings, platform=target, on_event=render) as puller,
     ):
-        if not all_tags:
-            puller.pull(ref, default_tag=_tag_was_defaulted(name, ref))
-            return
-        tags = puller.tags(ref)
-        if not tags:
-            raise UsageError(f"repository {ref.familiar.rsplit(':', 1)[0]} has no tags")
-        for tag in tags:
-            puller.pull(ref.with_tag(tag))
+        if all_tags:
+            tags = puller.tags(ref)
+            if not tags:
+                raise UsageError(f"repository {ref.familiar_name} has no tags")
+            results = [puller.pull(ref.with_tag(tag)) for tag in tags]
+        else:
+            results = [puller.pull(ref, default_tag=_tag_was_defaulted(name, ref))]
+    if stats_file:
+        _write_stats(stats_file, results)
+
+
+def _write_stats(path: str, results: list[PullResult]) -> None:
+    """``--stats``: the first image's numbers at the top level, every image under "images"."""
+    images = [r.stats() for r in results]
+    document = {
+        **images[0],
+        "seconds": round(sum(r.seconds for r in results), 6),
+        "bytes": sum(r.bytes_downloaded for r in results),
+        "blobs": [b for image in images for b in image["blobs"]],  # type: ignore[attr-defined]
+        "images": images,
+    }
+    with open(path, "wb") as out:
+        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
 
 
 @cli.command()

@@ -1,40 +1,42 @@
-"""Blob downloads: every missing blob of a pull, several at once, verified as they land.
+"""The download engine: every missing blob of a pull, in Range chunks, across worker
+processes, verified as the bytes land.
 
-This is the seam the chunked multi-process engine replaces: callers hand over descriptors
-and a :class:`BlobSource` and get the blobs committed to the store, whatever happens
-inside. Here each blob is one stream on a shared ``CurlMulti``; the bytes go straight to
-the store's ingest file and into the hasher, so verification ends with the download.
+Callers hand :meth:`Downloader.fetch` descriptors and a :class:`BlobSource` and get the
+blobs committed to the store. Inside, the parent process plans (``scheduler``), resolves
+URLs and credentials, hashes (``verify``) and reports progress; workers (``worker``) only
+move bytes from sockets into the ingest files.
 
-Per blob, until it is committed or its attempts run out:
-- 3xx: follow it ourselves; the registry's ``Authorization`` goes only to its own origin;
-- 401 on the registry: re-authenticate once per attempt, then retry;
+Per chunk, until its blob is committed or its attempts run out:
+- 3xx: the first request of a blob follows redirects (other chunks wait), then every
+  chunk goes to the final URL; the registry's ``Authorization`` goes only to its origin;
+- 401 from the registry: re-authenticate and retry; 401/403 from a redirect target (a
+  signed URL that expired): resolve again from the registry;
 - 408/429/5xx, resets, stalls, short bodies: back off (Retry-After wins) and resume from
-  the bytes already written with ``Range`` (a 200 answer restarts from zero);
-- digest mismatch: discard and retry from zero; after the last attempt, DigestMismatch.
+  the bytes already written;
+- a 200 to a Range request: the server ignores Range; the blob falls back to one stream;
+- the digest does not match: fetch the blob again, then fail with DigestMismatch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from typing import Protocol
-
-import pycurl
 
 from . import cancel, events
 from .errors import (
-    ConnectionFailed,
     DigestMismatch,
     FastpullError,
     ProtocolError,
-    TLSFailure,
     Unauthorized,
-    redact_url,
 )
-from .hashing import Hasher, new_hasher
+from .scheduler import Chunk, Outcome, Policy, Scheduler
 from .store import Ingest, Store
 from .transport import (
     MAX_REDIRECTS,
@@ -42,19 +44,33 @@ from .transport import (
     Response,
     RetryPolicy,
     TLSConfig,
-    configure_easy,
-    curl_error,
     http_error,
     next_hop,
     origin,
-    parse_header_line,
     parse_retry_after,
 )
 from .types import Descriptor, Digest
+from .verify import Verifier
+from .worker import (
+    Cancel,
+    Command,
+    Fetch,
+    Finished,
+    Progress,
+    Report,
+    Shrink,
+    Shrunk,
+    Shutdown,
+    WorkerLoop,
+    worker_main,
+)
 
-_BUFFER_SIZE = 512 * 1024
-_ERROR_BODY_CAP = 64 * 1024
-_PROGRESS_STEP = 1 << 20
+# Below this many bytes in total, starting worker processes costs more than it saves.
+INLINE_BELOW = 64 << 20
+DEFAULT_CONNECTIONS = 16
+_PROGRESS_INTERVAL = 0.1
+_MAX_REAUTH = 3
+_MAX_DIGEST_ATTEMPTS = 2
 
 
 class BlobSource(Protocol):
@@ -84,29 +100,38 @@ class BlobStats:
     attempts: int
     connections: int = 1
     already_present: bool = False
+    chunks: int = 0
+    retries: int = 0
+
+
+def default_workers(total_bytes: int) -> int:
+    """Worker processes for a job: none (inline) for small jobs, else one per core, max 4."""
+    if total_bytes < INLINE_BELOW:
+        return 0
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
-class _Transfer:
+class _Blob:
     descriptor: Descriptor
     ingest: Ingest
     exit: contextlib.ExitStack
-    hasher: Hasher
+    verifier: Verifier
     url: str = ""
-    attempt: int = 1
+    with_auth: bool = True
+    resolved: bool = False
+    probing: bool = False
     hops: int = 0
-    reauthorized: bool = False
-    written: int = 0
-    fetched: int = 0
-    ready_at: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    # Per-request state:
-    status: int | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    error_body: bytearray = field(default_factory=bytearray)
-    failure: FastpullError | None = None
-    offset: int = 0
-    reported: int = 0
+    reauths: int = 0
+    digest_attempts: int = 1
+    cancelling: set[int] = field(default_factory=set)
+    started: float | None = None
+    downloaded: int = 0
+    chunks: int = 0
+    retries: int = 0
+    connections: int = 0
+    reported: float = 0.0
+    done: bool = False
 
     @property
     def digest(self) -> Digest:
@@ -117,246 +142,376 @@ class _Transfer:
         return self.descriptor.size
 
 
+class _Pool:
+    """Worker processes (``spawn``ed: libcurl and OpenSSL do not survive fork), or, for
+    ``count == 0``, one worker loop run inline in this process."""
+
+    def __init__(self, count: int) -> None:
+        self._inline = WorkerLoop() if count == 0 else None
+        self._conns: list[Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        context = multiprocessing.get_context("spawn")
+        for _ in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(target=worker_main, args=(child,), daemon=True)
+            proc.start()
+            child.close()
+            self._conns.append(parent)
+            self._procs.append(proc)
+        self.size = max(1, count)
+        self.load = [0] * self.size
+        self.owner: dict[int, int] = {}
+
+    def has_room(self, per_worker: int) -> bool:
+        """Whether some worker runs fewer than ``per_worker`` transfers."""
+        return min(self.load) < per_worker
+
+    def send(self, worker: int, command: Command) -> None:
+        if self._inline is not None:
+            self._inline.submit(command)
+        else:
+            self._conns[worker].send(command)
+
+    def assign(self, fetch: Fetch) -> None:
+        worker = min(range(self.size), key=self.load.__getitem__)
+        self.load[worker] += 1
+        self.owner[fetch.chunk_id] = worker
+        self.send(worker, fetch)
+
+    def tell(self, chunk_id: int, command: Command) -> None:
+        worker = self.owner.get(chunk_id)
+        if worker is not None:
+            self.send(worker, command)
+
+    def released(self, chunk_id: int) -> None:
+        worker = self.owner.pop(chunk_id, None)
+        if worker is not None:
+            self.load[worker] -= 1
+
+    def receive(self, timeout: float) -> list[Report]:
+        if self._inline is not None:
+            return self._inline.poll(timeout)
+        reports: list[Report] = []
+        for conn in wait(self._conns, timeout):
+            assert isinstance(conn, Connection)
+            try:
+                reports.extend(conn.recv())
+            except EOFError:
+                raise FastpullError("a download worker process exited unexpectedly") from None
+        return reports
+
+    def close(self) -> None:
+        if self._inline is not None:
+            self._inline.close()
+            return
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(Shutdown())
+        deadline = time.monotonic() + 1.0
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(1.0)
+        for conn in self._conns:
+            conn.close()
+
+
 class Downloader:
-    """Fetch blobs into a store, ``parallel`` at a time, on one libcurl multi handle."""
+    """Fetch blobs into a store over ``connections`` transfers in ``workers`` processes."""
 
     def __init__(
         self,
         store: Store,
         *,
         tls_for: Callable[[str], TLSConfig],
-        parallel: int = 6,
+        connections: int = DEFAULT_CONNECTIONS,
+        workers: int | None = None,
         retry: RetryPolicy | None = None,
+        stall_seconds: int = 30,
         on_event: events.Listener = events.ignore,
     ) -> None:
         self.store = store
         self._tls_for = tls_for
-        self.parallel = max(1, parallel)
-        self.retry = retry or RetryPolicy()
-        self._emit = on_event
+        self.connections = max(1, connections)
+        self.workers = workers
+        self.retry = retry or RetryPolicy(attempts=6)
+        self.stall_seconds = stall_seconds
+        self.emit = on_event
+        self.workers_used = 0
 
     def fetch(self, blobs: Sequence[Descriptor], source: BlobSource) -> list[BlobStats]:
-        """Download and commit every blob; raise the first unrecoverable error."""
-        unique = {d.digest: d for d in blobs}
-        queue = sorted(unique.values(), key=lambda d: d.size, reverse=True)
+        """Download, verify and commit every blob; raise the first unrecoverable error."""
+        unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
-        waiting: list[_Transfer] = []
-        active: dict[pycurl.Curl, _Transfer] = {}
-        multi = pycurl.CurlMulti()
-        try:
-            while queue or waiting or active:
-                cancel.check()
-                now = time.monotonic()
-                while len(active) < self.parallel and (queue or _ready(waiting, now)):
-                    transfer = _pop_ready(waiting, now)
-                    if transfer is None:
-                        transfer = self._open(queue.pop(0), results)
-                        if transfer is None:
-                            continue
-                    easy = self._start(transfer, source)
-                    multi.add_handle(easy)
-                    active[easy] = transfer
-                if not active:
-                    time.sleep(min(0.2, max(0.0, min(t.ready_at for t in waiting) - now)))
-                    continue
-                status, _ = multi.perform()
-                while status == pycurl.E_CALL_MULTI_PERFORM:
-                    status, _ = multi.perform()
-                _, ok, failed = multi.info_read()
-                finished = [(e, None) for e in ok] + [(e, (c, m)) for e, c, m in failed]
-                for easy, curl_failure in finished:
-                    transfer = active.pop(easy)
-                    multi.remove_handle(easy)
-                    easy.close()
-                    outcome = self._finish(transfer, curl_failure, source)
-                    if outcome is None:
-                        waiting.append(transfer)
-                    else:
-                        results.append(outcome)
-                if not finished:
-                    multi.select(0.2)
-        finally:
-            for easy, transfer in active.items():
-                multi.remove_handle(easy)
-                easy.close()
-                transfer.exit.close()
-            for transfer in waiting:
-                transfer.exit.close()
-            multi.close()
+        with contextlib.ExitStack() as stack:
+            # Locks are taken in digest order, so two processes never wait on each other.
+            todo = [b for d in unique if (b := self._claim(d, results, stack)) is not None]
+            if not todo:
+                return results
+            total = sum(b.size for b in todo)
+            count = self.workers if self.workers is not None else default_workers(total)
+            self.workers_used = count
+            pool = _Pool(count)
+            stack.callback(pool.close)
+            job = _Job(self, todo, source, pool)
+            results.extend(job.run())
         return results
 
-    def _open(self, descriptor: Descriptor, results: list[BlobStats]) -> _Transfer | None:
-        """Claim the blob's ingest; None when it turned out to be in the store already."""
-        stack = contextlib.ExitStack()
+    def _claim(
+        self, descriptor: Descriptor, results: list[BlobStats], stack: contextlib.ExitStack
+    ) -> _Blob | None:
+        """Lock the blob's ingest; None when another process already stored it."""
+        blob_stack = contextlib.ExitStack()
         try:
-            ingest = stack.enter_context(self.store.ingest(descriptor.digest, descriptor.size))
+            ingest = blob_stack.enter_context(self.store.ingest(descriptor.digest, descriptor.size))
             if ingest.present:
-                stack.close()
-                self._emit(events.LayerEvent(descriptor.digest, events.ALREADY_EXISTS))
+                blob_stack.close()
+                self.emit(events.LayerEvent(descriptor.digest, events.ALREADY_EXISTS))
                 results.append(BlobStats(descriptor.digest, descriptor.size, 0, 0.0, 0, 0, True))
                 return None
             ingest.preallocate()
         except BaseException:
-            stack.close()
+            blob_stack.close()
             raise
-        hasher = new_hasher(descriptor.digest.algorithm)
-        return _Transfer(descriptor, ingest, stack, hasher)
+        stack.push(blob_stack)
+        return _Blob(descriptor, ingest, blob_stack, Verifier(descriptor.digest, ingest.fd))
 
-    def _start(self, t: _Transfer, source: BlobSource) -> pycurl.Curl:
-        if not t.url:
-            t.url = source.blob_url(t.digest)
-        t.status, t.failure, t.offset = None, None, t.written
-        t.headers.clear()
-        t.error_body.clear()
-        headers = {"Accept-Encoding": "identity"}
-        registry_origin = origin(source.blob_url(t.digest))
-        if origin(t.url) == registry_origin:
-            headers.update(source.authorization())
-        if t.written:
-            headers["Range"] = f"bytes={t.written}-{t.size - 1}"
-        easy = pycurl.Curl()
-        configure_easy(easy, t.url, headers=headers, tls=self._tls_for(t.url))
-        easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
-        easy.setopt(pycurl.HEADERFUNCTION, lambda line: self._on_header(t, line))
-        easy.setopt(pycurl.WRITEFUNCTION, lambda data: self._on_body(t, data))
-        if t.attempt == 1 and not t.hops and not t.written:
-            self._emit(events.LayerEvent(t.digest, events.DOWNLOADING, 0, t.size))
-        return easy
 
-    def _on_header(self, t: _Transfer, line: bytes) -> None:
-        status = parse_header_line(line, t.headers)
-        if status is not None:
-            t.status = status
+class _Job:
+    """One run of the engine over a set of claimed blobs."""
+
+    def __init__(
+        self, owner: Downloader, blobs: list[_Blob], source: BlobSource, pool: _Pool
+    ) -> None:
+        self.o = owner
+        self.blobs = blobs
+        self.source = source
+        self.pool = pool
+        policy = Policy(connections=owner.connections, max_attempts=owner.retry.attempts)
+        self.sched = Scheduler([b.size for b in blobs], policy)
+        self.per_worker = math.ceil(owner.connections / pool.size)
+        self.positions: dict[int, int] = {}
+        self.chunk_blob: dict[int, int] = {}
+        self.results: list[BlobStats] = []
+
+    def run(self) -> list[BlobStats]:
+        while not all(b.done for b in self.blobs):
+            cancel.check()
+            now = time.monotonic()
+            self._dispatch(now)
+            for report in self.pool.receive(self._wait(now)):
+                self._handle(report)
+            for index, blob in enumerate(self.blobs):
+                if not blob.done:
+                    self._verify(index, blob)
+        return self.results
+
+    def _wait(self, now: float) -> float:
+        ready = self.sched.next_ready_time()
+        if ready is None or not self.pool.has_room(self.per_worker):
+            return 0.05
+        return min(0.05, max(0.0, ready - now))
+
+    # -- handing out work ----------------------------------------------------------------
+
+    def _eligible(self, index: int) -> bool:
+        blob = self.blobs[index]
+        return not blob.done and not blob.cancelling and (blob.resolved or not blob.probing)
+
+    def _dispatch(self, now: float) -> None:
+        while self.pool.has_room(self.per_worker):
+            chunk = self.sched.next_chunk(now, self._eligible)
+            if chunk is None:
+                break
+            self._send(chunk, now)
+        if not self.sched.has_pending and self.pool.has_room(self.per_worker):
+            split = self.sched.split_candidate()
+            if split is not None:
+                self.pool.tell(split[0], Shrink(*split))
+
+    def _send(self, chunk: Chunk, now: float) -> None:
+        blob = self.blobs[chunk.blob]
+        if not blob.url:
+            blob.url, blob.with_auth, blob.resolved = self.source.blob_url(blob.digest), True, False
+        if not blob.resolved:
+            blob.probing = True
+        if blob.started is None:
+            blob.started = now
+            self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, 0, blob.size))
+        headers = self.source.authorization() if blob.with_auth else {}
+        fetch = Fetch(
+            chunk.id,
+            blob.url,
+            tuple(headers.items()),
+            str(blob.ingest.path),
+            chunk.start,
+            chunk.end,
+            blob.size,
+            self.o._tls_for(blob.url),
+            stall_seconds=self.o.stall_seconds,
+        )
+        blob.chunks += 1
+        blob.connections = max(blob.connections, len(self.sched.active_chunks(chunk.blob)))
+        self.positions[chunk.id] = chunk.start
+        self.chunk_blob[chunk.id] = chunk.blob
+        self.pool.assign(fetch)
+
+    # -- what workers report -------------------------------------------------------------
+
+    def _handle(self, report: Report) -> None:
+        if isinstance(report, Progress):
+            for chunk_id, position in report.positions:
+                self._moved(chunk_id, position)
+        elif isinstance(report, Shrunk):
+            self.sched.shrunk(report.chunk_id, report.end)
+        elif isinstance(report, Finished):
+            self._moved(report.chunk_id, report.position)
+            self.pool.released(report.chunk_id)
+            self._finished(report)
+
+    def _moved(self, chunk_id: int, position: int) -> None:
+        index = self.chunk_blob.get(chunk_id)
+        if index is None:
             return
-        if line in (b"\r\n", b"\n") and t.status in (200, 206):
-            self._accept_body(t)
+        blob = self.blobs[index]
+        delta = position - self.positions.get(chunk_id, position)
+        if delta > 0:
+            self.positions[chunk_id] = position
+            blob.downloaded += delta
+            blob.resolved, blob.probing = True, False
+            self.sched.progress(chunk_id, position)
+            now = time.monotonic()
+            if now - blob.reported >= _PROGRESS_INTERVAL:
+                blob.reported = now
+                received = self.sched.received(index)
+                self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, received, blob.size))
 
-    def _accept_body(self, t: _Transfer) -> None:
-        """Decide, once headers are complete, where this response's bytes go."""
-        if t.status == 200 and t.offset:
-            # The server ignored Range: start over with the whole body.
-            t.offset = t.written = 0
-            t.hasher = new_hasher(t.digest.algorithm)
-        elif t.status == 206:
-            expected = f"bytes {t.offset}-{t.size - 1}/{t.size}"
-            got = dict(t.headers).get("content-range", "").replace("*", str(t.size))
-            if got.strip() != expected:
-                t.failure = ProtocolError(
-                    f"blob {t.digest}: bad Content-Range {got[:80]!r} (expected {expected!r})"
-                )
+    def _finished(self, report: Finished) -> None:
+        chunk_id = report.chunk_id
+        index = self.chunk_blob.pop(chunk_id)
+        self.positions.pop(chunk_id, None)
+        blob = self.blobs[index]
+        if report.kind == "done":
+            self.sched.complete(chunk_id)
+            blob.resolved, blob.probing = True, False
+        elif report.kind == "cancelled":
+            self.sched.forget(chunk_id)
+            blob.cancelling.discard(chunk_id)
+            if not blob.cancelling and self.sched.is_single_stream(index):
+                blob.verifier.restart()
+                self.sched.restart_single(index)
+        elif report.kind == "range-ignored":
+            self._range_ignored(index, chunk_id)
+        elif report.kind == "status":
+            self._status(index, chunk_id, report)
+        else:
+            error = report.error or ProtocolError("transfer failed")
+            if not error.retryable:
+                raise error
+            self._retry(index, chunk_id, report.position, None, error)
 
-    def _on_body(self, t: _Transfer, data: bytes) -> int | None:
-        if t.failure is not None:
-            return 0
-        if t.status not in (200, 206):
-            if len(t.error_body) < _ERROR_BODY_CAP:
-                t.error_body += data[: _ERROR_BODY_CAP - len(t.error_body)]
-            return None
-        end = t.written + len(data)
-        if end > t.size:
-            t.failure = DigestMismatch(
-                f"blob {t.digest}: server sent more than the {t.size} bytes the manifest declares"
-            )
-            return 0
-        try:
-            os.pwrite(t.ingest.fd, data, t.written)
-        except OSError as exc:
-            t.failure = self.store.error_for(exc)
-            return 0
-        t.hasher.update(data)
-        t.written = end
-        t.fetched += len(data)
-        if t.written - t.reported >= _PROGRESS_STEP or t.written == t.size:
-            t.reported = t.written
-            self._emit(events.LayerEvent(t.digest, events.DOWNLOADING, t.written, t.size))
-        return None
+    def _range_ignored(self, index: int, chunk_id: int) -> None:
+        """The server answered a Range request with the whole blob: one stream it is."""
+        blob = self.blobs[index]
+        self.sched.forget(chunk_id)
+        blob.probing = False
+        if self.sched.is_single_stream(index):
+            return
+        for other in self.sched.single_stream(index):
+            blob.cancelling.add(other.id)
+            self.pool.tell(other.id, Cancel(other.id))
+        if not blob.cancelling:
+            blob.verifier.restart()
+            self.sched.restart_single(index)
 
-    def _finish(
-        self, t: _Transfer, curl_failure: tuple[int, str] | None, source: BlobSource
-    ) -> BlobStats | None:
-        """Commit, schedule a retry (return None), or raise."""
-        if t.failure is not None and not t.failure.retryable:
-            raise t.failure
-        status = t.status or 0
-        if t.failure is None and curl_failure is None:
-            if status in (200, 206):
-                if t.written == t.size:
-                    return self._commit(t)
-                t.failure = ConnectionFailed(
-                    f"blob {t.digest}: connection closed after {t.written} of {t.size} bytes"
-                )
-            elif status in (301, 302, 303, 307, 308):
-                t.hops += 1
-                if t.hops > MAX_REDIRECTS:
-                    raise ProtocolError(f"blob {t.digest}: too many redirects")
-                t.url = next_hop(t.url, dict(t.headers).get("location"))
-                return self._later(t, 0.0)
-            elif status == 401 and origin(t.url) == origin(source.blob_url(t.digest)):
-                if t.reauthorized:
-                    raise Unauthorized(f"unauthorized: blob {t.digest} refused after login")
-                t.reauthorized = True
-                source.reauthorize(Response(401, tuple(t.headers), bytes(t.error_body), t.url))
-                return self._later(t, 0.0)
-            elif status == 416:
-                t.written = 0
-                t.hasher = new_hasher(t.digest.algorithm)
-            elif status not in RETRYABLE_STATUS:
-                raise _blob_error(t, status)
-        elif curl_failure is not None and t.failure is None:
-            t.failure = curl_error(curl_failure[0], curl_failure[1], t.url)
-            if isinstance(t.failure, TLSFailure):
-                raise t.failure
-        if t.attempt >= self.retry.attempts:
-            if t.failure is not None:
-                raise t.failure
-            raise _blob_error(t, status)
-        wait = parse_retry_after(dict(t.headers).get("retry-after"))
-        self._emit(events.LayerEvent(t.digest, events.RETRYING, t.written, t.size))
-        delay = self.retry.delay(t.attempt, wait)
-        t.attempt += 1
-        # Signed redirect targets expire: every retry starts again at the registry.
-        t.url, t.hops, t.reauthorized = "", 0, False
-        return self._later(t, delay)
+    def _status(self, index: int, chunk_id: int, report: Finished) -> None:
+        blob = self.blobs[index]
+        status = report.status
+        headers = dict(report.headers)
+        registry = origin(self.source.blob_url(blob.digest))
+        on_registry = origin(blob.url) == registry
+        if status in (301, 302, 303, 307, 308):
+            blob.hops += 1
+            if blob.hops > MAX_REDIRECTS:
+                raise ProtocolError(f"blob {blob.digest}: too many redirects")
+            target = next_hop(blob.url, headers.get("location"))
+            blob.url = target
+            blob.with_auth = blob.with_auth and origin(target) == registry
+            self.sched.retry_now(chunk_id)
+        elif status == 401 and on_registry:
+            blob.reauths += 1
+            if blob.reauths > _MAX_REAUTH:
+                raise Unauthorized(f"unauthorized: blob {blob.digest} refused after login")
+            self.source.reauthorize(Response(status, report.headers, report.body, blob.url))
+            self.sched.retry_now(chunk_id)
+        elif status in (400, 401, 403) and not on_registry:
+            # A signed redirect target that expired: ask the registry again.
+            blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
+            self._retry(index, chunk_id, report.position, 0.0, None)
+        elif status in RETRYABLE_STATUS:
+            wait = parse_retry_after(headers.get("retry-after"))
+            error = http_error(Response(status, report.headers, report.body, blob.url), _what(blob))
+            self._retry(index, chunk_id, report.position, wait, error)
+        else:
+            raise http_error(Response(status, report.headers, report.body, blob.url), _what(blob))
 
-    def _later(self, t: _Transfer, delay: float) -> None:
-        t.ready_at = time.monotonic() + delay
-        return None
+    def _retry(
+        self,
+        index: int,
+        chunk_id: int,
+        position: int,
+        wait: float | None,
+        error: FastpullError | None,
+    ) -> None:
+        blob = self.blobs[index]
+        blob.retries += 1
+        blob.probing = False
+        delay = self.o.retry.delay(blob.retries, wait) if wait != 0.0 else 0.0
+        outcome = self.sched.fail(chunk_id, position, time.monotonic() + delay)
+        if outcome is Outcome.EXHAUSTED:
+            raise error or ProtocolError(f"blob {blob.digest}: giving up after retries")
+        if outcome is Outcome.RESTARTED:
+            blob.verifier.restart()
+        self.o.emit(events.LayerEvent(blob.digest, events.RETRYING, position, blob.size))
 
-    def _commit(self, t: _Transfer) -> BlobStats | None:
-        self._emit(events.LayerEvent(t.digest, events.VERIFYING, t.size, t.size))
-        actual = t.hasher.hexdigest()
-        if actual != t.digest.hex:
-            if t.attempt >= self.retry.attempts:
-                t.exit.close()
+    # -- verification and commit ---------------------------------------------------------
+
+    def _verify(self, index: int, blob: _Blob) -> None:
+        blob.verifier.advance(self.sched.hashable(index))
+        if blob.verifier.position < blob.size or not self.sched.complete_blob(index):
+            return
+        self.o.emit(events.LayerEvent(blob.digest, events.VERIFYING, blob.size, blob.size))
+        if not blob.verifier.matches():
+            if blob.digest_attempts >= _MAX_DIGEST_ATTEMPTS:
                 raise DigestMismatch(
-                    f"blob {t.digest}: downloaded content has digest "
-                    f"{t.digest.algorithm}:{actual}; refused after {t.attempt} attempts"
+                    f"blob {blob.digest}: downloaded content has digest "
+                    f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}; refused after "
+                    f"{blob.digest_attempts} attempts"
                 )
-            t.written = 0
-            t.hasher = new_hasher(t.digest.algorithm)
-            t.url, t.hops, t.reauthorized = "", 0, False
-            delay = self.retry.delay(t.attempt)
-            t.attempt += 1
-            return self._later(t, delay)
-        t.ingest.commit(actual)
-        t.exit.close()
-        self._emit(events.LayerEvent(t.digest, events.DOWNLOAD_COMPLETE, t.size, t.size))
-        return BlobStats(t.digest, t.size, t.fetched, time.monotonic() - t.started, t.attempt)
+            blob.digest_attempts += 1
+            blob.verifier.restart()
+            blob.url, blob.resolved = "", False
+            self.sched.replan(index, blob.digest_attempts)
+            return
+        blob.ingest.commit(blob.verifier.hexdigest())
+        blob.exit.close()
+        blob.done = True
+        self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOAD_COMPLETE, blob.size, blob.size))
+        started = blob.started if blob.started is not None else time.monotonic()
+        self.results.append(
+            BlobStats(
+                blob.digest,
+                blob.size,
+                blob.downloaded,
+                time.monotonic() - started,
+                blob.digest_attempts,
+                max(1, blob.connections),
+                chunks=blob.chunks,
+                retries=blob.retries,
+            )
+        )
 
 
-def _ready(waiting: list[_Transfer], now: float) -> bool:
-    return any(t.ready_at <= now for t in waiting)
-
-
-def _pop_ready(waiting: list[_Transfer], now: float) -> _Transfer | None:
-    for i, transfer in enumerate(waiting):
-        if transfer.ready_at <= now:
-            return waiting.pop(i)
-    return None
-
-
-def _blob_error(t: _Transfer, status: int) -> FastpullError:
-    return http_error(
-        Response(status, tuple(t.headers), bytes(t.error_body), t.url),
-        f"blob {t.digest} ({redact_url(t.url)})",
-    )
+def _what(blob: _Blob) -> str:
+    return f"blob {blob.digest}"

@@ -56,6 +56,32 @@ class PullResult:
     bytes_total: int
     seconds: float
     up_to_date: bool
+    workers: int = 0
+    connections: int = 0
+
+    def stats(self) -> dict[str, object]:
+        """Per-blob numbers for ``--stats`` and benchmark harnesses (JSON-ready)."""
+        return {
+            "reference": self.reference,
+            "digest": str(self.digest),
+            "seconds": round(self.seconds, 6),
+            "bytes": self.bytes_downloaded,
+            "workers": self.workers,
+            "connections": self.connections,
+            "blobs": [
+                {
+                    "digest": str(b.digest),
+                    "size": b.size,
+                    "downloaded": b.downloaded,
+                    "seconds": round(b.seconds, 6),
+                    "connections": b.connections,
+                    "chunks": b.chunks,
+                    "retries": b.retries,
+                    "already_present": b.already_present,
+                }
+                for b in self.blobs
+            ],
+        }
 
 
 @dataclass
@@ -143,7 +169,7 @@ class Puller:
             doc = self._child_manifest(client, ref, entry)
         manifest = doc
         previous = self.store.find_image(str(ref))
-        stats = self._fetch_blobs(client, ref, manifest)
+        stats, workers = self._fetch_blobs(client, ref, manifest)
         config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
         config = parse_config(config_raw, what, layer_count=len(manifest.layers))
         stored = to_oci(manifest)
@@ -179,6 +205,8 @@ class Puller:
             bytes_total=manifest.size,
             seconds=time.monotonic() - started,
             up_to_date=up_to_date,
+            workers=workers,
+            connections=self.settings.connections,
         )
 
     def _child_manifest(
@@ -199,7 +227,7 @@ class Puller:
 
     def _fetch_blobs(
         self, client: RegistryClient, ref: Reference, manifest: ImageManifest
-    ) -> list[BlobStats]:
+    ) -> tuple[list[BlobStats], int]:
         layer_ids = {layer.digest for layer in manifest.layers}
         missing: list[Descriptor] = []
         present: list[BlobStats] = []
@@ -222,10 +250,12 @@ class Puller:
         downloader = Downloader(
             self.store,
             tls_for=self.settings.tls_for,
-            parallel=self.settings.max_concurrent_downloads,
+            connections=self.settings.connections,
+            workers=self.settings.workers,
             on_event=layer_events_only,
         )
-        return present + downloader.fetch(missing, RepositoryBlobs(client, ref.repository))
+        fetched = downloader.fetch(missing, RepositoryBlobs(client, ref.repository))
+        return present + fetched, downloader.workers_used
 
 
 def pull(
@@ -235,7 +265,8 @@ def pull(
     platform: str | Platform | None = None,
     insecure_registries: Iterable[str] = (),
     ca_cert: str | None = None,
-    max_concurrent_downloads: int | None = None,
+    connections: int | None = None,
+    workers: int | None = None,
     on_event: events.Listener = events.ignore,
 ) -> PullResult:
     """Pull one image into an OCI layout store and return what was pulled.
@@ -249,7 +280,8 @@ def pull(
         insecure_registries=tuple(insecure_registries),
         ca_cert=ca_cert,
         store=store,
-        max_concurrent_downloads=max_concurrent_downloads,
+        connections=connections,
+        workers=workers,
     )
     target = Platform.parse(platform) if isinstance(platform, str) else platform
     the_store = Store.open(resolve_store_path(settings.store))

@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MIB = 1 << 20
@@ -98,7 +99,7 @@ class Scheduler:
     def _plan(self, blob: int) -> None:
         """Queue a whole blob: one request if it is small, else chunks of ``chunk_size``."""
         size = self._blobs[blob].size
-        if size <= self.chunk_size * 3 // 2:
+        if size <= self.chunk_size * 3 // 2 or self._blobs[blob].single_stream:
             self._pending.append((0.0, self._new(blob, 0, size, 1)))
             return
         position = 0
@@ -115,10 +116,15 @@ class Scheduler:
 
     # -- handing out work ----------------------------------------------------------------
 
-    def next_chunk(self, now: float) -> Chunk | None:
-        """The next chunk to start (it becomes active), or None if nothing is ready."""
+    def next_chunk(
+        self, now: float, eligible: Callable[[int], bool] = lambda _blob: True
+    ) -> Chunk | None:
+        """The next chunk to start (it becomes active), or None if nothing is ready.
+
+        ``eligible(blob)`` can hold back a blob's chunks (while its URL is being resolved).
+        """
         for i, (ready_at, chunk) in enumerate(self._pending):
-            if ready_at <= now:
+            if ready_at <= now and eligible(chunk.blob):
                 del self._pending[i]
                 self._active[chunk.id] = _Active(chunk, chunk.start)
                 return chunk
@@ -239,12 +245,21 @@ class Scheduler:
         """Drop an active chunk whose bytes no longer count (cancelled)."""
         self._active.pop(chunk_id, None)
 
-    def adopt_whole(self, chunk_id: int) -> Chunk:
-        """The transfer of ``chunk_id`` now stands for the whole single-stream blob."""
-        active = self._active[chunk_id]
-        old = active.chunk
-        active.chunk = Chunk(old.id, old.blob, 0, self._blobs[old.blob].size, old.attempt)
-        return active.chunk
+    def restart_single(self, blob: int) -> None:
+        """Queue the plain GET of a blob switched to single stream (its others stopped)."""
+        self._pending.insert(0, (0.0, self._new(blob, 0, self._blobs[blob].size, 1)))
+
+    def replan(self, blob: int, attempt: int) -> None:
+        """Fetch a whole blob again (its bytes did not hash to the digest)."""
+        info = self._blobs[blob]
+        info.done.clear()
+        info.prefix = 0
+        self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
+        first = len(self._pending)
+        self._plan(blob)
+        self._pending[first:] = [
+            (t, Chunk(c.id, c.blob, c.start, c.end, attempt)) for t, c in self._pending[first:]
+        ]
 
     # -- how far each blob is ------------------------------------------------------------
 
@@ -255,6 +270,10 @@ class Scheduler:
         info.done[start] = max(end, info.done.get(start, end))
         while info.prefix in info.done:
             info.prefix = info.done.pop(info.prefix)
+
+    def prefix(self, blob: int) -> int:
+        """Bytes of the blob done contiguously from offset 0."""
+        return self._blobs[blob].prefix
 
     def hashable(self, blob: int) -> int:
         """Bytes from offset 0 that are written and will never be written again.
@@ -272,9 +291,13 @@ class Scheduler:
         return info.prefix
 
     def complete_blob(self, blob: int) -> bool:
-        """Every byte of the blob is written and no transfer of it is still running."""
+        """Every byte of the blob is written and no transfer of it is running or queued."""
         info = self._blobs[blob]
-        return info.prefix >= info.size and not self.active_chunks(blob)
+        return (
+            info.prefix >= info.size
+            and not self.active_chunks(blob)
+            and not any(c.blob == blob for _, c in self._pending)
+        )
 
     def received(self, blob: int) -> int:
         """Bytes written so far, done or in flight (for progress display)."""

@@ -28,7 +28,7 @@ from .errors import ConfigError, UsageError
 from .reference import is_loopback_registry, split_registry
 from .transport import TLSConfig
 
-_CONFIG_KEYS = {"insecure-registries", "store", "max-concurrent-downloads", "ca-cert"}
+_CONFIG_KEYS = {"insecure-registries", "store", "connections", "workers", "ca-cert"}
 
 
 def config_file_path() -> Path:
@@ -67,9 +67,10 @@ def _load_config_file(path: Path) -> dict[str, object]:
     for key in ("store", "ca-cert"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{path}: {key} must be a string")
-    mcd = data.get("max-concurrent-downloads", 6)
-    if not isinstance(mcd, int) or isinstance(mcd, bool) or not 1 <= mcd <= 64:
-        raise ConfigError(f"{path}: max-concurrent-downloads must be an integer from 1 to 64")
+    for key, low, high in (("connections", 1, 64), ("workers", 0, 16)):
+        value = data.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{path}: {key} must be an integer from {low} to {high}")
     return data
 
 
@@ -103,7 +104,8 @@ class Settings:
     insecure_registries: tuple[str, ...] = ()
     ca_cert: str | None = None
     store: str | None = None
-    max_concurrent_downloads: int = 6
+    connections: int = 16
+    workers: int | None = None
 
     @classmethod
     def load(
@@ -112,7 +114,8 @@ class Settings:
         insecure_registries: tuple[str, ...] = (),
         ca_cert: str | None = None,
         store: str | None = None,
-        max_concurrent_downloads: int | None = None,
+        connections: int | None = None,
+        workers: int | None = None,
     ) -> Settings:
         """Merge the config file, the environment and explicit (command-line) values."""
         data = _load_config_file(config_file_path())
@@ -127,8 +130,8 @@ class Settings:
             insecure_registries=tuple(_check_insecure_entry(e) for e in insecure),
             ca_cert=str(ca) if ca else None,
             store=store or data.get("store"),  # type: ignore[arg-type]
-            max_concurrent_downloads=max_concurrent_downloads
-            or int(data.get("max-concurrent-downloads", 6)),  # type: ignore[call-overload]
+            connections=connections or int(data.get("connections", 16)),  # type: ignore[call-overload]
+            workers=workers if workers is not None else data.get("workers"),  # type: ignore[arg-type]
         )
 
     def is_insecure(self, registry: str) -> bool:

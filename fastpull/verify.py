@@ -1,0 +1,51 @@
+"""Verification as the bytes land: a hash that advances over the written prefix of a file.
+
+SHA-256 is sequential, so a blob fetched in chunks out of order is hashed from byte 0 up to
+the first gap, reading back what the workers wrote (from the page cache, in C with the GIL
+released: ``hashing.hash_fd_range``). When the last chunk lands only that chunk is left to
+hash, so verification ends with the download instead of taking a second pass.
+"""
+
+from __future__ import annotations
+
+from .errors import StoreError
+from .hashing import Hasher, hash_fd_range, new_hasher
+from .types import Digest
+
+# Hash at most this much per call, so the engine's loop stays responsive.
+STEP = 64 << 20
+
+
+class Verifier:
+    """The running digest of one ingest file's prefix ``[0, position)``."""
+
+    def __init__(self, digest: Digest, fd: int, backend: str | None = None) -> None:
+        self.digest = digest
+        self._fd = fd
+        self._backend = backend
+        self._hasher: Hasher = new_hasher(digest.algorithm, backend)
+        self.position = 0
+
+    def advance(self, to: int) -> int:
+        """Hash forward towards ``to`` (at most ``STEP`` bytes); returns the new position."""
+        want = min(to - self.position, STEP)
+        if want <= 0:
+            return self.position
+        got = hash_fd_range(self._hasher, self._fd, self.position, want)
+        if got != want:
+            raise StoreError(f"ingest file of {self.digest} is shorter than what was written to it")
+        self.position += got
+        return self.position
+
+    def restart(self) -> None:
+        """Forget everything hashed (the blob is being fetched again from byte 0)."""
+        self._hasher = new_hasher(self.digest.algorithm, self._backend)
+        self.position = 0
+
+    def matches(self) -> bool:
+        """Whether everything hashed so far has exactly the expected digest."""
+        return self._hasher.hexdigest() == self.digest.hex
+
+    def hexdigest(self) -> str:
+        """The digest of what has been hashed."""
+        return self._hasher.hexdigest()

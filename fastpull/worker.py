@@ -1,0 +1,337 @@
+"""A download worker: one libcurl multi handle driving several ranged transfers, each
+writing with ``pwrite`` straight into its blob's ingest file.
+
+Workers get plain data (URL, headers, path, byte range) and answer with plain data, so
+they can run in another process (started with ``spawn``: libcurl, OpenSSL and threads do
+not survive ``fork``) or inline in the parent for small jobs. The loop follows pycurl's
+``retriever-multi`` shape: add handles, ``perform``, ``info_read``, ``select``.
+
+Invariants the engine relies on:
+- bytes are written only from a 206 whose ``Content-Range`` is exactly the range asked
+  for, or from a 200 to a request without ``Range``;
+- a transfer never writes at or past its chunk's end, even if the server sends more;
+- after ``Shrunk`` or ``Cancelled`` is sent for a chunk, nothing more is written for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+import pycurl
+
+from .errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
+from .transport import TLSConfig, configure_easy, curl_error, parse_header_line
+
+_BUFFER_SIZE = 512 * 1024
+_ERROR_BODY_CAP = 64 * 1024
+_PROGRESS_INTERVAL = 0.1
+
+
+# -- commands (parent → worker) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Fetch bytes ``[start, end)`` of a ``total``-byte blob into the file at ``path``."""
+
+    chunk_id: int
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    path: str
+    start: int
+    end: int
+    total: int
+    tls: TLSConfig
+    stall_seconds: int = 30
+    stall_floor: int = 1024
+
+    @property
+    def ranged(self) -> bool:
+        """Whole-blob requests go without ``Range``, like every other client's."""
+        return not (self.start == 0 and self.end == self.total)
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """Stop chunk ``chunk_id`` at ``end`` (or as soon after as already written)."""
+
+    chunk_id: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop chunk ``chunk_id`` now."""
+
+    chunk_id: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Abort everything and exit."""
+
+
+Command = Fetch | Shrink | Cancel | Shutdown
+
+
+# -- reports (worker → parent) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Chunks written up to these positions."""
+
+    positions: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A transfer ended.
+
+    ``kind`` is ``done`` (the chunk is written), ``status`` (an HTTP answer that is not
+    data: redirect, 401, 429, 5xx...), ``range-ignored`` (200 to a Range request; nothing
+    written), ``error`` (network failure, short body, bad Content-Range: ``error`` says
+    which) or ``cancelled``. ``position`` is how far the chunk is written.
+    """
+
+    chunk_id: int
+    kind: str
+    position: int
+    status: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    error: FastpullError | None = None
+
+
+@dataclass(frozen=True)
+class Shrunk:
+    """Chunk ``chunk_id`` now ends at ``end`` (never below what is already written)."""
+
+    chunk_id: int
+    end: int
+
+
+Report = Progress | Finished | Shrunk
+
+
+@dataclass
+class _Transfer:
+    fetch: Fetch
+    fd: int
+    easy: pycurl.Curl
+    limit: int
+    position: int
+    status: int | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    accepted: bool | None = None  # decided when the headers are complete
+    body: bytearray = field(default_factory=bytearray)
+    failure: FastpullError | None = None
+    cancelled: bool = False
+    reported: int = -1
+
+    def header(self, name: str) -> str:
+        return next((v for k, v in reversed(self.headers) if k == name), "")
+
+
+class WorkerLoop:
+    """The transfers of one worker and the libcurl multi handle driving them."""
+
+    def __init__(self) -> None:
+        self._multi = pycurl.CurlMulti()
+        self._transfers: dict[int, _Transfer] = {}
+        self._by_handle: dict[pycurl.Curl, _Transfer] = {}
+        self._out: list[Report] = []
+        self._last_progress = 0.0
+
+    @property
+    def busy(self) -> bool:
+        """Whether any transfer is running."""
+        return bool(self._transfers)
+
+    def submit(self, command: Command) -> None:
+        """Act on a command from the parent."""
+        if isinstance(command, Fetch):
+            self._start(command)
+        elif isinstance(command, Shrink):
+            transfer = self._transfers.get(command.chunk_id)
+            if transfer is not None:
+                transfer.limit = max(transfer.position, min(command.end, transfer.limit))
+                self._out.append(Shrunk(command.chunk_id, transfer.limit))
+        elif isinstance(command, Cancel):
+            transfer = self._transfers.get(command.chunk_id)
+            if transfer is not None:
+                transfer.cancelled = True
+                self._finish(transfer, None)
+        elif isinstance(command, Shutdown):
+            self.close()
+
+    def _start(self, fetch: Fetch) -> None:
+        try:
+            fd = os.open(fetch.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            error = StoreError(f"cannot open ingest file {fetch.path}: {exc.strerror}")
+            self._out.append(Finished(fetch.chunk_id, "error", fetch.start, error=error))
+            return
+        easy = pycurl.Curl()
+        headers = dict(fetch.headers)
+        headers["Accept-Encoding"] = "identity"
+        if fetch.ranged:
+            headers["Range"] = f"bytes={fetch.start}-{fetch.end - 1}"
+        configure_easy(
+            easy, fetch.url, headers=headers, tls=fetch.tls, stall_seconds=fetch.stall_seconds
+        )
+        easy.setopt(pycurl.LOW_SPEED_LIMIT, fetch.stall_floor)
+        easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
+        transfer = _Transfer(fetch, fd, easy, fetch.end, fetch.start)
+        easy.setopt(pycurl.HEADERFUNCTION, lambda line: self._on_header(transfer, line))
+        easy.setopt(pycurl.WRITEFUNCTION, lambda data: self._on_body(transfer, data))
+        self._transfers[fetch.chunk_id] = transfer
+        self._by_handle[easy] = transfer
+        self._multi.add_handle(easy)
+
+    def _on_header(self, t: _Transfer, line: bytes) -> None:
+        status = parse_header_line(line, t.headers)
+        if status is not None:
+            t.status = status
+            t.accepted = None
+        elif line in (b"\r\n", b"\n") and t.status is not None and t.status >= 200:
+            t.accepted = self._accept(t)
+
+    def _accept(self, t: _Transfer) -> bool:
+        """Whether this response's body is the chunk's bytes."""
+        fetch = t.fetch
+        if t.status == 200:
+            return not fetch.ranged
+        if t.status != 206:
+            return False
+        expected = f"bytes {fetch.start}-{fetch.end - 1}/"
+        got = t.header("content-range")
+        size = got.rpartition("/")[2]
+        if not got.startswith(expected) or size not in ("*", str(fetch.total)):
+            t.failure = ProtocolError(
+                f"server answered Range bytes={fetch.start}-{fetch.end - 1} with "
+                f"Content-Range {got[:80]!r}"
+            )
+            return False
+        return True
+
+    def _on_body(self, t: _Transfer, data: bytes) -> int | None:
+        if t.cancelled or t.failure is not None:
+            return 0
+        if not t.accepted:
+            if t.status == 200 and t.fetch.ranged:
+                return 0  # Range ignored: these are the wrong bytes, write none of them
+            if len(t.body) < _ERROR_BODY_CAP:
+                t.body += data[: _ERROR_BODY_CAP - len(t.body)]
+            return None
+        room = t.limit - t.position
+        if room > 0:
+            try:
+                written = os.pwrite(t.fd, memoryview(data)[:room], t.position)
+            except OSError as exc:
+                t.failure = StoreError(f"cannot write to the store: {exc.strerror}")
+                return 0
+            t.position += written
+        # Bytes past the (possibly shrunk) end belong to another chunk: stop here.
+        return 0 if len(data) > room else None
+
+    def poll(self, timeout: float) -> list[Report]:
+        """Drive transfers for up to ``timeout`` seconds; return what happened."""
+        if self._transfers:
+            status, _ = self._multi.perform()
+            while status == pycurl.E_CALL_MULTI_PERFORM:
+                status, _ = self._multi.perform()
+            while True:
+                queued, ok, failed = self._multi.info_read()
+                for easy in ok:
+                    self._finish(self._by_handle[easy], None)
+                for easy, code, message in failed:
+                    self._finish(self._by_handle[easy], (code, message))
+                if not queued:
+                    break
+            if not self._out and self._transfers:
+                self._multi.select(timeout)
+        now = time.monotonic()
+        if self._transfers and now - self._last_progress >= _PROGRESS_INTERVAL:
+            self._last_progress = now
+            positions = tuple(
+                (cid, t.position) for cid, t in self._transfers.items() if t.position != t.reported
+            )
+            for cid, _pos in positions:
+                self._transfers[cid].reported = self._transfers[cid].position
+            if positions:
+                self._out.append(Progress(positions))
+        out, self._out = self._out, []
+        return out
+
+    def _finish(self, t: _Transfer, curl_failure: tuple[int, str] | None) -> None:
+        fetch = t.fetch
+        self._multi.remove_handle(t.easy)
+        t.easy.close()
+        del self._by_handle[t.easy]
+        del self._transfers[fetch.chunk_id]
+        os.close(t.fd)
+        if t.position != t.reported:
+            self._out.append(Progress(((fetch.chunk_id, t.position),)))
+        report = Finished(fetch.chunk_id, "error", t.position)
+        if t.cancelled:
+            report = Finished(fetch.chunk_id, "cancelled", t.position)
+        elif t.position >= t.limit and t.accepted:
+            report = Finished(fetch.chunk_id, "done", t.position)
+        elif t.failure is not None:
+            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=t.failure)
+        elif t.status == 200 and fetch.ranged:
+            report = Finished(fetch.chunk_id, "range-ignored", t.position, 200)
+        elif t.status is not None and not t.accepted:
+            headers = tuple(t.headers)
+            report = Finished(
+                fetch.chunk_id, "status", t.position, t.status, headers, bytes(t.body)
+            )
+        elif curl_failure is not None:
+            error = curl_error(curl_failure[0], curl_failure[1], fetch.url)
+            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=error)
+        else:
+            error = _short_body(fetch, t.position)
+            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=error)
+        self._out.append(report)
+
+    def close(self) -> None:
+        """Abort every transfer and release libcurl."""
+        for transfer in list(self._transfers.values()):
+            transfer.cancelled = True
+            self._finish(transfer, None)
+        self._out.clear()
+        self._multi.close()
+
+
+def _short_body(fetch: Fetch, position: int) -> FastpullError:
+    return ConnectionFailed(
+        f"connection closed after {position - fetch.start} of {fetch.end - fetch.start} bytes"
+    )
+
+
+def worker_main(conn: Connection) -> None:
+    """Entry point of a worker process: obey commands, report results, until told to stop."""
+    # Ctrl-C reaches the whole process group; the parent decides, then tells us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = WorkerLoop()
+    try:
+        while True:
+            while conn.poll(0 if loop.busy else 0.5):
+                command = conn.recv()
+                if isinstance(command, Shutdown):
+                    return
+                loop.submit(command)
+            reports = loop.poll(0.02)
+            if reports:
+                conn.send(reports)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the parent is gone or stopping: nothing left to report to
+    finally:
+        with contextlib.suppress(Exception):
+            loop.close()

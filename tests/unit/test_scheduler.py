@@ -1,0 +1,176 @@
+"""Chunk bookkeeping: planning, completion in any order, failures, endgame splits."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastpull.scheduler import MIB, Chunk, Outcome, Policy, Scheduler
+
+
+def _drain(s: Scheduler, now: float = 0.0) -> list[Chunk]:
+    chunks = []
+    while (c := s.next_chunk(now)) is not None:
+        chunks.append(c)
+    return chunks
+
+
+def test_small_blobs_are_one_request_and_big_ones_are_cut() -> None:
+    s = Scheduler([1 * MIB, 1024 * MIB, 0], Policy(connections=16))
+    chunks = _drain(s)
+    # Largest blob first, in offset order; every chunk between min and max size.
+    assert chunks[0].blob == 1 and chunks[0].start == 0
+    big = [c for c in chunks if c.blob == 1]
+    assert [c.start for c in big] == sorted(c.start for c in big)
+    assert sum(c.length for c in big) == 1024 * MIB
+    assert all(2 * MIB <= c.length <= 64 * MIB for c in big)
+    assert len(big) >= 16  # enough to keep every connection busy
+    small = [c for c in chunks if c.blob == 0]
+    assert [(c.start, c.end) for c in small] == [(0, 1 * MIB)]
+    assert [(c.start, c.end) for c in chunks if c.blob == 2] == [(0, 0)]
+
+
+def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
+    s = Scheduler([10 * MIB], Policy(connections=4, min_chunk=2 * MIB))
+    a, b, c, *_ = _drain(s)
+    s.complete(b.id)
+    assert s.prefix(0) == 0
+    s.progress(a.id, a.start + 1000)
+    assert s.hashable(0) == 1000  # the transfer at the edge counts: it never rewrites
+    s.complete(a.id)
+    assert s.prefix(0) == b.end
+    s.complete(c.id)
+    assert s.prefix(0) == c.end
+
+
+def test_failure_keeps_written_bytes_and_requeues_the_rest() -> None:
+    s = Scheduler([8 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=3))
+    first = s.next_chunk(0.0)
+    assert first is not None
+    assert s.fail(first.id, first.start + 100, ready_at=5.0) is Outcome.REQUEUED
+    assert s.prefix(0) == 100
+    early = s.next_chunk(1.0)  # the backoff holds the retry back; the other chunk may go
+    assert early is not None and early.start != 100
+    retry = next(c for c in _drain(s, 10.0) if c.start == 100)
+    assert (retry.end, retry.attempt) == (first.end, 2)
+    assert s.fail(retry.id, retry.start, 0.0) is Outcome.REQUEUED
+    third = next(c for c in _drain(s, 10.0) if c.start == 100)
+    assert s.fail(third.id, third.start, 0.0) is Outcome.EXHAUSTED
+
+
+def test_endgame_split_waits_for_the_acknowledged_end() -> None:
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
+    only = s.next_chunk(0.0)
+    assert only is not None and only.length == 64 * MIB
+    s.progress(only.id, 16 * MIB)
+    split = s.split_candidate()
+    assert split == (only.id, 40 * MIB)
+    assert s.split_candidate() is None  # not twice while the worker has not answered
+    assert not s.has_pending  # nothing queued until the worker acknowledges
+    # The worker had already written past the proposed end.
+    tail = s.shrunk(only.id, 41 * MIB)
+    assert tail is not None and (tail.start, tail.end) == (41 * MIB, 64 * MIB)
+    s.complete(only.id)
+    assert s.prefix(0) == 41 * MIB
+    got = s.next_chunk(0.0)
+    assert got == tail
+    s.complete(tail.id)
+    assert s.complete_blob(0)
+
+
+def test_split_of_a_chunk_that_finished_meanwhile_creates_nothing() -> None:
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
+    only = s.next_chunk(0.0)
+    assert only is not None
+    assert s.split_candidate() is not None
+    s.complete(only.id)
+    assert s.shrunk(only.id, 10 * MIB) is None
+    assert s.complete_blob(0)
+
+
+def test_single_stream_fallback_restarts_from_zero() -> None:
+    s = Scheduler([32 * MIB], Policy(connections=4, min_chunk=4 * MIB, max_chunk=4 * MIB))
+    a, b = s.next_chunk(0.0), s.next_chunk(0.0)
+    assert a is not None and b is not None
+    s.complete(a.id)
+    others = s.single_stream(0)
+    assert [c.id for c in others] == [b.id]
+    assert s.prefix(0) == 0 and not s.has_pending
+    s.forget(b.id)
+    s.restart_single(0)
+    whole = s.next_chunk(0.0)
+    assert whole is not None and (whole.start, whole.end) == (0, 32 * MIB)
+    s.progress(whole.id, 10 * MIB)
+    assert s.hashable(0) == 0  # a plain GET restarts from 0 on failure: nothing is final
+    assert s.fail(whole.id, 10 * MIB, 0.0) is Outcome.RESTARTED
+    again = s.next_chunk(0.0)
+    assert again is not None and (again.start, again.end) == (0, 32 * MIB)
+
+
+def test_replan_fetches_everything_again() -> None:
+    s = Scheduler([16 * MIB], Policy(connections=2, min_chunk=4 * MIB, max_chunk=4 * MIB))
+    for c in _drain(s):
+        s.complete(c.id)
+    assert s.complete_blob(0)
+    s.replan(0, attempt=2)
+    assert not s.complete_blob(0) and s.prefix(0) == 0
+    again = _drain(s)
+    assert sum(c.length for c in again) == 16 * MIB
+    assert {c.attempt for c in again} == {2}
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 4000), min_size=1, max_size=4), seed=st.integers(0, 2**32))
+def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: int) -> None:
+    """Whatever order chunks complete, fail, get split, every byte ends up done once."""
+    rng = random.Random(seed)
+    policy = Policy(connections=3, min_chunk=100, max_chunk=400, min_split=50, max_attempts=50)
+    s = Scheduler(sizes, policy)
+    written: list[list[tuple[int, int]]] = [[] for _ in sizes]
+    active: dict[int, Chunk] = {}
+    position: dict[int, int] = {}
+    pending_split: dict[int, int] = {}
+    for _ in range(10_000):
+        if all(s.complete_blob(i) for i in range(len(sizes))):
+            break
+        while len(active) < 3 and (c := s.next_chunk(float("inf"))) is not None:
+            active[c.id] = c
+            position[c.id] = c.start
+        if not active:
+            continue
+        cid = rng.choice(sorted(active))
+        chunk = active[cid]
+        action = rng.random()
+        if action < 0.4:  # some bytes arrive (never past the chunk's current end)
+            step = rng.randint(0, max(0, chunk.end - position[cid]))
+            written[chunk.blob].append((position[cid], position[cid] + step))
+            position[cid] += step
+            s.progress(cid, position[cid])
+        elif action < 0.6 and position[cid] == chunk.end:
+            s.complete(cid)
+            del active[cid]
+        elif action < 0.7:
+            assert s.fail(cid, position[cid], 0.0) is not Outcome.EXHAUSTED
+            del active[cid]
+        elif action < 0.85 and cid not in pending_split:
+            split = s.split_candidate()
+            if split is not None:
+                pending_split[split[0]] = split[1]
+        elif pending_split:
+            sid, end = pending_split.popitem()
+            if sid in active:
+                agreed = max(position[sid], end)
+                s.shrunk(sid, agreed)
+                c = active[sid]
+                active[sid] = Chunk(c.id, c.blob, c.start, min(c.end, agreed), c.attempt)
+    for i, size in enumerate(sizes):
+        assert s.complete_blob(i), f"blob {i} unfinished"
+        assert s.prefix(i) == size
+        spans = sorted(x for x in written[i] if x[1] > x[0])
+        covered = 0
+        for start, end in spans:
+            assert start >= covered, f"bytes {start}-{covered} written twice"
+            covered = end
+        assert covered == size
