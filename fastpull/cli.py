@@ -71,6 +71,12 @@ def cli() -> None:
     help="Download processes (default: none for small pulls, else one per core, at most 4).",
 )
 @click.option(
+    "--stall-timeout",
+    type=click.IntRange(1, 3600),
+    metavar="SECONDS",
+    help="Restart a transfer slower than 1 KiB/s for this long (default 30).",
+)
+@click.option(
     "--stats",
     "stats_file",
     type=click.Path(dir_okay=False, writable=True),
@@ -87,6 +93,7 @@ def pull(
     ca_cert: str | None,
     connections: int | None,
     workers: int | None,
+    stall_timeout: int | None,
     stats_file: str | None,
 ) -> None:
     """Download an image (NAME[:TAG|@DIGEST]) into the local OCI layout store."""
@@ -99,6 +106,7 @@ def pull(
         store=store,
         connections=connections,
         workers=workers,
+        stall_timeout=stall_timeout,
     )
     target = Platform.parse(platform_text) if platform_text else None
     the_store = _open_store(settings)
@@ -141,7 +149,8 @@ def images(repository: str | None, digests: bool, fmt: str, store: str | None) -
     """List the images in the store."""
     settings = Settings.load(store=store)
     path = resolve_store_path(settings.store)
-    rows = image_rows(Store.open(path, create=False), repository) if path.exists() else []
+    empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    rows = [] if empty else image_rows(Store.open(path, create=False), repository)
     if fmt == "json":
         for row in rows:
             record = {
@@ -247,15 +256,24 @@ def version() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command, map errors to one stderr line and an exit code."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="fastpull",
+            standalone_mode=False,
+        )
     except FastpullError as exc:
         click.echo(f"Error: {exc}", err=True)
         return int(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("Error: aborted", err=True)
         return 130
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "fastpull"
+        message = exc.format_message().rstrip(".")
+        click.echo(f"Error: {message} (see '{command} --help')", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"Error: {exc.format_message()}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("Error: interrupted", err=True)

@@ -120,7 +120,6 @@ class _Blob:
     url: str = ""
     with_auth: bool = True
     resolved: bool = False
-    probing: bool = False
     hops: int = 0
     reauths: int = 0
     digest_attempts: int = 1
@@ -190,6 +189,8 @@ class _Pool:
 
     def receive(self, timeout: float) -> list[Report]:
         if self._inline is not None:
+            if not self._inline.busy:
+                time.sleep(timeout)  # waiting out a backoff: nothing to drive
             return self._inline.poll(timeout)
         reports: list[Report] = []
         for conn in wait(self._conns, timeout):
@@ -316,8 +317,12 @@ class _Job:
     # -- handing out work ----------------------------------------------------------------
 
     def _eligible(self, index: int) -> bool:
+        # Until a blob's first request has answered with data, it runs alone: redirects
+        # are followed once per blob, not once per chunk.
         blob = self.blobs[index]
-        return not blob.done and not blob.cancelling and (blob.resolved or not blob.probing)
+        if blob.done or blob.cancelling:
+            return False
+        return blob.resolved or not self.sched.active_chunks(index)
 
     def _dispatch(self, now: float) -> None:
         while self.pool.has_room(self.per_worker):
@@ -334,8 +339,6 @@ class _Job:
         blob = self.blobs[chunk.blob]
         if not blob.url:
             blob.url, blob.with_auth, blob.resolved = self.source.blob_url(blob.digest), True, False
-        if not blob.resolved:
-            blob.probing = True
         if blob.started is None:
             blob.started = now
             self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, 0, blob.size))
@@ -379,7 +382,7 @@ class _Job:
         if delta > 0:
             self.positions[chunk_id] = position
             blob.downloaded += delta
-            blob.resolved, blob.probing = True, False
+            blob.resolved = True
             self.sched.progress(chunk_id, position)
             now = time.monotonic()
             if now - blob.reported >= _PROGRESS_INTERVAL:
@@ -394,7 +397,7 @@ class _Job:
         blob = self.blobs[index]
         if report.kind == "done":
             self.sched.complete(chunk_id)
-            blob.resolved, blob.probing = True, False
+            blob.resolved = True
         elif report.kind == "cancelled":
             self.sched.forget(chunk_id)
             blob.cancelling.discard(chunk_id)
@@ -415,7 +418,6 @@ class _Job:
         """The server answered a Range request with the whole blob: one stream it is."""
         blob = self.blobs[index]
         self.sched.forget(chunk_id)
-        blob.probing = False
         if self.sched.is_single_stream(index):
             return
         for other in self.sched.single_stream(index):
@@ -466,7 +468,6 @@ class _Job:
     ) -> None:
         blob = self.blobs[index]
         blob.retries += 1
-        blob.probing = False
         delay = self.o.retry.delay(blob.retries, wait) if wait != 0.0 else 0.0
         outcome = self.sched.fail(chunk_id, position, time.monotonic() + delay)
         if outcome is Outcome.EXHAUSTED:

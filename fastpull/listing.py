@@ -14,9 +14,8 @@ from .manifest import (
     parse_config,
     parse_document,
 )
-from .pull import REPO_DIGEST_ANNOTATION
 from .reference import Reference
-from .store import REF_NAME_ANNOTATION, Store
+from .store import REF_NAME_ANNOTATION, REPO_DIGEST_ANNOTATION, Store
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,16 @@ from .manifest import (
 from .reference import Reference
 from .registry import RegistryClient
 from .settings import Settings
-from .store import Store, resolve_store_path
+from .store import (
+    CONTAINERD_NAME_ANNOTATION,
+    REPO_DIGEST_ANNOTATION,
+    SOURCE_MANIFEST_ANNOTATION,
+    Store,
+    resolve_store_path,
+)
 from .transport import Response, Transport
 from .types import Descriptor, Digest, Platform
 
-REPO_DIGEST_ANNOTATION = "io.fastpull.repo-digest"
-CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
-# Set when a Docker-format manifest was stored converted to OCI: the digest the registry
-# served for it (kept in blobs/ too, so the original stays verifiable).
-SOURCE_MANIFEST_ANNOTATION = "io.fastpull.source-manifest"
 # An index may point at another index; deeper nesting than this is refused.
 MAX_INDEX_DEPTH = 3
 
@@ -252,6 +253,7 @@ class Puller:
             tls_for=self.settings.tls_for,
             connections=self.settings.connections,
             workers=self.settings.workers,
+            stall_seconds=self.settings.stall_timeout,
             on_event=layer_events_only,
         )
         fetched = downloader.fetch(missing, RepositoryBlobs(client, ref.repository))
@@ -267,6 +269,7 @@ def pull(
     ca_cert: str | None = None,
     connections: int | None = None,
     workers: int | None = None,
+    stall_timeout: int | None = None,
     on_event: events.Listener = events.ignore,
 ) -> PullResult:
     """Pull one image into an OCI layout store and return what was pulled.
@@ -282,6 +285,7 @@ def pull(
         store=store,
         connections=connections,
         workers=workers,
+        stall_timeout=stall_timeout,
     )
     target = Platform.parse(platform) if isinstance(platform, str) else platform
     the_store = Store.open(resolve_store_path(settings.store))

@@ -28,7 +28,14 @@ from .errors import ConfigError, UsageError
 from .reference import is_loopback_registry, split_registry
 from .transport import TLSConfig
 
-_CONFIG_KEYS = {"insecure-registries", "store", "connections", "workers", "ca-cert"}
+_CONFIG_KEYS = {
+    "insecure-registries",
+    "store",
+    "connections",
+    "workers",
+    "stall-timeout",
+    "ca-cert",
+}
 
 
 def config_file_path() -> Path:
@@ -67,7 +74,7 @@ def _load_config_file(path: Path) -> dict[str, object]:
     for key in ("store", "ca-cert"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{path}: {key} must be a string")
-    for key, low, high in (("connections", 1, 64), ("workers", 0, 16)):
+    for key, low, high in (("connections", 1, 64), ("workers", 0, 16), ("stall-timeout", 1, 3600)):
         value = data.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(f"{path}: {key} must be an integer from {low} to {high}")
@@ -106,6 +113,7 @@ class Settings:
     store: str | None = None
     connections: int = 16
     workers: int | None = None
+    stall_timeout: int = 30
 
     @classmethod
     def load(
@@ -116,6 +124,7 @@ class Settings:
         store: str | None = None,
         connections: int | None = None,
         workers: int | None = None,
+        stall_timeout: int | None = None,
     ) -> Settings:
         """Merge the config file, the environment and explicit (command-line) values."""
         data = _load_config_file(config_file_path())
@@ -132,6 +141,7 @@ class Settings:
             store=store or data.get("store"),  # type: ignore[arg-type]
             connections=connections or int(data.get("connections", 16)),  # type: ignore[call-overload]
             workers=workers if workers is not None else data.get("workers"),  # type: ignore[arg-type]
+            stall_timeout=stall_timeout or int(data.get("stall-timeout", 30)),  # type: ignore[call-overload]
         )
 
     def is_insecure(self, registry: str) -> bool:

@@ -48,6 +48,12 @@ from .hashing import new_hasher
 from .types import Descriptor, Digest
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+# What fastpull adds to each index.json entry besides the reference name.
+REPO_DIGEST_ANNOTATION = "io.fastpull.repo-digest"
+CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
+# Set when a Docker-format manifest was stored converted to OCI: the digest the registry
+# served for it (kept in blobs/ too, so the original stays verifiable).
+SOURCE_MANIFEST_ANNOTATION = "io.fastpull.source-manifest"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 LAYOUT_VERSION = "1.0.0"
 
