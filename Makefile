@@ -21,5 +21,8 @@ lint:
 demo: build      ## start a loopback registry, push a sample image, pull it with fastpull
 	$(PYTHON) -m scripts.demo
 
+bench: build     ## pull benchmark vs curl/aria2c/skopeo on a loopback registry (BENCH_ARGS="--quick")
+	$(PYTHON) -m benchmarks.bench_pull $(BENCH_ARGS)
+
 clean:
 	rm -rf build *.egg-info fastpull/*.so .pytest_cache .hypothesis

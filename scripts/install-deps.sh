@@ -9,6 +9,7 @@ packages=(
   apache2-utils     # htpasswd (bcrypt) for the basic-auth registry
   libssl-dev gcc    # the native extension links OpenSSL's libcrypto
   curl
+  nginx-light aria2 # benchmarks only: the per-connection-capped proxy, a segmented downloader
 )
 missing=()
 for p in "${packages[@]}"; do

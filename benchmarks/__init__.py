@@ -1,0 +1,1 @@
+"""Benchmarks for fastpull (run from the repository root: ``python -m benchmarks.bench_pull``)."""

@@ -1,0 +1,192 @@
+"""The command lines the benchmark compares, and how to tell that each one did its job.
+
+- ``fastpull``: the whole image into a fresh OCI layout, every blob verified.
+- ``skopeo``: the peer; ``skopeo copy docker://… oci:…``, whole image, verified, layers stored
+  as they came (like fastpull).
+- ``curl``: the largest blob over one connection, the single-stream line-rate reference.
+- ``aria2c``: the same blob in 16 segments over 16 connections, the segmented-download
+  reference.
+
+``curl`` and ``aria2c`` neither fetch the manifest and the other blobs nor check the digest of
+what they wrote, so they have less to do than the image pullers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.images import Blob
+
+TOOLS = ("fastpull", "curl", "aria2c", "skopeo")
+
+# Where each tool comes from, for the error message when it is missing.
+_PACKAGES = {"curl": "curl", "aria2c": "aria2", "skopeo": "skopeo"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image as the tools see it: where to pull it from and what it consists of."""
+
+    host: str
+    repository: str
+    tag: str
+    blobs: tuple[Blob, ...]
+    largest: Blob
+
+    @property
+    def reference(self) -> str:
+        return f"{self.host}/{self.repository}:{self.tag}"
+
+    @property
+    def largest_path(self) -> str:
+        return f"/v2/{self.repository}/blobs/{self.largest.digest}"
+
+    @property
+    def largest_url(self) -> str:
+        return f"http://{self.host}{self.largest_path}"
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """A command line, how many payload bytes it moves, and the files it must leave behind."""
+
+    argv: tuple[str, ...]
+    payload_bytes: int
+    expected_files: tuple[tuple[Path, int], ...]
+    stats_path: Path | None = None
+
+    def missing_output(self) -> str | None:
+        """Describe the first expected file that is absent or has the wrong size, if any."""
+        for path, size in self.expected_files:
+            if not path.exists():
+                return f"{path} was not written"
+            if path.stat().st_size != size:
+                return f"{path} has {path.stat().st_size} bytes, expected {size}"
+        return None
+
+
+def missing_tools(tools: Sequence[str]) -> list[str]:
+    """Human-readable notes for requested tools that are not installed."""
+    notes = []
+    for tool in tools:
+        if tool == "fastpull":
+            continue  # this interpreter runs it, from the editable install
+        if shutil.which(tool) is None:
+            notes.append(f"{tool} (apt-get install {_PACKAGES[tool]})")
+    return notes
+
+
+def fastpull_supports_stats(env: Mapping[str, str]) -> bool:
+    """Whether this fastpull has ``pull --stats FILE`` (older checkouts do not)."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "fastpull", "pull", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(env),
+        timeout=60,
+        check=False,
+    ).stdout
+    return "--stats" in help_text
+
+
+def invocation(
+    tool: str,
+    target: Target,
+    out_dir: Path,
+    *,
+    fastpull_args: Sequence[str] = (),
+    fastpull_stats: bool = False,
+) -> Invocation:
+    """The command line that makes ``tool`` fetch ``target`` into ``out_dir`` (empty, owned by
+    this run)."""
+    image_bytes = sum(blob.size for blob in target.blobs)
+    if tool == "fastpull":
+        store = out_dir / "store"
+        stats = out_dir / "stats.json" if fastpull_stats else None
+        argv = [sys.executable, "-m", "fastpull", "pull", "--store", str(store)]
+        if stats is not None:
+            argv += ["--stats", str(stats)]
+        argv += [*fastpull_args, target.reference]
+        return Invocation(tuple(argv), image_bytes, _layout_blobs(store, target), stats)
+    if tool == "skopeo":
+        layout = out_dir / "layout"
+        argv = [
+            "skopeo",
+            "copy",
+            "--src-tls-verify=false",
+            # Without this skopeo gzips uncompressed layers on their way into an OCI layout,
+            # which would make it compress 2 GB of random data that fastpull stores as is.
+            "--dest-oci-accept-uncompressed-layers",
+            f"docker://{target.reference}",
+            f"oci:{layout}:{target.tag}",
+        ]
+        return Invocation(tuple(argv), image_bytes, _layout_blobs(layout, target))
+    blob_file = out_dir / "blob"
+    expected = ((blob_file, target.largest.size),)
+    if tool == "curl":
+        argv = ["curl", "-sS", "-L", "-o", str(blob_file), target.largest_url]
+        return Invocation(tuple(argv), target.largest.size, expected)
+    if tool == "aria2c":
+        argv = [
+            "aria2c",
+            "-x16",
+            "-s16",
+            "-k1M",
+            "--allow-overwrite=true",
+            "--file-allocation=none",
+            "--quiet=true",
+            "--summary-interval=0",
+            "-d",
+            str(out_dir),
+            "-o",
+            blob_file.name,
+            target.largest_url,
+        ]
+        return Invocation(tuple(argv), target.largest.size, expected)
+    raise ValueError(f"unknown tool {tool!r}")
+
+
+def _layout_blobs(layout: Path, target: Target) -> tuple[tuple[Path, int], ...]:
+    return tuple(
+        (layout / "blobs" / blob.digest.replace(":", "/", 1), blob.size) for blob in target.blobs
+    )
+
+
+def tool_env(scratch: Path) -> dict[str, str]:
+    """The environment every tool runs with.
+
+    Proxy variables are dropped (curl, aria2c, libcurl and skopeo all honour them, and the
+    traffic must stay on loopback), and fastpull's own config file is pointed at a path that
+    does not exist, so a developer's settings do not change the numbers: tunables are passed
+    explicitly with ``--fastpull-args``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["FASTPULL_CONFIG"] = str(scratch / "no-fastpull-config.json")
+    return env
+
+
+def tool_version(tool: str, env: Mapping[str, str]) -> str:
+    """The first line a tool prints about its version, or why there is none."""
+    argv = {
+        "fastpull": [sys.executable, "-m", "fastpull", "version"],
+        "curl": ["curl", "--version"],
+        "aria2c": ["aria2c", "--version"],
+        "skopeo": ["skopeo", "--version"],
+        "nginx": ["/usr/sbin/nginx", "-v"],
+        "docker-registry": ["docker-registry", "--version"],
+    }[tool]
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, env=dict(env), timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    # nginx -v writes to stderr.
+    lines = (done.stdout or done.stderr).strip().splitlines()
+    return lines[0] if lines else f"unavailable (exit status {done.returncode})"
