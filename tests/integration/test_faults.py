@@ -1,0 +1,492 @@
+"""Faults the real registry cannot produce: redirects, rate limits, lying headers, broken and
+slow connections, signals, foreign ``urls`` (distribution 2.8 refuses to store them). Injected
+with :class:`tests.support.faultserver.FaultServer`; what the real registry can do is tested
+against it in the other modules.
+
+Scripted "forever" faults use a large finite count, so a client that failed to give up would
+end up succeeding (and the test fail) instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastpull.manifest import MAX_MANIFEST_SIZE
+from fastpull.transport import MAX_REDIRECTS
+from tests.integration.conftest import blob, entry_for, index_entries
+from tests.support.faultserver import FaultServer, Flood, Redirect, Respond, Serve
+from tests.support.images import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    Blob,
+    Image,
+    make_image,
+    make_index,
+    make_layer,
+    sha256_digest,
+)
+
+REPO = "faults/app"
+USER, PASSWORD = "alice", "fault-secret"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+SCHEMA2_AND_OCI = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+
+Start = Callable[..., FaultServer]
+# An in-process pull that hangs is stopped as Ctrl-C would stop it, so the test fails instead.
+PULL_DEADLINE = 20.0
+
+
+@pytest.fixture
+def servers() -> Iterator[Start]:
+    """Start FaultServers (keyword options as for FaultServer); all stop after the test."""
+    started: list[FaultServer] = []
+
+    def start(**options: Any) -> FaultServer:
+        server = FaultServer(**options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def pull(cli: Any) -> Callable[..., Any]:
+    """Run ``fastpull pull ARGS...`` in-process, interrupted after PULL_DEADLINE seconds."""
+
+    def run(*args: str) -> Any:
+        watchdog = threading.Timer(PULL_DEADLINE, os.kill, (os.getpid(), signal.SIGINT))
+        watchdog.start()
+        try:
+            return cli("pull", *args)
+        finally:
+            watchdog.cancel()
+
+    return run
+
+
+def _store() -> Path:
+    return Path(os.environ["FASTPULL_STORE"])
+
+
+def _image(seed: int, size: int = 50_000) -> Image:
+    return make_image([make_layer(size, seed=seed)])
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _stored_files() -> list[Path]:
+    return [p for p in (_store() / "blobs").rglob("*") if p.is_file()]
+
+
+def _ingest_data() -> list[Path]:
+    return list((_store() / "ingest").glob("*.data"))
+
+
+# -- redirects ---------------------------------------------------------------------------------
+
+
+def test_cross_origin_redirect_drops_the_registry_credentials(
+    servers: Start, pull: Any, docker_config: Any
+) -> None:
+    registry = servers(basic_auth=(USER, PASSWORD))
+    cdn = servers()
+    image = _image(seed=1)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    cdn_path = f"/storage/{layer.digest.split(':')[1]}"
+    cdn.add_content(cdn_path, layer.data)
+    # A signed URL, as CDNs use: the query must survive the hop.
+    blob_path = registry.blob_path(REPO, layer.digest)
+    registry.script(blob_path, Redirect(f"{cdn.url}{cdn_path}?sig=abc", times=None))
+    docker_config.add_auth(registry.host, username=USER, password=PASSWORD)
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 0, result.err
+    at_registry = registry.requests_for(blob_path)
+    assert at_registry, "the blob was never asked of the registry"
+    assert all(r.header("Authorization") == BASIC for r in at_registry)
+    assert [r.status for r in at_registry] == [307]
+    assert [r.target for r in cdn.requests] == [f"{cdn_path}?sig=abc"]
+    assert all(r.header("Authorization") is None for r in cdn.requests)
+    assert blob(_store(), layer.digest).read_bytes() == layer.data
+
+
+def test_same_origin_redirect_keeps_the_credentials(
+    servers: Start, pull: Any, docker_config: Any
+) -> None:
+    # The server demands Basic auth on every path, so the pull only works if it is kept.
+    registry = servers(basic_auth=(USER, PASSWORD))
+    image = _image(seed=2)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    storage_path = f"/storage/{layer.digest.split(':')[1]}"
+    registry.add_content(storage_path, layer.data)
+    registry.script(
+        registry.blob_path(REPO, layer.digest),
+        Redirect(f"{registry.url}{storage_path}", times=None),
+    )
+    docker_config.add_auth(registry.host, username=USER, password=PASSWORD)
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 0, result.err
+    hops = registry.requests_for(storage_path)
+    assert [(r.status, r.header("Authorization")) for r in hops] == [(200, BASIC)]
+    assert blob(_store(), layer.digest).read_bytes() == layer.data
+
+
+def test_https_registry_redirecting_to_plain_http_is_refused(servers: Start, pull: Any) -> None:
+    registry = servers(tls=True)
+    cdn = servers()
+    image = _image(seed=3)
+    registry.add_image(REPO, "1", image)
+    for item in image.referenced_blobs():
+        cdn.add_content(f"/storage/{item.digest}", item.data)
+        registry.script(
+            registry.blob_path(REPO, item.digest),
+            Redirect(f"{cdn.url}/storage/{item.digest}", times=None),
+        )
+
+    result = pull("--ca-cert", str(registry.ca_path), f"{registry.host}/{REPO}:1")
+
+    assert result.code == 5
+    line = _one_line(result.err)
+    assert "plain HTTP" in line
+    assert cdn.requests == []
+    assert _stored_files() == []
+    assert _ingest_data() == []
+    assert index_entries(_store()) == []
+
+
+def test_redirect_loop_ends_with_a_clear_error(servers: Start, pull: Any) -> None:
+    registry = servers()
+    mirror = servers()
+    image = _image(seed=4)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    blob_path = registry.blob_path(REPO, layer.digest)
+    # registry → mirror → registry → …; after 50 rounds a client that never gave up succeeds.
+    mirror.add_content("/bounce", layer.data)
+    mirror.script("/bounce", Redirect(f"{registry.url}{blob_path}", times=50))
+    registry.script(blob_path, Redirect(f"{mirror.url}/bounce", times=50))
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 5
+    assert "too many redirects" in _one_line(result.err)
+    hops = len(registry.requests_for(blob_path)) + len(mirror.requests_for("/bounce"))
+    assert hops <= MAX_REDIRECTS + 1
+    assert not blob(_store(), layer.digest).exists()
+    assert _ingest_data() == []
+
+
+# -- rate limits and server errors -------------------------------------------------------------
+
+
+def _route(kind: str, image: Image) -> str:
+    if kind == "manifest":
+        return FaultServer.manifest_path(REPO, "1")
+    return FaultServer.blob_path(REPO, image.layers[0].digest)
+
+
+@pytest.mark.parametrize("kind", ["manifest", "blob"])
+def test_429_waits_as_long_as_retry_after_says(servers: Start, pull: Any, kind: str) -> None:
+    registry = servers()
+    image = _image(seed=5)
+    registry.add_image(REPO, "1", image)
+    route = _route(kind, image)
+    registry.script(route, Respond(429, {"Retry-After": "1"}, times=2))
+
+    started = time.monotonic()
+    result = pull(f"{registry.host}/{REPO}:1")
+    elapsed = time.monotonic() - started
+
+    assert result.code == 0, result.err
+    assert [r.status for r in registry.requests_for(route)] == [429, 429, 200]
+    assert 1.9 <= elapsed < 30
+    assert entry_for(_store(), f"{registry.host}/{REPO}:1")["digest"] == image.manifest_digest
+
+
+@pytest.mark.parametrize("kind", ["manifest", "blob"])
+def test_429_that_never_ends_fails_with_toomanyrequests(
+    servers: Start, pull: Any, kind: str
+) -> None:
+    registry = servers()
+    image = _image(seed=6)
+    registry.add_image(REPO, "1", image)
+    route = _route(kind, image)
+    registry.script(route, Respond(429, {"Retry-After": "0"}, times=50))
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 5
+    assert "toomanyrequests" in _one_line(result.err)
+    # Retried, then given up long before the script runs out.
+    assert 2 <= len(registry.requests_for(route)) <= 10
+    assert not blob(_store(), image.layers[0].digest).exists()
+    assert _ingest_data() == []
+
+
+def test_503_on_a_blob_is_retried(servers: Start, pull: Any) -> None:
+    registry = servers()
+    image = _image(seed=7)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    route = registry.blob_path(REPO, layer.digest)
+    registry.script(route, Respond(503, {}, b'{"errors":[]}'))
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 0, result.err
+    assert [r.status for r in registry.requests_for(route)] == [503, 200]
+    assert blob(_store(), layer.digest).read_bytes() == layer.data
+
+
+# -- manifests that must not be used -----------------------------------------------------------
+
+
+def _no_blob_fetched(registry: FaultServer) -> bool:
+    return not any("/blobs/" in r.path for r in registry.requests)
+
+
+def test_content_type_contradicting_the_media_type_is_refused(servers: Start, pull: Any) -> None:
+    registry = servers()
+    image = _image(seed=8)
+    assert image.media_type == OCI_MANIFEST
+    registry.add_image(REPO, "1", image)
+    registry.script(
+        registry.manifest_path(REPO, "1"), Serve(headers={"Content-Type": DOCKER_MANIFEST})
+    )
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 6
+    line = _one_line(result.err)
+    assert "Content-Type" in line
+    assert "does not match" in line
+    assert _no_blob_fetched(registry)
+    assert index_entries(_store()) == []
+
+
+def test_wrong_docker_content_digest_is_refused(servers: Start, pull: Any) -> None:
+    registry = servers()
+    image = _image(seed=9)
+    registry.add_image(REPO, "1", image)
+    forged = sha256_digest(b"some other manifest")
+    registry.script(
+        registry.manifest_path(REPO, "1"), Serve(headers={"Docker-Content-Digest": forged})
+    )
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 6
+    line = _one_line(result.err)
+    assert forged in line
+    assert "refused" in line
+    assert _no_blob_fetched(registry)
+    assert index_entries(_store()) == []
+
+
+def test_oversized_manifest_is_refused_without_reading_it_all(servers: Start, pull: Any) -> None:
+    registry = servers()
+    route = registry.manifest_path(REPO, "1")
+    registry.script(route, Flood(headers={"Content-Type": OCI_MANIFEST}, size=256 << 20))
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code != 0
+    assert f"larger than {MAX_MANIFEST_SIZE} bytes" in _one_line(result.err)
+    registry.wait_idle()
+    (flood,) = registry.requests_for(route)
+    # What the client read plus what the socket buffers held when it hung up: far below 256 MiB.
+    assert flood.body_sent < 64 << 20
+
+
+# -- what fastpull asks for --------------------------------------------------------------------
+
+
+def test_requests_ask_for_identity_blobs_and_schema2_or_oci_manifests(
+    servers: Start, pull: Any
+) -> None:
+    registry = servers()
+    amd = make_image([make_layer(3000, seed=10)])
+    arm = make_image([make_layer(3000, seed=11)], architecture="arm64")
+    registry.add_image(REPO, "multi", make_index([amd, arm]))
+
+    result = pull("--platform", "linux/amd64", f"{registry.host}/{REPO}:multi")
+
+    assert result.code == 0, result.err
+    manifests = [r for r in registry.requests if "/manifests/" in r.path]
+    blobs = [r for r in registry.requests if "/blobs/" in r.path]
+    # The index by tag, then the platform manifest by digest; the config and one layer.
+    assert len(manifests) == 2
+    assert len(blobs) == 2
+    for request in manifests:
+        accept = request.header("Accept") or ""
+        offered = {part.split(";")[0].strip() for part in accept.split(",")}
+        assert offered == SCHEMA2_AND_OCI, accept
+        assert "distribution.manifest.v1" not in accept
+    for request in blobs:
+        assert request.header("Accept-Encoding") == "identity"
+
+
+# -- broken and slow connections ---------------------------------------------------------------
+
+
+def test_connection_closed_mid_blob_resumes_with_range(servers: Start, pull: Any) -> None:
+    registry = servers()
+    image = _image(seed=12, size=300_000)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    route = registry.blob_path(REPO, layer.digest)
+    cut = 100_000
+    registry.script(route, Serve(chunk=10_000, close_after=cut))
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert result.code == 0, result.err
+    first, second = registry.requests_for(route)
+    assert first.header("Range") is None
+    assert first.body_sent == cut
+    assert second.header("Range") == f"bytes={cut}-{layer.size - 1}"
+    assert second.status == 206
+    assert second.body_sent == layer.size - cut
+    assert blob(_store(), layer.digest).read_bytes() == layer.data
+
+
+def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+
+
+# The body trickles (1 KiB every 0.2 s) or stalls after 64 KiB (a silent server).
+_SLOW = {"trickle": Serve(chunk=1024, interval=0.2, times=None), "stall": Serve(stall_after=65536)}
+
+
+# "0": the transfer runs in the fastpull process; "1": in a download worker process.
+@pytest.mark.parametrize("workers", ["0", "1"])
+@pytest.mark.parametrize("slow", sorted(_SLOW))
+@pytest.mark.parametrize(
+    ("signum", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+)
+def test_signal_mid_download_stops_at_once_and_keeps_nothing_partial(
+    servers: Start, tmp_path: Path, signum: int, code: int, word: str, slow: str, workers: str
+) -> None:
+    registry = servers()
+    image = _image(seed=13, size=1_000_000)
+    layer = image.layers[0]
+    registry.add_image(REPO, "1", image)
+    registry.script(registry.blob_path(REPO, layer.digest), _SLOW[slow])
+    store = tmp_path / "store"
+    env = {**os.environ, "FASTPULL_STORE": str(store), "DOCKER_CONFIG": str(tmp_path / "docker")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastpull",
+            "pull",
+            "--workers",
+            workers,
+            f"{registry.host}/{REPO}:1",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+        downloading = f"{layer.digest.split(':')[1][:12]}: Downloading"
+        deadline = time.monotonic() + 30
+        while lines.get(timeout=max(0.0, deadline - time.monotonic())) != downloading:
+            pass
+        time.sleep(0.5)  # some KiB in: a partial download is on disk
+        assert list((store / "ingest").glob("*.data")) != []
+
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        returncode = proc.wait(timeout=10)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+
+    assert returncode == code, err
+    assert elapsed < 2.0
+    assert re.fullmatch(rf"Error: {word}\b.*", _one_line(err)), err
+    assert "Traceback" not in err
+    assert not blob(store, layer.digest).exists()
+    assert json.loads((store / "index.json").read_text())["manifests"] == []
+    assert list((store / "ingest").glob("*.data")) == []
+
+
+# -- foreign layers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registry_has_it", [True, False])
+def test_foreign_layer_urls_are_never_fetched(
+    servers: Start, pull: Any, docker_config: Any, registry_has_it: bool
+) -> None:
+    # A FaultServer, not the real registry: distribution 2.8 validates manifests by default
+    # with an empty URL allow-list, so it refuses to store any descriptor with `urls`.
+    registry = servers(basic_auth=(USER, PASSWORD))
+    foreign = servers()
+    layer = make_layer(20_000, seed=14)
+    foreign_path = f"/layers/{layer.digest}"
+    foreign.add_content(foreign_path, layer.data)
+    image = make_image([layer])
+    document = json.loads(image.manifest_bytes)
+    document["layers"][0]["urls"] = [f"{foreign.url}{foreign_path}"]
+    raw = json.dumps(document, separators=(",", ":")).encode()
+    manifest = Blob(digest=sha256_digest(raw), size=len(raw), media_type=OCI_MANIFEST, content=raw)
+    registry.add_image(REPO, "1", dataclasses.replace(image, manifest=manifest))
+    blob_path = registry.blob_path(REPO, layer.digest)
+    if not registry_has_it:
+        registry.script(blob_path, Respond(404, {}, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'))
+    docker_config.add_auth(registry.host, username=USER, password=PASSWORD)
+
+    result = pull(f"{registry.host}/{REPO}:1")
+
+    assert foreign.requests == []
+    asked = registry.requests_for(blob_path)
+    assert [r.header("Authorization") for r in asked] == [BASIC]
+    if registry_has_it:
+        assert result.code == 0, result.err
+        assert blob(_store(), layer.digest).read_bytes() == layer.data
+    else:
+        assert result.code == 4
+        assert "not found" in _one_line(result.err)
+        assert not blob(_store(), layer.digest).exists()

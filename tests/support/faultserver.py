@@ -1,0 +1,545 @@
+"""A scripted registry for faults the real registry cannot produce.
+
+:class:`FaultServer` is a small threaded HTTP(S) server on ``127.0.0.1`` that serves the
+distribution API read side (``/v2/`` ping, manifests by tag and digest, blobs by digest with
+``Range`` support) for images built with :mod:`tests.support.images`, plus arbitrary content at
+any path (a second server then plays a CDN). Each route can be scripted with a queue of
+faults, consumed in order, before normal service resumes:
+
+* :class:`Respond`: a fixed answer (429 or 503, with or without ``Retry-After``);
+* :class:`Redirect`: a 3xx to another origin, to ``http://``, or back to itself (a loop);
+* :class:`Serve`: the real content with altered headers (wrong ``Content-Type`` or
+  ``Docker-Content-Digest``), trickled, cut off mid-body or stalled;
+* :class:`Flood`: a body far larger than anything a client should read.
+
+With ``basic_auth`` every route requires that ``Authorization: Basic`` header and answers 401
+with a Basic challenge otherwise. Every request is recorded (method, target, headers, status,
+body bytes sent) for assertions; methods other than GET are recorded and answered 405.
+Nothing here imports fastpull. Slow answers are bounded by
+``max_response_seconds`` and end at once when the server stops.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import trustme
+
+from tests.support.images import Blob, Image, Index
+
+# What Go's net/http (and so the real registry) answers to a TLS handshake on a plain port;
+# curl then fails the handshake at once instead of waiting for its connect timeout.
+_TLS_ON_PLAIN_PORT = (
+    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+)
+_TLS_HANDSHAKE_RECORD = 0x16
+_FLOOD_CHUNK = b" " * (64 * 1024)
+
+
+@dataclass
+class Respond:
+    """Answer with a fixed status, headers and body instead of the route's content."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    times: int | None = 1
+
+
+@dataclass
+class Redirect:
+    """Answer with a redirect to ``location`` (absolute or relative)."""
+
+    location: str
+    status: int = 307
+    times: int | None = 1
+
+
+@dataclass
+class Serve:
+    """Serve the route's content, altered.
+
+    ``headers`` replace or add response headers. The body goes out ``chunk`` bytes at a time,
+    after a pause of ``interval`` seconds before each chunk (a trickle). After ``close_after``
+    body bytes the connection is dropped; after ``stall_after`` the server goes silent until it
+    stops or the response's time bound runs out, then drops the connection.
+    """
+
+    headers: Mapping[str, str] = field(default_factory=dict)
+    chunk: int = 64 * 1024
+    interval: float = 0.0
+    close_after: int | None = None
+    stall_after: int | None = None
+    times: int | None = 1
+
+
+@dataclass
+class Flood:
+    """A 200 declaring ``size`` bytes of body and streaming them until the client hangs up."""
+
+    headers: Mapping[str, str] = field(default_factory=dict)
+    size: int = 1 << 30
+    times: int | None = 1
+
+
+Fault = Respond | Redirect | Serve | Flood
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the server saw it; ``status`` and ``body_sent`` fill in as it is answered."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    status: int = 0
+    body_sent: int = 0
+
+    @property
+    def path(self) -> str:
+        """The URL-decoded path, without the query string."""
+        return unquote(urlsplit(self.target).path)
+
+    def header(self, name: str) -> str | None:
+        """The last value of a request header (names compare case-insensitively)."""
+        name = name.lower()
+        for key, value in reversed(self.headers):
+            if key.lower() == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class _Content:
+    body: bytes
+    headers: Mapping[str, str]
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """Threaded server whose TLS handshake happens in the worker thread, not in accept()."""
+
+    daemon_threads = True
+    # stop() joins handler threads itself, with a bound; server_close() must not wait forever.
+    block_on_close = False
+
+    def __init__(self, owner: FaultServer, ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.owner = owner
+        self.ssl_context = ssl_context
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up mid-response are what these tests provoke, not server errors.
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # An idle kept-alive connection must not hold its thread beyond the test.
+    timeout = 30
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner._track(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.owner._untrack(self.connection)
+
+    def handle(self) -> None:
+        if self.server.ssl_context is None:
+            try:
+                first = self.connection.recv(1, socket.MSG_PEEK)
+            except OSError:
+                return
+            if first and first[0] == _TLS_HANDSHAKE_RECORD:
+                self.connection.sendall(_TLS_ON_PLAIN_PORT)
+                return
+        super().handle()
+
+    def do_GET(self) -> None:
+        self.server.owner._handle(self)
+
+    # The API served is read-only: other methods are recorded, then refused.
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence per-request stderr output; requests are recorded instead."""
+
+
+class _Dropped(Exception):
+    """The response ends by closing the connection (scripted, or the client hung up)."""
+
+
+class FaultServer:
+    """A scripted registry on ``127.0.0.1`` (HTTPS with a trustme certificate if ``tls``)."""
+
+    def __init__(
+        self,
+        *,
+        tls: bool = False,
+        basic_auth: tuple[str, str] | None = None,
+        realm: str = "fault-registry",
+        max_response_seconds: float = 30.0,
+    ) -> None:
+        self.tls = tls
+        self.basic_auth = basic_auth
+        self.realm = realm
+        self.max_response_seconds = max_response_seconds
+        self.ca_path: Path | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._lock = threading.Condition()
+        self._content: dict[str, _Content] = {}
+        self._scripts: dict[str, list[list[Any]]] = {}
+        self._requests: list[RecordedRequest] = []
+        self._answering = 0
+        self._live: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.add_content("/v2/", b"{}", "application/json")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> FaultServer:
+        """Start serving in a background thread; returns ``self``."""
+        context = None
+        if self.tls:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fastpull-faults-")
+            ca = trustme.CA()
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+            self.ca_path = Path(self._tmp.name) / "ca.pem"
+            ca.cert_pem.write_to_path(str(self.ca_path))
+        self._httpd = _HTTPServer(self, context)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fastpull-fault-server",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, end every slow answer and open connection, and clean up."""
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            live = list(self._live.items())
+        for sock, _thread in live:
+            # Wakes handlers blocked reading a kept-alive connection.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for _sock, thread in live:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> FaultServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``."""
+        if self._httpd is None:
+            raise RuntimeError("fault server is not running")
+        return f"127.0.0.1:{self._httpd.server_address[1]}"
+
+    @property
+    def url(self) -> str:
+        """``http://HOST`` or ``https://HOST``."""
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    @staticmethod
+    def manifest_path(repository: str, reference: str) -> str:
+        """``/v2/<repository>/manifests/<tag or digest>``."""
+        return f"/v2/{repository}/manifests/{reference}"
+
+    @staticmethod
+    def blob_path(repository: str, digest: str) -> str:
+        """``/v2/<repository>/blobs/<digest>``."""
+        return f"/v2/{repository}/blobs/{digest}"
+
+    # -- content and scripts ---------------------------------------------------------------
+
+    def add_content(
+        self,
+        path: str,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Serve ``body`` at ``path`` (with Range support) until scripted otherwise."""
+        all_headers = {"Content-Type": content_type, **(headers or {})}
+        with self._lock:
+            self._content[path] = _Content(body, all_headers)
+
+    def add_blob(self, repository: str, blob: Blob) -> None:
+        """Serve a blob under ``/v2/<repository>/blobs/<digest>``."""
+        self.add_content(
+            self.blob_path(repository, blob.digest),
+            blob.data,
+            headers={"Docker-Content-Digest": blob.digest},
+        )
+
+    def add_image(self, repository: str, tag: str | None, image: Image | Index) -> None:
+        """Serve an image or index under ``tag`` (if given) and its digest, with its blobs."""
+        images = image.images if isinstance(image, Index) else (image,)
+        for child in images:
+            for blob in child.referenced_blobs():
+                self.add_blob(repository, blob)
+            self._add_manifest(repository, child.manifest_digest, child.manifest)
+        self._add_manifest(repository, image.manifest_digest, image.manifest)
+        if tag is not None:
+            self._add_manifest(repository, tag, image.manifest)
+
+    def _add_manifest(self, repository: str, reference: str, manifest: Blob) -> None:
+        self.add_content(
+            self.manifest_path(repository, reference),
+            manifest.data,
+            manifest.media_type,
+            {"Docker-Content-Digest": manifest.digest},
+        )
+
+    def script(self, path: str, *faults: Fault) -> None:
+        """Queue faults for GETs of ``path``; each answers ``times`` requests (None: all)."""
+        with self._lock:
+            queue = self._scripts.setdefault(path, [])
+            queue.extend([fault, fault.times] for fault in faults)
+
+    # -- what happened ---------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request received so far, in order."""
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, path: str) -> list[RecordedRequest]:
+        """The requests for one path (query ignored)."""
+        return [r for r in self.requests if r.path == path]
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until no response is being written (a client that hung up is noticed late)."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._answering == 0, timeout):
+                raise TimeoutError(f"fault server still answering after {timeout} s")
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._live[sock] = threading.current_thread()
+
+    def _untrack(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._live.pop(sock, None)
+
+    def _take(self, path: str) -> Fault | None:
+        with self._lock:
+            for entry in self._scripts.get(path, []):
+                fault, left = entry
+                if left is None:
+                    return fault
+                if left > 0:
+                    entry[1] = left - 1
+                    return fault
+        return None
+
+    def _handle(self, handler: _Handler) -> None:
+        record = RecordedRequest(handler.command, handler.path, tuple(handler.headers.items()))
+        with self._lock:
+            self._requests.append(record)
+            self._answering += 1
+        try:
+            self._answer(handler, record)
+        except (_Dropped, ConnectionError, TimeoutError, ssl.SSLError):
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+        finally:
+            with self._lock:
+                self._answering -= 1
+                self._lock.notify_all()
+
+    def _answer(self, handler: _Handler, record: RecordedRequest) -> None:
+        if self._stopping.is_set():
+            raise _Dropped
+        path = record.path
+        if self.basic_auth is not None and not self._authorized(record):
+            challenge = {"WWW-Authenticate": f'Basic realm="{self.realm}"'}
+            body = _error_body("UNAUTHORIZED", "authentication required")
+            self._send_whole(handler, record, 401, challenge, body)
+            return
+        if record.method != "GET":
+            self._send_whole(handler, record, 405, {}, b"")
+            return
+        fault = self._take(path)
+        if isinstance(fault, Respond):
+            self._send_whole(handler, record, fault.status, fault.headers, fault.body)
+        elif isinstance(fault, Redirect):
+            self._send_whole(handler, record, fault.status, {"Location": fault.location}, b"")
+        elif isinstance(fault, Flood):
+            self._flood(handler, record, fault)
+        else:
+            with self._lock:
+                content = self._content.get(path)
+            if content is None:
+                body = _error_body(_unknown_code(path), f"{path} not found")
+                self._send_whole(handler, record, 404, {}, body)
+                return
+            self._serve(handler, record, content, fault or Serve())
+
+    def _authorized(self, record: RecordedRequest) -> bool:
+        assert self.basic_auth is not None
+        user, password = self.basic_auth
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        return record.header("Authorization") == expected
+
+    def _start_response(
+        self, handler: _Handler, record: RecordedRequest, status: int, headers: Mapping[str, str]
+    ) -> None:
+        record.status = status
+        handler.send_response(status)
+        for name, value in headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+
+    def _send_whole(
+        self,
+        handler: _Handler,
+        record: RecordedRequest,
+        status: int,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> None:
+        all_headers = {"Content-Length": str(len(body)), **headers}
+        if body and "Content-Type" not in headers:
+            all_headers["Content-Type"] = "application/json"
+        self._start_response(handler, record, status, all_headers)
+        handler.wfile.write(body)
+        record.body_sent += len(body)
+
+    def _serve(
+        self, handler: _Handler, record: RecordedRequest, content: _Content, shape: Serve
+    ) -> None:
+        body = content.body
+        size = len(body)
+        headers = {
+            "Docker-Distribution-API-Version": "registry/2.0",
+            **content.headers,
+            **shape.headers,
+        }
+        status = 200
+        wanted = record.header("Range")
+        if wanted is not None:
+            span = _parse_range(wanted, size)
+            if span is None:
+                headers["Content-Range"] = f"bytes */{size}"
+                self._send_whole(handler, record, 416, headers, b"")
+                return
+            start, end = span
+            body = body[start : end + 1]
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        headers["Content-Length"] = str(len(body))
+        self._start_response(handler, record, status, headers)
+        cut = shape.close_after if shape.close_after is not None else shape.stall_after
+        limit = len(body) if cut is None else min(cut, len(body))
+        deadline = time.monotonic() + self.max_response_seconds
+        sent = 0
+        while sent < limit:
+            if shape.interval and self._pause(shape.interval, deadline):
+                raise _Dropped
+            piece = body[sent : min(limit, sent + max(1, shape.chunk))]
+            handler.wfile.write(piece)
+            sent += len(piece)
+            record.body_sent = sent
+        if sent < len(body):
+            if shape.stall_after is not None:
+                self._pause(deadline - time.monotonic(), deadline)
+            raise _Dropped
+
+    def _flood(self, handler: _Handler, record: RecordedRequest, flood: Flood) -> None:
+        headers = {"Content-Type": "application/json", **flood.headers}
+        headers["Content-Length"] = str(flood.size)
+        self._start_response(handler, record, 200, headers)
+        deadline = time.monotonic() + self.max_response_seconds
+        while record.body_sent < flood.size:
+            if self._stopping.is_set() or time.monotonic() > deadline:
+                raise _Dropped
+            piece = _FLOOD_CHUNK[: flood.size - record.body_sent]
+            handler.wfile.write(piece)
+            record.body_sent += len(piece)
+
+    def _pause(self, seconds: float, deadline: float) -> bool:
+        """Sleep; True when the server is stopping or the response ran out of time."""
+        seconds = min(seconds, deadline - time.monotonic())
+        if seconds > 0 and self._stopping.wait(seconds):
+            return True
+        return time.monotonic() >= deadline
+
+
+def _parse_range(value: str, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b`` or ``bytes=a-`` → (a, b) clamped to the content; None if unsatisfiable."""
+    unit, _, spec = value.strip().partition("=")
+    first, dash, last = spec.partition("-")
+    if unit != "bytes" or not dash or not first.isdigit() or (last and not last.isdigit()):
+        return None
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        return None
+    return start, end
+
+
+def _unknown_code(path: str) -> str:
+    if "/manifests/" in path:
+        return "MANIFEST_UNKNOWN"
+    if "/blobs/" in path:
+        return "BLOB_UNKNOWN"
+    return "NAME_UNKNOWN"
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"errors": [{"code": code, "message": message}]}).encode()
