@@ -9,11 +9,28 @@ Library use::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from . import hashing  # fails at once under FASTPULL_REQUIRE_NATIVE=1 without the extension
+from .errors import FastpullError
+
+if TYPE_CHECKING:
+    from .pull import PullResult, pull
+    from .reference import Reference
+
 __version__ = "0.1.0"
 
-from . import hashing
-from .errors import FastpullError
-from .pull import PullResult, pull
-from .reference import Reference
-
 __all__ = ["FastpullError", "PullResult", "Reference", "__version__", "hashing", "pull"]
+
+# Imported on first use: download worker processes import this package too, and should
+# not pay for the whole pull machinery at start-up.
+_LAZY = {"pull": "pull", "PullResult": "pull", "Reference": "reference"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastpull' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)
