@@ -15,7 +15,7 @@ from . import hashing  # fails at once under FASTPULL_REQUIRE_NATIVE=1 without t
 from .errors import FastpullError
 
 if TYPE_CHECKING:
-    from .pull import PullResult, pull
+    from .puller import PullResult, pull
     from .reference import Reference
 
 __version__ = "0.1.0"
@@ -24,7 +24,7 @@ __all__ = ["FastpullError", "PullResult", "Reference", "__version__", "hashing",
 
 # Imported on first use: download worker processes import this package too, and should
 # not pay for the whole pull machinery at start-up.
-_LAZY = {"pull": "pull", "PullResult": "pull", "Reference": "reference"}
+_LAZY = {"pull": "puller", "PullResult": "puller", "Reference": "reference"}
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from .credentials import Credentials, CredentialStore
 from .errors import FastpullError, UsageError
 from .listing import human_duration, image_rows
 from .progress import human_size, renderer_for
-from .pull import Puller, PullResult
+from .puller import Puller, PullResult
 from .reference import Reference
 from .registry import DOCKER_HUB, RegistryClient
 from .settings import Settings

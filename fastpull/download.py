@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Protocol
 
 from . import cancel, events
@@ -62,7 +65,6 @@ from .worker import (
     Shrunk,
     Shutdown,
     WorkerLoop,
-    worker_main,
 )
 
 # Below this many bytes in total, starting worker processes costs more than it saves.
@@ -142,21 +144,36 @@ class _Blob:
 
 
 class _Pool:
-    """Worker processes (``spawn``ed: libcurl and OpenSSL do not survive fork), or, for
-    ``count == 0``, one worker loop run inline in this process."""
+    """Worker processes, or, for ``count == 0``, one worker loop run inline.
+
+    Workers are fresh interpreters (``python -m fastpull.worker``) talking over a socket
+    pair: libcurl, OpenSSL and threads do not survive ``fork``, and multiprocessing's
+    ``spawn`` would re-run the caller's main script, which a library must not require
+    to be guarded by ``if __name__ == "__main__"``.
+    """
 
     def __init__(self, count: int) -> None:
         self._inline = WorkerLoop() if count == 0 else None
         self._conns: list[Connection] = []
-        self._procs: list[multiprocessing.process.BaseProcess] = []
-        context = multiprocessing.get_context("spawn")
-        for _ in range(count):
-            parent, child = context.Pipe()
-            proc = context.Process(target=worker_main, args=(child,), daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
+        self._procs: list[subprocess.Popen[bytes]] = []
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        try:
+            for _ in range(count):
+                mine, theirs = socket.socketpair()
+                with theirs:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "fastpull.worker", str(theirs.fileno())],
+                        pass_fds=[theirs.fileno()],
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                    )
+                self._procs.append(proc)
+                self._conns.append(Connection(mine.detach()))
+        except BaseException:
+            self.close()
+            raise
         self.size = max(1, count)
         self.load = [0] * self.size
         self.owner: dict[int, int] = {}
@@ -197,7 +214,7 @@ class _Pool:
             assert isinstance(conn, Connection)
             try:
                 reports.extend(conn.recv())
-            except EOFError:
+            except (EOFError, OSError):
                 raise FastpullError("a download worker process exited unexpectedly") from None
         return reports
 
@@ -210,10 +227,11 @@ class _Pool:
                 conn.send(Shutdown())
         deadline = time.monotonic() + 1.0
         for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(1.0)
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for conn in self._conns:
             conn.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -335,3 +336,12 @@ def worker_main(conn: Connection) -> None:
     finally:
         with contextlib.suppress(Exception):
             loop.close()
+
+
+if __name__ == "__main__":
+    # Started by the engine as `python -m fastpull.worker FD`, FD one end of a socket pair.
+    # Run the imported module's loop: commands are unpickled as fastpull.worker classes,
+    # which are not this __main__ module's.
+    from fastpull import worker
+
+    worker.worker_main(Connection(int(sys.argv[1])))

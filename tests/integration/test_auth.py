@@ -17,7 +17,7 @@ import pytest
 
 import fastpull
 from fastpull.errors import ProtocolError, Unauthorized
-from fastpull.pull import Puller
+from fastpull.puller import Puller
 from fastpull.reference import Reference
 from fastpull.settings import Settings
 from fastpull.store import Store
