@@ -24,12 +24,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError, CredentialError
+from .types import Credentials
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 # Every name Docker Hub goes by; keys for any of them find Hub credentials.
@@ -45,32 +45,6 @@ _NOT_FOUND_TEXT = "credentials not found in native keychain"
 _HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENTRY_STRING_FIELDS = ("auth", "username", "password", "identitytoken", "registrytoken")
 _MAX_DETAIL = 200
-
-
-@dataclass(frozen=True, repr=False)
-class Credentials:
-    """What to authenticate with. All fields empty means anonymous.
-
-    ``identity_token`` is an OAuth refresh token (docker's ``identitytoken``);
-    ``registry_token`` is a bearer token sent to the registry as-is.
-    """
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-    registry_token: str = ""
-
-    @property
-    def anonymous(self) -> bool:
-        """True when there is nothing to authenticate with."""
-        return not (self.username or self.password or self.identity_token or self.registry_token)
-
-    def __repr__(self) -> str:
-        # Secrets end up in logs and tracebacks through repr; show only which kinds are set.
-        kinds = [
-            name for name in ("password", "identity_token", "registry_token") if getattr(self, name)
-        ]
-        return f"Credentials(username={self.username!r}, secrets={kinds!r})"
 
 
 def docker_config_dir() -> Path:

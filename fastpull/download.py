@@ -24,7 +24,6 @@ import math
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from .worker import (
     Shrunk,
     Shutdown,
     WorkerLoop,
+    command_line,
 )
 
 # Below this many bytes in total, starting worker processes costs more than it saves.
@@ -146,7 +146,7 @@ class _Blob:
 class _Pool:
     """Worker processes, or, for ``count == 0``, one worker loop run inline.
 
-    Workers are fresh interpreters (``python -m fastpull.worker``) talking over a socket
+    Workers are fresh interpreters (``worker.command_line``) talking over a socket
     pair: libcurl, OpenSSL and threads do not survive ``fork``, and multiprocessing's
     ``spawn`` would re-run the caller's main script, which a library must not require
     to be guarded by ``if __name__ == "__main__"``.
@@ -164,7 +164,7 @@ class _Pool:
                 mine, theirs = socket.socketpair()
                 with theirs:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "fastpull.worker", str(theirs.fileno())],
+                        command_line(theirs.fileno()),
                         pass_fds=[theirs.fileno()],
                         stdin=subprocess.DEVNULL,
                         env=env,

@@ -231,6 +231,11 @@ def _arm_fallbacks(want: Platform) -> list[Platform]:
     return [Platform(want.os, "arm", v) for v in order[order.index(want.variant) :]]
 
 
+def platform_matches(want: Platform, have: Platform) -> bool:
+    """Whether an image built for ``have`` is what a request for ``want`` should get."""
+    return have in _arm_fallbacks(want)
+
+
 def select_platform(index: ImageIndex, want: Platform, where: str) -> Descriptor:
     """The index entry for ``want``, as docker chooses it; PlatformNotFound otherwise."""
     candidates = [d for d in index.manifests if d.platform is not None]

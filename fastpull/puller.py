@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from . import auth, cancel, events
 from .credentials import CredentialStore
 from .download import BlobStats, Downloader
-from .errors import FastpullError, ManifestError
+from .errors import FastpullError, ManifestError, PlatformNotFound
 from .manifest import (
     MAX_CONFIG_SIZE,
     ImageIndex,
     ImageManifest,
     parse_config,
     parse_document,
+    platform_matches,
     select_platform,
     to_oci,
 )
@@ -121,6 +122,8 @@ class Puller:
         self.store = store
         self.settings = settings or Settings()
         self.platform = platform or Platform.host()
+        # Like docker: a single-platform image is refused only when --platform was given.
+        self._platform_requested = platform is not None
         self._credentials = credentials or CredentialStore()
         self._emit = on_event
         self._transport = Transport(tls_for=self.settings.tls_for)
@@ -173,6 +176,15 @@ class Puller:
         stats, workers = self._fetch_blobs(client, ref, manifest)
         config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
         config = parse_config(config_raw, what, layer_count=len(manifest.layers))
+        if (
+            self._platform_requested
+            and config.platform is not None
+            and not platform_matches(self.platform, config.platform)
+        ):
+            raise PlatformNotFound(
+                f"image with reference {what} was found but does not match the specified "
+                f"platform: wanted {self.platform}, actual: {config.platform}"
+            )
         stored = to_oci(manifest)
         annotations = {
             REPO_DIGEST_ANNOTATION: str(repo_digest),

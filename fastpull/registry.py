@@ -24,7 +24,6 @@ from urllib.parse import quote, urljoin
 import orjson
 
 from . import auth
-from .credentials import Credentials
 from .errors import (
     ConnectionFailed,
     FastpullError,
@@ -37,7 +36,7 @@ from .manifest import ACCEPT, MAX_MANIFEST_SIZE, check_digest, digest_of
 from .reference import split_registry
 from .settings import Settings
 from .transport import MAX_SMALL_BODY, Response, Transport, http_error, origin
-from .types import Digest
+from .types import Credentials, Digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"

@@ -203,9 +203,36 @@ class Descriptor:
         return out
 
 
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """What to authenticate with. All fields empty means anonymous.
+
+    ``identity_token`` is an OAuth refresh token (docker's ``identitytoken``);
+    ``registry_token`` is a bearer token sent to the registry as-is.
+    """
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+    registry_token: str = ""
+
+    @property
+    def anonymous(self) -> bool:
+        """True when there is nothing to authenticate with."""
+        return not (self.username or self.password or self.identity_token or self.registry_token)
+
+    def __repr__(self) -> str:
+        # Secrets end up in logs and tracebacks through repr; show only which kinds are set.
+        kinds = [
+            name for name in ("password", "identity_token", "registry_token") if getattr(self, name)
+        ]
+        return f"Credentials(username={self.username!r}, secrets={kinds!r})"
+
+
 __all__ = [
     "MAX_BLOB_SIZE",
     "SUPPORTED_ALGORITHMS",
+    "Credentials",
     "Descriptor",
     "Digest",
     "InvalidDigest",

@@ -144,6 +144,9 @@ class WorkerLoop:
 
     def __init__(self) -> None:
         self._multi = pycurl.CurlMulti()
+        # One TCP connection per transfer, even over HTTP/2: CDNs cap each connection, so
+        # multiplexing every chunk onto one would cap the whole pull.
+        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_NOTHING)
         self._transfers: dict[int, _Transfer] = {}
         self._by_handle: dict[pycurl.Curl, _Transfer] = {}
         self._out: list[Report] = []
@@ -338,10 +341,11 @@ def worker_main(conn: Connection) -> None:
             loop.close()
 
 
-if __name__ == "__main__":
-    # Started by the engine as `python -m fastpull.worker FD`, FD one end of a socket pair.
-    # Run the imported module's loop: commands are unpickled as fastpull.worker classes,
-    # which are not this __main__ module's.
-    from fastpull import worker
 
-    worker.worker_main(Connection(int(sys.argv[1])))
+def command_line(fd: int) -> list[str]:
+    """How the engine starts a worker: a fresh interpreter serving the socket ``fd``."""
+    code = (
+        "import sys; from multiprocessing.connection import Connection; "
+        "from fastpull.worker import worker_main; worker_main(Connection(int(sys.argv[1])))"
+    )
+    return [sys.executable, "-c", code, str(fd)]

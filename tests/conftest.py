@@ -25,12 +25,16 @@ _PROXY_VARIABLES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_prox
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Drop FASTPULL_*/DOCKER_* (except FASTPULL_REQUIRE_NATIVE) and proxy variables."""
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Drop FASTPULL_*/DOCKER_* (except FASTPULL_REQUIRE_NATIVE) and proxy variables, and
+    point fastpull's config file and docker's certs.d at empty places, so nothing of the
+    developer's own setup reaches the tests."""
     for name in list(os.environ):
         leaky = name.startswith(_LEAKY_PREFIXES) and name not in _KEPT
         if leaky or name.lower() in _PROXY_VARIABLES:
             monkeypatch.delenv(name)
+    monkeypatch.setenv("FASTPULL_CONFIG", str(tmp_path / "no-fastpull-config.json"))
+    monkeypatch.setenv("FASTPULL_CERTS_D", str(tmp_path / "no-certs.d"))
 
 
 @pytest.fixture
