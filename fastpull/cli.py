@@ -68,7 +68,7 @@ def cli() -> None:
 @click.option(
     "--workers",
     type=click.IntRange(0, 16),
-    help="Download processes (default: none for small pulls, else one per core, at most 4).",
+    help="Download processes (default: none for small pulls, else one per two cores, max 4).",
 )
 @click.option(
     "--stall-timeout",

@@ -28,7 +28,9 @@ import pycurl
 from .errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
 from .transport import TLSConfig, configure_easy, curl_error, parse_header_line
 
-_BUFFER_SIZE = 512 * 1024
+# libcurl's receive buffer per transfer: large reads mean few Python callbacks and few
+# pwrite calls (512 KiB → 4 MiB took the engine from ~2.2 to ~1.7 CPU s/GB on loopback).
+_BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
 _PROGRESS_INTERVAL = 0.1
 
