@@ -170,6 +170,9 @@ class _Pool:
                         pass_fds=[theirs.fileno()],
                         stdin=subprocess.DEVNULL,
                         env=env,
+                        # Out of the terminal's process group: Ctrl-C is the parent's to
+                        # handle; workers stop when told, or when the parent's socket closes.
+                        start_new_session=True,
                     )
                 self._procs.append(proc)
                 self._conns.append(Connection(mine.detach()))
@@ -180,9 +183,10 @@ class _Pool:
         self.load = [0] * self.size
         self.owner: dict[int, int] = {}
 
-    def has_room(self, per_worker: int) -> bool:
-        """Whether some worker runs fewer than ``per_worker`` transfers."""
-        return min(self.load) < per_worker
+    def has_room(self, total: int, per_worker: int) -> bool:
+        """Whether fewer than ``total`` transfers run, and some worker has fewer than
+        ``per_worker``."""
+        return sum(self.load) < total and min(self.load) < per_worker
 
     def send(self, worker: int, command: Command) -> None:
         if self._inline is not None:
@@ -314,6 +318,9 @@ class _Job:
         self.per_worker = math.ceil(owner.connections / pool.size)
         self.positions: dict[int, int] = {}
         self.chunk_blob: dict[int, int] = {}
+        # Where each request went: answers are judged by their own URL, not the blob's
+        # current one, which may have moved on (a re-resolved redirect) meanwhile.
+        self.chunk_url: dict[int, str] = {}
         self.results: list[BlobStats] = []
 
     def run(self) -> list[BlobStats]:
@@ -330,7 +337,7 @@ class _Job:
 
     def _wait(self, now: float) -> float:
         ready = self.sched.next_ready_time()
-        if ready is None or not self.pool.has_room(self.per_worker):
+        if ready is None or not self._room():
             return 0.05
         return min(0.05, max(0.0, ready - now))
 
@@ -344,13 +351,16 @@ class _Job:
             return False
         return blob.resolved or not self.sched.active_chunks(index)
 
+    def _room(self) -> bool:
+        return self.pool.has_room(self.o.connections, self.per_worker)
+
     def _dispatch(self, now: float) -> None:
-        while self.pool.has_room(self.per_worker):
+        while self._room():
             chunk = self.sched.next_chunk(now, self._eligible)
             if chunk is None:
                 break
             self._send(chunk, now)
-        if not self.sched.has_pending and self.pool.has_room(self.per_worker):
+        if not self.sched.has_pending and self._room():
             split = self.sched.split_candidate()
             if split is not None:
                 self.pool.tell(split[0], Shrink(*split))
@@ -378,6 +388,7 @@ class _Job:
         blob.connections = max(blob.connections, len(self.sched.active_chunks(chunk.blob)))
         self.positions[chunk.id] = chunk.start
         self.chunk_blob[chunk.id] = chunk.blob
+        self.chunk_url[chunk.id] = blob.url
         self.pool.assign(fetch)
 
     # -- what workers report -------------------------------------------------------------
@@ -402,7 +413,8 @@ class _Job:
         if delta > 0:
             self.positions[chunk_id] = position
             blob.downloaded += delta
-            blob.resolved = True
+            if self.chunk_url.get(chunk_id) == blob.url:
+                blob.resolved, blob.hops = True, 0
             self.sched.progress(chunk_id, position)
             now = time.monotonic()
             if now - blob.reported >= _PROGRESS_INTERVAL:
@@ -415,19 +427,25 @@ class _Job:
         index = self.chunk_blob.pop(chunk_id)
         self.positions.pop(chunk_id, None)
         blob = self.blobs[index]
-        if report.kind == "done":
-            self.sched.complete(chunk_id)
-            blob.resolved = True
-        elif report.kind == "cancelled":
-            self.sched.forget(chunk_id)
+        url = self.chunk_url.pop(chunk_id, blob.url)
+        if chunk_id in blob.cancelling:
+            # Whatever its transfer reported, it has stopped writing: that is the ack the
+            # single-stream restart waits for (a Cancel sent after it ended gets no answer).
             blob.cancelling.discard(chunk_id)
-            if not blob.cancelling and self.sched.is_single_stream(index):
+            self.sched.forget(chunk_id)
+            if not blob.cancelling:
                 blob.verifier.restart()
                 self.sched.restart_single(index)
+        elif report.kind == "done":
+            self.sched.complete(chunk_id)
+            if url == blob.url:
+                blob.resolved, blob.hops = True, 0
+        elif report.kind == "cancelled":
+            self.sched.forget(chunk_id)
         elif report.kind == "range-ignored":
             self._range_ignored(index, chunk_id)
         elif report.kind == "status":
-            self._status(index, chunk_id, report)
+            self._status(index, chunk_id, url, report)
         else:
             error = report.error or ProtocolError("transfer failed")
             if not error.retryable:
@@ -447,36 +465,40 @@ class _Job:
             blob.verifier.restart()
             self.sched.restart_single(index)
 
-    def _status(self, index: int, chunk_id: int, report: Finished) -> None:
+    def _status(self, index: int, chunk_id: int, url: str, report: Finished) -> None:
+        """An HTTP answer that is not data, judged by the URL the request went to."""
         blob = self.blobs[index]
         status = report.status
         headers = dict(report.headers)
         registry = origin(self.source.blob_url(blob.digest))
-        on_registry = origin(blob.url) == registry
+        on_registry = origin(url) == registry
+        response = Response(status, report.headers, report.body, url)
         if status in (301, 302, 303, 307, 308):
-            blob.hops += 1
-            if blob.hops > MAX_REDIRECTS:
-                raise ProtocolError(f"blob {blob.digest}: too many redirects")
-            target = next_hop(blob.url, headers.get("location"))
-            blob.url = target
-            blob.with_auth = blob.with_auth and origin(target) == registry
+            if url == blob.url:  # else another request already moved the blob on
+                blob.hops += 1
+                if blob.hops > MAX_REDIRECTS:
+                    raise ProtocolError(f"blob {blob.digest}: too many redirects")
+                target = next_hop(url, headers.get("location"))
+                blob.url = target
+                blob.with_auth = blob.with_auth and origin(target) == registry
             self.sched.retry_now(chunk_id)
         elif status == 401 and on_registry:
             blob.reauths += 1
             if blob.reauths > _MAX_REAUTH:
                 raise Unauthorized(f"unauthorized: blob {blob.digest} refused after login")
-            self.source.reauthorize(Response(status, report.headers, report.body, blob.url))
+            self.source.reauthorize(response)
             self.sched.retry_now(chunk_id)
         elif status in (400, 401, 403) and not on_registry:
-            # A signed redirect target that expired: ask the registry again.
-            blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
+            # A signed redirect target that expired: ask the registry again (once, however
+            # many requests to the old URL come back refused).
+            if url == blob.url:
+                blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
             self._retry(index, chunk_id, report.position, 0.0, None)
         elif status in RETRYABLE_STATUS:
             wait = parse_retry_after(headers.get("retry-after"))
-            error = http_error(Response(status, report.headers, report.body, blob.url), _what(blob))
-            self._retry(index, chunk_id, report.position, wait, error)
+            self._retry(index, chunk_id, report.position, wait, http_error(response, _what(blob)))
         else:
-            raise http_error(Response(status, report.headers, report.body, blob.url), _what(blob))
+            raise http_error(response, _what(blob))
 
     def _retry(
         self,

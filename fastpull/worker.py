@@ -343,7 +343,6 @@ def worker_main(conn: Connection) -> None:
             loop.close()
 
 
-
 def command_line(fd: int) -> list[str]:
     """How the engine starts a worker: a fresh interpreter serving the socket ``fd``."""
     code = (
