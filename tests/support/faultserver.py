@@ -6,15 +6,26 @@ distribution API read side (``/v2/`` ping, manifests by tag and digest, blobs by
 any path (a second server then plays a CDN). Each route can be scripted with a queue of
 faults, consumed in order, before normal service resumes:
 
-* :class:`Respond`: a fixed answer (429 or 503, with or without ``Retry-After``);
-* :class:`Redirect`: a 3xx to another origin, to ``http://``, or back to itself (a loop);
+* :class:`Respond`: a fixed answer (429 or 503, with or without ``Retry-After``), at once or
+  late;
+* :class:`Redirect`: a 3xx to another origin, to ``http://``, or back to itself (a loop), at
+  once or late;
 * :class:`Serve`: the real content with altered headers (wrong ``Content-Type`` or
-  ``Docker-Content-Digest``), trickled, cut off mid-body or stalled;
+  ``Docker-Content-Digest``), trickled or throttled to a rate, cut off mid-body or stalled,
+  with one byte flipped, with ``Range`` ignored (a 200 with the whole body) or answered with
+  a wrong ``Content-Range``;
 * :class:`Flood`: a body far larger than anything a client should read.
+
+``Serve()`` unaltered is normal service, so ``Serve(times=3), Respond(403)`` answers the
+fourth request 403 (a signed URL expiring). A fault with ``covering`` answers only requests
+whose bytes (their ``Range``, or the whole content) include that offset, so one chunk of a
+blob fetched in ranges can be singled out; other requests pass it by.
 
 With ``basic_auth`` every route requires that ``Authorization: Basic`` header and answers 401
 with a Basic challenge otherwise. Every request is recorded (method, target, headers, status,
-body bytes sent) for assertions; methods other than GET are recorded and answered 405.
+body bytes sent, arrival time) for assertions, and so is the most responses ever in progress
+at once (:attr:`FaultServer.peak_answering`); methods other than GET are recorded and
+answered 405.
 Nothing here imports fastpull. Slow answers are bounded by
 ``max_response_seconds`` and end at once when the server stops.
 """
@@ -52,21 +63,26 @@ _FLOOD_CHUNK = b" " * (64 * 1024)
 
 @dataclass
 class Respond:
-    """Answer with a fixed status, headers and body instead of the route's content."""
+    """Answer with a fixed status, headers and body instead of the route's content, after
+    ``delay`` seconds."""
 
     status: int
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
     times: int | None = 1
+    covering: int | None = None
+    delay: float = 0.0
 
 
 @dataclass
 class Redirect:
-    """Answer with a redirect to ``location`` (absolute or relative)."""
+    """Answer with a redirect to ``location`` (absolute or relative), after ``delay`` seconds."""
 
     location: str
     status: int = 307
     times: int | None = 1
+    covering: int | None = None
+    delay: float = 0.0
 
 
 @dataclass
@@ -74,17 +90,30 @@ class Serve:
     """Serve the route's content, altered.
 
     ``headers`` replace or add response headers. The body goes out ``chunk`` bytes at a time,
-    after a pause of ``interval`` seconds before each chunk (a trickle). After ``close_after``
-    body bytes the connection is dropped; after ``stall_after`` the server goes silent until it
-    stops or the response's time bound runs out, then drops the connection.
+    after a pause of ``interval`` seconds before each chunk (a trickle), and no faster than
+    ``rate`` bytes per second if set. After ``close_after`` body bytes the connection is
+    dropped; after ``stall_after`` the server goes silent until it stops or the response's time
+    bound runs out, then drops the connection.
+
+    ``flip`` inverts the content byte at that offset (if the response carries it), so the
+    bytes no longer match the digest. ``ignore_range`` answers a ``Range`` request 200 with the
+    whole body, as servers without range support do; ``content_range`` is sent instead of the
+    true ``Content-Range`` of a 206. With ``gate``, each response waits at that barrier after
+    its headers, so that responses to requests sent together reach the client together.
     """
 
     headers: Mapping[str, str] = field(default_factory=dict)
     chunk: int = 64 * 1024
     interval: float = 0.0
+    rate: float | None = None
     close_after: int | None = None
     stall_after: int | None = None
+    flip: int | None = None
+    ignore_range: bool = False
+    content_range: str | None = None
+    gate: threading.Barrier | None = None
     times: int | None = 1
+    covering: int | None = None
 
 
 @dataclass
@@ -94,6 +123,7 @@ class Flood:
     headers: Mapping[str, str] = field(default_factory=dict)
     size: int = 1 << 30
     times: int | None = 1
+    covering: int | None = None
 
 
 Fault = Respond | Redirect | Serve | Flood
@@ -101,13 +131,15 @@ Fault = Respond | Redirect | Serve | Flood
 
 @dataclass
 class RecordedRequest:
-    """One request as the server saw it; ``status`` and ``body_sent`` fill in as it is answered."""
+    """One request as the server saw it; ``status`` and ``body_sent`` fill in as it is answered.
+    ``received`` is when it arrived (``time.monotonic()``)."""
 
     method: str
     target: str
     headers: tuple[tuple[str, str], ...]
     status: int = 0
     body_sent: int = 0
+    received: float = field(default_factory=time.monotonic)
 
     @property
     def path(self) -> str:
@@ -219,6 +251,7 @@ class FaultServer:
         self._scripts: dict[str, list[list[Any]]] = {}
         self._requests: list[RecordedRequest] = []
         self._answering = 0
+        self._peak_answering = 0
         self._live: dict[socket.socket, threading.Thread] = {}
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -250,6 +283,11 @@ class FaultServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, end every slow answer and open connection, and clean up."""
         self._stopping.set()
+        with self._lock:
+            faults = [fault for queue in self._scripts.values() for fault, _ in queue]
+        gates = [f.gate for f in faults if isinstance(f, Serve) and f.gate is not None]
+        for gate in gates:
+            gate.abort()  # responses waiting at a gate end now
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -359,6 +397,12 @@ class FaultServer:
         """The requests for one path (query ignored)."""
         return [r for r in self.requests if r.path == path]
 
+    @property
+    def peak_answering(self) -> int:
+        """The most responses ever written at the same time (concurrent transfers)."""
+        with self._lock:
+            return self._peak_answering
+
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until no response is being written (a client that hung up is noticed late)."""
         with self._lock:
@@ -375,10 +419,13 @@ class FaultServer:
         with self._lock:
             self._live.pop(sock, None)
 
-    def _take(self, path: str) -> Fault | None:
+    def _take(self, record: RecordedRequest) -> Fault | None:
         with self._lock:
-            for entry in self._scripts.get(path, []):
+            content = self._content.get(record.path)
+            for entry in self._scripts.get(record.path, []):
                 fault, left = entry
+                if fault.covering is not None and not _covers(record, content, fault.covering):
+                    continue
                 if left is None:
                     return fault
                 if left > 0:
@@ -391,6 +438,7 @@ class FaultServer:
         with self._lock:
             self._requests.append(record)
             self._answering += 1
+            self._peak_answering = max(self._peak_answering, self._answering)
         try:
             self._answer(handler, record)
         except (_Dropped, ConnectionError, TimeoutError, ssl.SSLError):
@@ -414,7 +462,10 @@ class FaultServer:
         if record.method != "GET":
             self._send_whole(handler, record, 405, {}, b"")
             return
-        fault = self._take(path)
+        fault = self._take(record)
+        delay = fault.delay if isinstance(fault, (Respond, Redirect)) else 0.0
+        if delay and self._pause(delay, time.monotonic() + self.max_response_seconds):
+            raise _Dropped
         if isinstance(fault, Respond):
             self._send_whole(handler, record, fault.status, fault.headers, fault.body)
         elif isinstance(fault, Redirect):
@@ -471,7 +522,8 @@ class FaultServer:
             **shape.headers,
         }
         status = 200
-        wanted = record.header("Range")
+        start = 0
+        wanted = None if shape.ignore_range else record.header("Range")
         if wanted is not None:
             span = _parse_range(wanted, size)
             if span is None:
@@ -481,15 +533,28 @@ class FaultServer:
             start, end = span
             body = body[start : end + 1]
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            headers["Content-Range"] = shape.content_range or f"bytes {start}-{end}/{size}"
+        if shape.flip is not None and start <= shape.flip < start + len(body):
+            altered = bytearray(body)
+            altered[shape.flip - start] ^= 0xFF
+            body = bytes(altered)
         headers["Content-Length"] = str(len(body))
         self._start_response(handler, record, status, headers)
+        if shape.gate is not None:
+            try:
+                shape.gate.wait(self.max_response_seconds)
+            except threading.BrokenBarrierError:
+                raise _Dropped from None
         cut = shape.close_after if shape.close_after is not None else shape.stall_after
         limit = len(body) if cut is None else min(cut, len(body))
-        deadline = time.monotonic() + self.max_response_seconds
+        started = time.monotonic()
+        deadline = started + self.max_response_seconds
         sent = 0
         while sent < limit:
-            if shape.interval and self._pause(shape.interval, deadline):
+            pause = shape.interval
+            if shape.rate:
+                pause = max(pause, started + sent / shape.rate - time.monotonic())
+            if pause > 0 and self._pause(pause, deadline):
                 raise _Dropped
             piece = body[sent : min(limit, sent + max(1, shape.chunk))]
             handler.wfile.write(piece)
@@ -518,6 +583,16 @@ class FaultServer:
         if seconds > 0 and self._stopping.wait(seconds):
             return True
         return time.monotonic() >= deadline
+
+
+def _covers(record: RecordedRequest, content: _Content | None, offset: int) -> bool:
+    """Whether the request asks for the content byte at ``offset``."""
+    if content is None:
+        return False
+    size = len(content.body)
+    wanted = record.header("Range")
+    span = (0, size - 1) if wanted is None else _parse_range(wanted, size)
+    return span is not None and span[0] <= offset <= span[1]
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
