@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from fastpull.cli import main
+from tests.support.faultserver import FaultServer
 
 _counter = itertools.count()
 
@@ -39,6 +41,24 @@ def cli(capsys: pytest.CaptureFixture[str], docker_config: Any) -> Any:
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+Start = Callable[..., FaultServer]
+
+
+@pytest.fixture
+def servers() -> Iterator[Start]:
+    """Start FaultServers (keyword options as for FaultServer); all stop after the test."""
+    started: list[FaultServer] = []
+
+    def start(**options: Any) -> FaultServer:
+        server = FaultServer(**options).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import pytest
 import fastpull
 from fastpull.download import BlobStats
 from fastpull.puller import PullResult
-from tests.integration.conftest import blob, blob_gets, index_entries
+from tests.integration.conftest import Start, blob, blob_gets, index_entries
 from tests.support.faultserver import FaultServer, RecordedRequest, Redirect, Respond, Serve
 from tests.support.images import Layer, make_image, make_layer
 
@@ -50,23 +50,6 @@ BOTH_MODES = pytest.mark.parametrize("workers", [0, 2], ids=["inline", "processe
 PULL_DEADLINE = 20.0
 # Inside the second 2 MiB chunk of a layer fetched over 4 connections.
 SECOND_CHUNK = 3 * MIB
-
-Start = Callable[..., FaultServer]
-
-
-@pytest.fixture
-def servers() -> Iterator[Start]:
-    """Start FaultServers (keyword options as for FaultServer); all stop after the test."""
-    started: list[FaultServer] = []
-
-    def start(**options: Any) -> FaultServer:
-        server = FaultServer(**options).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in reversed(started):
-        server.stop()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import pytest
 
 from fastpull.manifest import MAX_MANIFEST_SIZE
 from fastpull.transport import MAX_REDIRECTS
-from tests.integration.conftest import blob, entry_for, index_entries
+from tests.integration.conftest import Start, blob, entry_for, index_entries
 from tests.support.faultserver import FaultServer, Flood, Redirect, Respond, Serve
 from tests.support.images import (
     DOCKER_MANIFEST,
@@ -51,24 +51,8 @@ SCHEMA2_AND_OCI = {
     "application/vnd.docker.distribution.manifest.v2+json",
 }
 
-Start = Callable[..., FaultServer]
 # An in-process pull that hangs is stopped as Ctrl-C would stop it, so the test fails instead.
 PULL_DEADLINE = 20.0
-
-
-@pytest.fixture
-def servers() -> Iterator[Start]:
-    """Start FaultServers (keyword options as for FaultServer); all stop after the test."""
-    started: list[FaultServer] = []
-
-    def start(**options: Any) -> FaultServer:
-        server = FaultServer(**options).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in reversed(started):
-        server.stop()
 
 
 @pytest.fixture
