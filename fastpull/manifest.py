@@ -110,12 +110,7 @@ def parse_document(
     header_type = _content_type(content_type)
     if header_type in SCHEMA1_TYPES:
         raise _schema1(where)
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ManifestError(f"{where}: manifest is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise ManifestError(f"{where}: manifest is not a JSON object")
+    doc = _json_object(raw, where, "manifest")
     version = doc.get("schemaVersion")
     if version == 1:
         raise _schema1(where)
@@ -141,6 +136,16 @@ def parse_document(
     if media_type in MANIFEST_TYPES or (media_type in _GENERIC_TYPES and has_image_parts):
         return _parse_manifest(doc, media_type or OCI_MANIFEST, digest, raw, where)
     raise UnsupportedManifest(f"{where}: unsupported manifest media type {media_type[:100]!r}")
+
+
+def _json_object(raw: bytes, where: str, kind: str) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ManifestError(f"{where}: {kind} is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where}: {kind} is not a JSON object")
+    return doc
 
 
 def _schema1(where: str) -> UnsupportedManifest:
@@ -256,12 +261,7 @@ def parse_config(raw: bytes, what: str, layer_count: int | None = None) -> Image
     With ``layer_count``, the config's ``rootfs.diff_ids`` must list as many layers as
     the manifest, as docker checks.
     """
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ManifestError(f"{what}: image config is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise ManifestError(f"{what}: image config is not a JSON object")
+    doc = _json_object(raw, what, "image config")
     rootfs = doc.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if layer_count is not None and isinstance(diff_ids, list) and len(diff_ids) != layer_count:
