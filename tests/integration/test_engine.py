@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 import fastpull
-from fastpull.download import BlobStats
+from fastpull.download import RAMP_START, BlobStats
 from fastpull.puller import PullResult
 from tests.integration.conftest import Start, blob, blob_gets, index_entries
 from tests.support.faultserver import FaultServer, RecordedRequest, Redirect, Respond, Serve
@@ -209,12 +209,13 @@ def test_server_ignoring_range_gets_one_plain_stream(
     path = server.blob_path(REPO, layer.digest)
     whole = Serve(ignore_range=True, times=None)
     if good_chunks:
-        # After the first, the eleven other chunks are asked for at once (16 connections);
-        # their 200s reach the client together, as from a server that stopped honouring Range.
-        # Those that ended before the engine cancelled them must count as stopped too, or
-        # the single-stream restart never comes (that once hung the pull). Worker processes
-        # report such endings in one batch every time; inline it depends on thread timing.
-        others = _planned_chunks(layer.size, layer.size, 16) - good_chunks
+        # After the first, the next chunks are asked for at once (as many as the connection
+        # ramp starts with); their 200s reach the client together, as from a server that
+        # stopped honouring Range. Those that ended before the engine cancelled them must
+        # count as stopped too, or the single-stream restart never comes (that once hung the
+        # pull). Worker processes report such endings in one batch every time; inline it
+        # depends on thread timing.
+        others = min(_planned_chunks(layer.size, layer.size, 16) - good_chunks, RAMP_START)
         together = Serve(ignore_range=True, gate=threading.Barrier(others), times=others)
         server.script(path, Serve(times=good_chunks), together, whole)
     else:
@@ -744,3 +745,24 @@ def test_memory_does_not_grow_with_the_blob(
         assert processes >= 3, "the workers were never seen"
 
     assert peaks["big"] < peaks["small"] + 30_000_000, peaks
+
+
+# -- how many transfers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["inline", "processes"])
+def test_connections_ramp_up_while_each_one_adds_throughput(
+    servers: Start, store: Path, workers: int
+) -> None:
+    """Behind a per-connection cap every added transfer raises the total rate, so the engine
+    goes past the few it starts with (the cap is what CDNs and limit_rate proxies impose)."""
+    server = servers()
+    layer = _layer(48 * MIB)
+    ref = _serve(server, layer)
+    server.script(server.blob_path(REPO, layer.digest), Serve(rate=4 * MIB, times=None))
+
+    result, _ = _pull(ref, workers=workers, connections=16)
+
+    assert _stats(result, layer.digest).connections > RAMP_START
+    assert server.peak_answering > RAMP_START
+    assert _sha256(blob(store, layer.digest)) == layer.digest
