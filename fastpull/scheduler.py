@@ -110,10 +110,6 @@ class Scheduler:
             self._pending.append((0.0, self._new(blob, position, stop, 1)))
             position = stop
 
-    def size(self, blob: int) -> int:
-        """The blob's size in bytes."""
-        return self._blobs[blob].size
-
     # -- handing out work ----------------------------------------------------------------
 
     def next_chunk(
