@@ -37,13 +37,12 @@ import contextlib
 import json
 import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -51,6 +50,7 @@ from urllib.parse import unquote, urlsplit
 import trustme
 
 from tests.support.images import Blob, Image, Index
+from tests.support.netutil import LoopbackHTTPServer
 
 # What Go's net/http (and so the real registry) answers to a TLS handshake on a plain port;
 # curl then fails the handshake at once instead of waiting for its connect timeout.
@@ -161,31 +161,13 @@ class _Content:
     headers: Mapping[str, str]
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """Threaded server whose TLS handshake happens in the worker thread, not in accept()."""
-
-    daemon_threads = True
+class _HTTPServer(LoopbackHTTPServer):
     # stop() joins handler threads itself, with a bound; server_close() must not wait forever.
     block_on_close = False
 
     def __init__(self, owner: FaultServer, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler, ssl_context)
         self.owner = owner
-        self.ssl_context = ssl_context
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, addr = super().get_request()
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
-        return sock, addr
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up mid-response are what these tests provoke, not server errors.
-        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import sys
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 # The harness marks its own traffic so request logs can tell it apart from the client under test.
@@ -52,3 +55,33 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP(S) server on 127.0.0.1 (free port) for the harness's own servers.
+
+    The TLS handshake happens in the handler thread, not in ``accept()``, so a client that
+    never completes it cannot block the accept loop; clients that reject the certificate or
+    hang up mid-response are what tests provoke, so they are not reported as errors.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], ssl_context: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.ssl_context = ssl_context
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)

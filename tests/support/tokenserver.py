@@ -22,13 +22,12 @@ import fnmatch
 import json
 import secrets
 import ssl
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -38,6 +37,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from tests.support.netutil import LoopbackHTTPServer
 
 # What an authenticated user may do by default; distribution 2.8 asks for "delete" on DELETE.
 FULL_ACCESS = ("pull", "push", "delete")
@@ -178,30 +179,10 @@ def _make_signer() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     return key, cert
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """Threaded server that performs the TLS handshake in the worker thread, not in accept()."""
-
-    daemon_threads = True
-
+class _HTTPServer(LoopbackHTTPServer):
     def __init__(self, owner: TokenServer, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler, ssl_context)
         self.owner = owner
-        self.ssl_context = ssl_context
-
-    def get_request(self) -> tuple[Any, Any]:
-        sock, addr = super().get_request()
-        if self.ssl_context is not None:
-            # A client that never completes the handshake must not block the accept loop.
-            sock = self.ssl_context.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
-        return sock, addr
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that reject our certificate or hang up are part of the tests, not errors.
-        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
