@@ -303,7 +303,7 @@ class FaultServer:
         """``127.0.0.1:PORT``."""
         if self._httpd is None:
             raise RuntimeError("fault server is not running")
-        return f"127.0.0.1:{self._httpd.server_address[1]}"
+        return self._httpd.host
 
     @property
     def url(self) -> str:

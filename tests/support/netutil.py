@@ -73,6 +73,11 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), handler)
         self.ssl_context = ssl_context
 
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` this server listens on."""
+        return f"127.0.0.1:{self.server_address[1]}"
+
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
         if self.ssl_context is not None:

@@ -285,7 +285,7 @@ class TokenServer:
         """``127.0.0.1:PORT`` of the running server."""
         if self._httpd is None:
             raise RuntimeError("token server is not running")
-        return f"127.0.0.1:{self._httpd.server_address[1]}"
+        return self._httpd.host
 
     @property
     def realm(self) -> str:
