@@ -30,7 +30,7 @@ def check() -> None:
     if _received is not None:
         name = "interrupted" if _received == signal.SIGINT else "terminated"
         raise Interrupted(
-            f"{name}; completed blobs stay in the store, partial downloads were discarded",
+            f"{name}; completed blobs stay in the store, partial downloads resume next time",
             exit_code=_EXIT_CODES.get(_received, 130),
         )
 

@@ -15,6 +15,12 @@ Per chunk, until its blob is committed or its attempts run out:
   the bytes already written;
 - a 200 to a Range request: the server ignores Range; the blob falls back to one stream;
 - the digest does not match: fetch the blob again, then fail with DigestMismatch.
+
+Every finished range goes into the ingest's resume journal with the checksum its worker
+computed; on any stop (Ctrl-C, an error) the transfers in flight are cancelled and what
+they wrote is journaled too, so the next run of any pull needing the blob fetches only
+what is missing (``store.Ingest.resumed``). A server whose ETag for the blob changed
+since then gets every resumed range fetched again.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .errors import (
     ProtocolError,
     Unauthorized,
 )
+from .journal import Extent
 from .scheduler import Chunk, Outcome, Policy, Scheduler
 from .store import Ingest, Store
 from .transport import (
@@ -54,6 +61,7 @@ from .transport import (
 from .types import Descriptor, Digest
 from .verify import Verifier
 from .worker import (
+    Accepted,
     Cancel,
     Command,
     Fetch,
@@ -80,6 +88,8 @@ RAMP_START = 4
 RAMP_INTERVAL = 0.5
 RAMP_GAIN = 1.1
 RAMP_PATIENCE = 2  # intervals without gain before the ramp stops
+# On a stop, how long to wait for the transfers in flight to report what they wrote.
+DRAIN_SECONDS = 0.5
 
 
 class BlobSource(Protocol):
@@ -111,6 +121,7 @@ class BlobStats:
     already_present: bool = False
     chunks: int = 0
     retries: int = 0
+    resumed: int = 0
 
 
 def default_workers(total_bytes: int) -> int:
@@ -142,6 +153,8 @@ class _Blob:
     connections: int = 0
     reported: float = 0.0
     done: bool = False
+    resumed: int = 0
+    etag_checked: bool = False
 
     @property
     def digest(self) -> Digest:
@@ -307,7 +320,9 @@ class Downloader:
             blob_stack.close()
             raise
         stack.push(blob_stack)
-        return _Blob(descriptor, ingest, blob_stack, Verifier(descriptor.digest, ingest.fd))
+        resumed = sum(extent.length for extent in ingest.resumed)
+        verifier = Verifier(descriptor.digest, ingest.fd)
+        return _Blob(descriptor, ingest, blob_stack, verifier, resumed=resumed)
 
 
 class _Job:
@@ -321,7 +336,8 @@ class _Job:
         self.source = source
         self.pool = pool
         policy = Policy(connections=owner.connections, max_attempts=owner.retry.attempts)
-        self.sched = Scheduler([b.size for b in blobs], policy)
+        resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
+        self.sched = Scheduler([b.size for b in blobs], policy, resumed)
         self.limit = min(owner.connections, RAMP_START)
         self.per_worker = math.ceil(self.limit / pool.size)
         self._ramp_at = time.monotonic() + RAMP_INTERVAL
@@ -334,20 +350,39 @@ class _Job:
         # Where each request went: answers are judged by their own URL, not the blob's
         # current one, which may have moved on (a re-resolved redirect) meanwhile.
         self.chunk_url: dict[int, str] = {}
+        self.chunk_start: dict[int, int] = {}
         self.results: list[BlobStats] = []
 
     def run(self) -> list[BlobStats]:
-        while not all(b.done for b in self.blobs):
-            cancel.check()
-            now = time.monotonic()
-            self._ramp(now)
-            self._dispatch(now)
-            for report in self.pool.receive(self._wait(now)):
-                self._handle(report)
-            for index, blob in enumerate(self.blobs):
-                if not blob.done:
-                    self._verify(index, blob)
+        try:
+            while not all(b.done for b in self.blobs):
+                cancel.check()
+                now = time.monotonic()
+                self._ramp(now)
+                self._dispatch(now)
+                for report in self.pool.receive(self._wait(now)):
+                    self._handle(report)
+                for index, blob in enumerate(self.blobs):
+                    if not blob.done:
+                        self._verify(index, blob)
+        except BaseException:
+            self._drain()
+            raise
         return self.results
+
+    def _drain(self) -> None:
+        """Stop every transfer and journal what each wrote, for the next run to resume."""
+        waiting = {c.id for c in self.sched.active_chunks()}
+        # Whatever went wrong may have broken a worker too; the journal is best effort here.
+        with contextlib.suppress(Exception):
+            for chunk_id in waiting:
+                self.pool.tell(chunk_id, Cancel(chunk_id))
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while waiting and time.monotonic() < deadline:
+                for report in self.pool.receive(0.05):
+                    if isinstance(report, Finished) and report.chunk_id in waiting:
+                        waiting.discard(report.chunk_id)
+                        self._journal(report)
 
     def _wait(self, now: float) -> float:
         ready = self.sched.next_ready_time()
@@ -421,12 +456,15 @@ class _Job:
         self.positions[chunk.id] = chunk.start
         self.chunk_blob[chunk.id] = chunk.blob
         self.chunk_url[chunk.id] = blob.url
+        self.chunk_start[chunk.id] = chunk.start
         self.pool.assign(fetch)
 
     # -- what workers report -------------------------------------------------------------
 
     def _handle(self, report: Report) -> None:
-        if isinstance(report, Progress):
+        if isinstance(report, Accepted):
+            self._accepted(report)
+        elif isinstance(report, Progress):
             for chunk_id, position in report.positions:
                 self._moved(chunk_id, position)
         elif isinstance(report, Shrunk):
@@ -435,6 +473,34 @@ class _Job:
             self._moved(report.chunk_id, report.position)
             self.pool.released(report.chunk_id)
             self._finished(report)
+
+    def _accepted(self, report: Accepted) -> None:
+        """Judge resumed bytes by the ETag of the blob's first answer in this run."""
+        index = self.chunk_blob.get(report.chunk_id)
+        if index is None or not report.etag:
+            return
+        blob = self.blobs[index]
+        known = blob.ingest.etag
+        if known is None:
+            blob.ingest.record_etag(report.etag)
+        elif report.etag != known and not blob.etag_checked:
+            # The server's bytes changed since the journaled ranges were written. This is
+            # the blob's only request so far (the first runs alone), and what it writes is
+            # current: only the resumed ranges must come again.
+            blob.ingest.restart()
+            blob.ingest.record_etag(report.etag)
+            blob.verifier.restart()
+            blob.resumed = 0
+            self.sched.refetch_done(index)
+        blob.etag_checked = True
+
+    def _journal(self, report: Finished) -> None:
+        """Record the bytes a finished transfer wrote, as its worker checksummed them."""
+        start = self.chunk_start.pop(report.chunk_id, None)
+        index = self.chunk_blob.get(report.chunk_id)
+        if start is None or index is None or not report.checksum or report.position <= start:
+            return
+        self.blobs[index].ingest.record(Extent(start, report.position, report.checksum))
 
     def _moved(self, chunk_id: int, position: int) -> None:
         index = self.chunk_blob.get(chunk_id)
@@ -456,6 +522,7 @@ class _Job:
 
     def _finished(self, report: Finished) -> None:
         chunk_id = report.chunk_id
+        self._journal(report)
         index = self.chunk_blob.pop(chunk_id)
         self.positions.pop(chunk_id, None)
         blob = self.blobs[index]
@@ -559,12 +626,14 @@ class _Job:
         self.o.emit(events.LayerEvent(blob.digest, events.VERIFYING, blob.size, blob.size))
         if not blob.verifier.matches():
             if blob.digest_attempts >= _MAX_DIGEST_ATTEMPTS:
+                blob.ingest.discard()  # the next run must not resume these bytes
                 raise DigestMismatch(
                     f"blob {blob.digest}: downloaded content has digest "
                     f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}; refused after "
                     f"{blob.digest_attempts} attempts"
                 )
             blob.digest_attempts += 1
+            blob.ingest.restart()
             blob.verifier.restart()
             blob.url, blob.resolved = "", False
             self.sched.replan(index, blob.digest_attempts)
@@ -584,6 +653,7 @@ class _Job:
                 max(1, blob.connections),
                 chunks=blob.chunks,
                 retries=blob.retries,
+                resumed=blob.resumed,
             )
         )
 

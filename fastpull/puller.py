@@ -79,6 +79,7 @@ class PullResult:
                     "connections": b.connections,
                     "chunks": b.chunks,
                     "retries": b.retries,
+                    "resumed": b.resumed,
                     "already_present": b.already_present,
                 }
                 for b in self.blobs

@@ -81,13 +81,24 @@ class Policy:
 class Scheduler:
     """Chunk bookkeeping for a set of blobs of known sizes (identified by index)."""
 
-    def __init__(self, sizes: list[int], policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        policy: Policy | None = None,
+        done: list[list[tuple[int, int]]] | None = None,
+    ) -> None:
+        """``done[i]`` lists ranges of blob ``i`` already written (resumed): they are not
+        fetched again."""
         self.policy = policy or Policy()
         self._blobs = [_Blob(size) for size in sizes]
         self._next_id = 0
         self._pending: list[tuple[float, Chunk]] = []
         self._active: dict[int, _Active] = {}
-        target = sum(sizes) // max(1, self.policy.connections * 4)
+        for index, ranges in enumerate(done or []):
+            for start, end in ranges:
+                self._mark_done(index, max(0, start), min(sizes[index], end))
+        missing = sum(size - self.received(i) for i, size in enumerate(sizes))
+        target = missing // max(1, self.policy.connections * 4)
         self.chunk_size = max(self.policy.min_chunk, min(self.policy.max_chunk, target))
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
@@ -96,19 +107,41 @@ class Scheduler:
         self._next_id += 1
         return Chunk(self._next_id, blob, start, end, attempt)
 
-    def _plan(self, blob: int) -> None:
-        """Queue a whole blob: one request if it is small, else chunks of ``chunk_size``."""
-        size = self._blobs[blob].size
-        if size <= self.chunk_size * 3 // 2 or self._blobs[blob].single_stream:
-            self._pending.append((0.0, self._new(blob, 0, size, 1)))
-            return
+    def _gaps(self, blob: int) -> list[tuple[int, int]]:
+        """The byte ranges of a blob that are neither done, nor being fetched, nor queued."""
+        info = self._blobs[blob]
+        taken = sorted(
+            [(0, info.prefix), *info.done.items()]
+            + [(a.chunk.start, a.chunk.end) for a in self._active.values() if a.chunk.blob == blob]
+            + [(c.start, c.end) for _, c in self._pending if c.blob == blob]
+        )
+        gaps: list[tuple[int, int]] = []
         position = 0
-        while position < size:
-            stop = min(size, position + self.chunk_size)
-            if size - stop < self.chunk_size // 2:
-                stop = size  # no runt chunk at the tail
-            self._pending.append((0.0, self._new(blob, position, stop, 1)))
-            position = stop
+        for start, end in taken:
+            if start > position:
+                gaps.append((position, start))
+            position = max(position, end)
+        if position < info.size:
+            gaps.append((position, info.size))
+        return gaps
+
+    def _plan(self, blob: int, attempt: int = 1) -> None:
+        """Queue what a blob still misses: small gaps as one request, big ones in chunks of
+        ``chunk_size``; a single-stream blob as one request from byte 0."""
+        info = self._blobs[blob]
+        if info.single_stream:
+            self._pending.append((0.0, self._new(blob, 0, info.size, attempt)))
+            return
+        for gap_start, gap_end in self._gaps(blob):
+            position = gap_start
+            while position < gap_end:
+                stop = min(gap_end, position + self.chunk_size)
+                if gap_end - stop < self.chunk_size // 2:
+                    stop = gap_end  # no runt chunk at the tail
+                self._pending.append((0.0, self._new(blob, position, stop, attempt)))
+                position = stop
+        if info.size == 0 and not self.active_chunks(blob) and not self._queued(blob):
+            self._pending.append((0.0, self._new(blob, 0, 0, attempt)))
 
     # -- handing out work ----------------------------------------------------------------
 
@@ -247,15 +280,17 @@ class Scheduler:
 
     def replan(self, blob: int, attempt: int) -> None:
         """Fetch a whole blob again (its bytes did not hash to the digest)."""
-        info = self._blobs[blob]
-        info.done.clear()
-        info.prefix = 0
+        self._blobs[blob].done.clear()
+        self._blobs[blob].prefix = 0
         self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
-        first = len(self._pending)
+        self._plan(blob, attempt)
+
+    def refetch_done(self, blob: int) -> None:
+        """Drop the blob's done ranges (resumed bytes that turned out stale) and queue them
+        again, leaving running transfers alone: what they write is current."""
+        self._blobs[blob].done.clear()
+        self._blobs[blob].prefix = 0
         self._plan(blob)
-        self._pending[first:] = [
-            (t, Chunk(c.id, c.blob, c.start, c.end, attempt)) for t, c in self._pending[first:]
-        ]
 
     # -- how far each blob is ------------------------------------------------------------
 
@@ -286,14 +321,13 @@ class Scheduler:
                 return active.position
         return info.prefix
 
+    def _queued(self, blob: int) -> bool:
+        return any(c.blob == blob for _, c in self._pending)
+
     def complete_blob(self, blob: int) -> bool:
         """Every byte of the blob is written and no transfer of it is running or queued."""
         info = self._blobs[blob]
-        return (
-            info.prefix >= info.size
-            and not self.active_chunks(blob)
-            and not any(c.blob == blob for _, c in self._pending)
-        )
+        return info.prefix >= info.size and not self.active_chunks(blob) and not self._queued(blob)
 
     def received(self, blob: int) -> int:
         """Bytes written so far, done or in flight (for progress display)."""

@@ -45,6 +45,7 @@ import orjson
 from . import cancel
 from .errors import DigestMismatch, ManifestError, StoreError
 from .hashing import new_hasher
+from .journal import Extent, Journal
 from .types import Descriptor, Digest
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -390,7 +391,8 @@ class Store:
                     ...  # os.pwrite(ing.fd, chunk, offset), hashing the bytes
                     ing.commit(hasher.hexdigest())
 
-        Leaving without ``commit`` deletes the partial data.
+        Leaving without ``commit`` keeps the journaled part of the data for the next
+        ingest of this digest to resume from (see :class:`Ingest`).
         """
         return Ingest(self, digest, size)
 
@@ -505,10 +507,13 @@ class Store:
 class Ingest:
     """One blob being downloaded into ``ingest/``; made by :meth:`Store.ingest`.
 
-    Files: ``ingest/<alg>-<hex>.lock`` (flock'ed while entered, deleted on exit) and
-    ``path`` = ``ingest/<alg>-<hex>.data`` (the bytes; its name stays stable so that a resume
-    journal can find it later). After entering, ``present`` tells whether the blob was
-    already stored; ``committed`` becomes True once :meth:`commit` succeeded.
+    Files, all named ``ingest/<alg>-<hex>.*``: ``.lock`` (flock'ed while entered, deleted
+    on exit), ``.data`` (the bytes, at their offsets) and ``.journal`` (which ranges of
+    ``.data`` are finished, see :mod:`fastpull.journal`). After entering, ``present``
+    tells whether the blob was already stored; otherwise :attr:`resumed` lists the ranges
+    an earlier, interrupted download left that still match their checksums, and the
+    caller fetches only the rest. An ingest left without :meth:`commit` keeps its data and
+    journal for the next run, unless :meth:`discard` threw them away.
 
     One process must not enter two ingests of the same digest at once: flock would make it
     wait for itself forever, so that raises RuntimeError instead.
@@ -520,9 +525,11 @@ class Ingest:
         self.size = size
         stem = store.root / "ingest" / f"{digest.algorithm}-{digest.hex}"
         self.path = stem.with_name(stem.name + ".data")
+        self.journal_path = stem.with_name(stem.name + ".journal")
         self._lock_path = stem.with_name(stem.name + ".lock")
         self._lock_fd: int | None = None
         self._fd: int | None = None
+        self._journal: Journal | None = None
         self.present = False
         self.committed = False
 
@@ -536,15 +543,21 @@ class Ingest:
         try:
             if self.store.has_blob(self.digest, self.size):
                 self.present = True
+                self.discard()  # what a run killed after its commit left behind
             else:
-                with _os_errors(root, f"create {self.path.name}"):
-                    self._fd = os.open(
-                        self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-                    )
+                self._open()
         except BaseException:
+            self._close()
             self._release_lock()
             raise
         return self
+
+    def _open(self) -> None:
+        with _os_errors(self.store.root, f"open {self.path.name}"):
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._journal = Journal.resume(self.journal_path, self.digest, self.size, self._fd)
+            if not self._journal.extents:
+                os.ftruncate(self._fd, 0)  # stale bytes nobody vouches for
 
     def __exit__(
         self,
@@ -552,8 +565,9 @@ class Ingest:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.committed:
-            self._discard()
+        if self._journal is not None and not self._journal.extents:
+            self.discard()  # nothing finished: nothing worth keeping
+        self._close()
         self._release_lock()
 
     @property
@@ -562,6 +576,16 @@ class Ingest:
         if self._fd is None:
             raise RuntimeError(f"ingest of {self.digest} is not open for writing")
         return self._fd
+
+    @property
+    def resumed(self) -> tuple[Extent, ...]:
+        """Finished ranges found in the journal (checked against the data) at entry."""
+        return tuple(self._journal.extents) if self._journal is not None else ()
+
+    @property
+    def etag(self) -> str | None:
+        """The server's validator for the journaled bytes, if one was recorded."""
+        return self._journal.etag if self._journal is not None else None
 
     def preallocate(self) -> None:
         """Reserve ``size`` bytes now, so a full disk fails here and not mid-download."""
@@ -578,6 +602,26 @@ class Ingest:
         except OSError as exc:
             raise _store_error(exc, self.store.root, "preallocate", need=self.size) from exc
 
+    def record(self, extent: Extent) -> None:
+        """Journal a finished range of the data file (synced before returning)."""
+        with _os_errors(self.store.root, f"write {self.journal_path.name}"):
+            self._open_journal().record(extent)
+
+    def record_etag(self, etag: str) -> None:
+        """Journal the validator the server sent with the blob's bytes."""
+        with _os_errors(self.store.root, f"write {self.journal_path.name}"):
+            self._open_journal().record_etag(etag)
+
+    def restart(self) -> None:
+        """Forget every journaled range: the blob is being fetched again from byte 0."""
+        with _os_errors(self.store.root, f"write {self.journal_path.name}"):
+            self._open_journal().reset()
+
+    def _open_journal(self) -> Journal:
+        if self._journal is None:
+            raise RuntimeError(f"ingest of {self.digest} is not open for writing")
+        return self._journal
+
     def commit(self, actual_hex: str) -> None:
         """Move the data into ``blobs/``, given the hex digest the caller computed over it.
 
@@ -586,7 +630,7 @@ class Ingest:
         """
         fd = self.fd
         if actual_hex != self.digest.hex:
-            self._discard()
+            self.discard()
             raise DigestMismatch(
                 f"downloaded blob does not match its digest: expected {self.digest}, "
                 f"got {self.digest.algorithm}:{actual_hex[:128]}",
@@ -597,7 +641,7 @@ class Ingest:
         with _os_errors(root, f"commit blob {self.digest}"):
             written = os.fstat(fd).st_size
         if written != self.size:
-            self._discard()
+            self.discard()
             raise DigestMismatch(
                 f"downloaded blob {self.digest} is {written} bytes, expected {self.size}",
                 expected=str(self.digest),
@@ -606,18 +650,28 @@ class Ingest:
         with _os_errors(root, f"commit blob {self.digest}"):
             os.fsync(fd)
             self.store._publish(self.path, self.digest)
-        self._fd = None
-        os.close(fd)
         self.committed = True
+        self.discard()  # only the journal and the descriptor are left to drop
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
+        """Close and delete the data and its journal (nothing of them is worth keeping)."""
+        self._close()
+        self._journal = None
+        # Best effort: this runs while an exception may be propagating, and leftovers
+        # are harmless (a journal without its data resumes nothing).
+        for path in (self.journal_path, self.path):
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        """Close the files, keeping them for the next run."""
+        if self._journal is not None:
+            # A failed sync loses at most the newest records: their ranges come again.
+            with contextlib.suppress(OSError):
+                self._journal.close()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-        # Best effort: this runs while an exception may be propagating, and a leftover
-        # .data file is harmless (the next ingest of this digest truncates it).
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
 
     def _release_lock(self) -> None:
         if self._lock_fd is None:

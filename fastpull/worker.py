@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import pycurl
+import xxhash
 
 from .errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
+from .journal import new_checksum
 from .transport import TLSConfig, configure_easy, curl_error, parse_header_line
 
 # libcurl's receive buffer per transfer: large reads mean few Python callbacks and few
@@ -93,13 +95,27 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """Chunk ``chunk_id``'s response carries its bytes; ``etag`` is its ETag ('' if none).
+
+    Sent before any progress of that transfer, so the parent can judge resumed bytes
+    against the server's validator before more requests for the blob go out.
+    """
+
+    chunk_id: int
+    etag: str
+
+
+@dataclass(frozen=True)
 class Finished:
     """A transfer ended.
 
     ``kind`` is ``done`` (the chunk is written), ``status`` (an HTTP answer that is not
     data: redirect, 401, 429, 5xx...), ``range-ignored`` (200 to a Range request; nothing
     written), ``error`` (network failure, short body, bad Content-Range: ``error`` says
-    which) or ``cancelled``. ``position`` is how far the chunk is written.
+    which) or ``cancelled``. ``position`` is how far the chunk is written, and
+    ``checksum`` the xxh3-128 of the bytes written from the chunk's start up to there
+    (for the resume journal; '' when nothing was written).
     """
 
     chunk_id: int
@@ -109,6 +125,7 @@ class Finished:
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
     error: FastpullError | None = None
+    checksum: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,7 +136,7 @@ class Shrunk:
     end: int
 
 
-Report = Progress | Finished | Shrunk
+Report = Accepted | Progress | Finished | Shrunk
 
 
 @dataclass
@@ -136,6 +153,7 @@ class _Transfer:
     failure: FastpullError | None = None
     cancelled: bool = False
     reported: int = -1
+    checksum: xxhash.xxh3_128 = field(default_factory=new_checksum)
 
     def header(self, name: str) -> str:
         return next((v for k, v in reversed(self.headers) if k == name), "")
@@ -207,6 +225,8 @@ class WorkerLoop:
             t.accepted = None
         elif line in (b"\r\n", b"\n") and t.status is not None and t.status >= 200:
             t.accepted = self._accept(t)
+            if t.accepted:
+                self._out.append(Accepted(t.fetch.chunk_id, t.header("etag")))
 
     def _accept(self, t: _Transfer) -> bool:
         """Whether this response's body is the chunk's bytes."""
@@ -236,13 +256,16 @@ class WorkerLoop:
                 t.body += data[: _ERROR_BODY_CAP - len(t.body)]
             return None
         room = t.limit - t.position
-        if room > 0:
+        view = memoryview(data)[:room]
+        while view:
             try:
-                written = os.pwrite(t.fd, memoryview(data)[:room], t.position)
+                written = os.pwrite(t.fd, view, t.position)
             except OSError as exc:
                 t.failure = StoreError(f"cannot write to the store: {exc.strerror}")
                 return 0
+            t.checksum.update(view[:written])
             t.position += written
+            view = view[written:]
         # Bytes past the (possibly shrunk) end belong to another chunk: stop here.
         return 0 if len(data) > room else None
 
@@ -284,13 +307,21 @@ class WorkerLoop:
         os.close(t.fd)
         if t.position != t.reported:
             self._out.append(Progress(((fetch.chunk_id, t.position),)))
+        checksum = t.checksum.hexdigest() if t.position > fetch.start else ""
         report = Finished(fetch.chunk_id, "error", t.position)
         if t.cancelled:
-            report = Finished(fetch.chunk_id, "cancelled", t.position)
+            report = Finished(fetch.chunk_id, "cancelled", t.position, checksum=checksum)
         elif t.position >= t.limit and t.accepted:
-            report = Finished(fetch.chunk_id, "done", t.position)
+            report = Finished(fetch.chunk_id, "done", t.position, checksum=checksum)
         elif t.failure is not None:
-            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=t.failure)
+            report = Finished(
+                fetch.chunk_id,
+                "error",
+                t.position,
+                t.status or 0,
+                error=t.failure,
+                checksum=checksum,
+            )
         elif t.status == 200 and fetch.ranged:
             report = Finished(fetch.chunk_id, "range-ignored", t.position, 200)
         elif t.status is not None and not t.accepted:
@@ -300,10 +331,14 @@ class WorkerLoop:
             )
         elif curl_failure is not None:
             error = curl_error(curl_failure[0], curl_failure[1], fetch.url)
-            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=error)
+            report = Finished(
+                fetch.chunk_id, "error", t.position, t.status or 0, error=error, checksum=checksum
+            )
         else:
             error = _short_body(fetch, t.position)
-            report = Finished(fetch.chunk_id, "error", t.position, t.status or 0, error=error)
+            report = Finished(
+                fetch.chunk_id, "error", t.position, t.status or 0, error=error, checksum=checksum
+            )
         self._out.append(report)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ functions) must be in :data:`ALLOWED`, which follows the data flow of
     1 name       reference
     2 talk       credentials, auth, transport, settings
     3 what       manifest (pure), registry
-    4 fetch      scheduler (pure), worker
+    4 fetch      scheduler (pure), journal, worker
     5 keep       verify, store, then download (the engine over 4 and 5)
     6 top        puller, progress, listing, cli, __init__, __main__
 
@@ -63,11 +63,12 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"auth", "credentials", "manifest", "reference", "settings", "transport"},
     # 4. how to fetch it
     "scheduler": frozenset({"errors", "types"}),
-    "worker": frozenset({"errors", "transport"}),
+    "journal": frozenset({"types"}),
+    "worker": frozenset({"errors", "journal", "transport"}),
     # 5. trust it, keep it
     "verify": frozenset({"errors", "hashing", "types"}),
-    "store": frozenset({"cancel", "errors", "hashing", "types"}),
-    "download": _FOUNDATION | {"scheduler", "store", "transport", "verify", "worker"},
+    "store": frozenset({"cancel", "errors", "hashing", "journal", "types"}),
+    "download": _FOUNDATION | {"journal", "scheduler", "store", "transport", "verify", "worker"},
     # 6. orchestration and user interface
     "puller": _FOUNDATION
     | {"auth", "credentials", "download", "manifest", "reference", "registry", "settings"}
@@ -83,7 +84,9 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 
 # Modules that touch the network or the store. The pure core must not reach them, not even
 # through another module.
-IO_MODULES = frozenset({"transport", "registry", "worker", "download", "store", "puller"})
+IO_MODULES = frozenset(
+    {"transport", "registry", "journal", "worker", "download", "store", "puller"}
+)
 PURE_MODULES = ("errors", "types", "reference", "auth", "manifest", "scheduler", "events")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -36,7 +35,14 @@ import pytest
 import fastpull
 from fastpull.download import RAMP_START, BlobStats
 from fastpull.puller import PullResult
-from tests.integration.conftest import Start, blob, blob_gets, index_entries
+from tests.integration.conftest import (
+    Start,
+    assert_store_consistent,
+    blob,
+    blob_gets,
+    file_digest,
+    index_entries,
+)
 from tests.support.faultserver import FaultServer, RecordedRequest, Redirect, Respond, Serve
 from tests.support.images import Layer, make_image, make_layer
 
@@ -122,22 +128,6 @@ def _span(request: RecordedRequest) -> tuple[int, int]:
     return int(first), int(last) + 1
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while data := fh.read(4 * MIB):
-            digest.update(data)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def _assert_consistent(store: Path) -> None:
-    """Only verified content in blobs/, and no partial download left in ingest/."""
-    for path in (store / "blobs").rglob("*"):
-        if path.is_file():
-            assert _sha256(path) == f"{path.parent.name}:{path.name}", path
-    assert list((store / "ingest").glob("*.data")) == []
-
-
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -171,7 +161,7 @@ def test_big_layer_comes_in_chunks_one_get_each(
         )
 
     assert result.code == 0, result.err
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
     (stats,) = [
         b for b in json.loads(stats_file.read_text())["blobs"] if b["digest"] == layer.digest
     ]
@@ -228,8 +218,8 @@ def test_server_ignoring_range_gets_one_plain_stream(
     assert len(plain) == 1, [r.header("Range") for r in asked]
     assert asked[-1] is plain[0]
     assert (plain[0].status, plain[0].body_sent) == (200, layer.size)
-    assert _sha256(blob(store, layer.digest)) == layer.digest
-    _assert_consistent(store)
+    assert file_digest(blob(store, layer.digest)) == layer.digest
+    assert_store_consistent(store)
 
 
 def test_206_with_the_wrong_content_range_is_refused(servers: Start, cli: Any, store: Path) -> None:
@@ -251,7 +241,7 @@ def test_206_with_the_wrong_content_range_is_refused(servers: Start, cli: Any, s
     assert wrong in line
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
-    _assert_consistent(store)
+    assert_store_consistent(store)
 
 
 # -- redirects to a CDN ------------------------------------------------------------------------
@@ -287,7 +277,7 @@ def test_cdn_redirect_is_followed_once_and_every_chunk_goes_to_the_cdn(
     assert spans[0][0] == 0
     assert spans[-1][1] == layer.size
     assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 def _signed_urls(
@@ -329,7 +319,7 @@ def test_expired_signed_url_is_asked_of_the_registry_again(
     assert [r.status for r in cdn.requests_for("/1")].count(403) == 1
     assert cdn.requests_for("/2"), "the fresh URL was never used"
     assert all(r.header("Authorization") is None for r in cdn.requests)
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 def test_late_403s_from_an_expired_url_are_not_blamed_on_the_registry(
@@ -347,7 +337,7 @@ def test_late_403s_from_an_expired_url_are_not_blamed_on_the_registry(
     _pull(ref, workers=0)
 
     assert cdn.requests_for("/2")
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 def test_expired_url_is_resolved_once_while_other_chunks_finish(
@@ -363,7 +353,7 @@ def test_expired_url_is_resolved_once_while_other_chunks_finish(
 
     _pull(ref, workers=0, connections=8)
 
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
     at_registry = registry.requests_for(registry.blob_path(REPO, layer.digest))
     assert len(at_registry) == 2
 
@@ -397,7 +387,7 @@ def test_429_and_503_on_chunks_wait_for_retry_after(
         again = [r for r in asked if r.header("Range") == request.header("Range")]
         assert [r.status for r in again] == [request.status, 206]
         assert again[1].received - request.received >= 1.0  # as Retry-After said
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 @BOTH_MODES
@@ -420,7 +410,7 @@ def test_reset_mid_chunk_resumes_after_the_bytes_received(
     (resumed,) = [r for r in asked if r is not broken and _span(r)[1] == end]
     assert _span(resumed) == (start + cut, end)
     assert (resumed.status, resumed.body_sent) == (206, end - start - cut)
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 # -- slow transfers ----------------------------------------------------------------------------
@@ -445,7 +435,7 @@ def test_stalled_chunk_is_abandoned_and_resumed(servers: Start, store: Path, wor
     resumed = [_span(r) for r in asked if r is not trickled and _span(r)[1] == end]
     assert len(resumed) == 1
     assert start < resumed[0][0] <= start + trickled.body_sent
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 def test_slow_but_steady_transfer_is_not_taken_for_a_stall(servers: Start, store: Path) -> None:
@@ -462,8 +452,8 @@ def test_slow_but_steady_transfer_is_not_taken_for_a_stall(servers: Start, store
     assert _stats(result, small.digest).retries == 0
     assert [(r.status, r.body_sent) for r in server.requests_for(path)] == [(200, small.size)]
     assert elapsed >= 3.0  # the throttle did hold it past the stall timeout
-    assert _sha256(blob(store, small.digest)) == small.digest
-    assert _sha256(blob(store, big.digest)) == big.digest
+    assert file_digest(blob(store, small.digest)) == small.digest
+    assert file_digest(blob(store, big.digest)) == big.digest
 
 
 @BOTH_MODES
@@ -489,7 +479,7 @@ def test_endgame_splits_the_chunk_of_a_slow_connection(
     assert _stats(result, layer.digest).chunks > _planned_chunks(layer.size, layer.size, 2)
     # Alone, the slow connection would need 16 s for its chunk.
     assert elapsed < 10
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 # -- wrong bytes -------------------------------------------------------------------------------
@@ -509,8 +499,8 @@ def test_corrupted_chunk_once_is_fetched_again(servers: Start, store: Path, work
     assert stats.attempts == 2
     planned = _planned_chunks(layer.size, layer.size, 4)
     assert len(server.requests_for(path)) == stats.chunks == 2 * planned
-    assert _sha256(blob(store, layer.digest)) == layer.digest
-    _assert_consistent(store)
+    assert file_digest(blob(store, layer.digest)) == layer.digest
+    assert_store_consistent(store)
 
 
 def test_corrupted_chunk_every_time_is_a_digest_mismatch(
@@ -532,7 +522,7 @@ def test_corrupted_chunk_every_time_is_a_digest_mismatch(
     assert len(server.requests_for(path)) == 2 * _planned_chunks(layer.size, layer.size, 4)
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
-    _assert_consistent(store)
+    assert_store_consistent(store)
 
 
 # -- limits ------------------------------------------------------------------------------------
@@ -548,7 +538,7 @@ def test_connections_caps_transfers_across_worker_processes(servers: Start, stor
 
     result, _ = _pull(ref, workers=2, connections=3)
 
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest
     assert server.peak_answering <= 3
     assert _stats(result, layer.digest).connections <= 3
 
@@ -676,7 +666,7 @@ def _assert_interrupted(
     assert [pid for pid in workers if _alive(pid)] == []
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
-    _assert_consistent(store)
+    assert_store_consistent(store)
 
 
 def test_ctrl_c_stops_the_pull_and_every_worker(servers: Start, store: Path) -> None:
@@ -765,4 +755,4 @@ def test_connections_ramp_up_while_each_one_adds_throughput(
 
     assert _stats(result, layer.digest).connections > RAMP_START
     assert server.peak_answering > RAMP_START
-    assert _sha256(blob(store, layer.digest)) == layer.digest
+    assert file_digest(blob(store, layer.digest)) == layer.digest

@@ -36,7 +36,8 @@ AuthMode = Literal["none", "htpasswd", "token"]
 # One access-log line, e.g.
 #   127.0.0.1 - - [28/Nov/2026:07:56:53 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 _ACCESS_LINE = re.compile(
-    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<target>\S+) [^"]*" (?P<status>\d{3}) \S+ '
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<target>\S+) [^"]*" '
+    r"(?P<status>\d{3}) (?P<size>\S+) "
     r'"(?:[^"\\]|\\.)*" "(?P<agent>(?:[^"\\]|\\.)*)"'
 )
 _SYNC_PARAM = "fastpull-harness-sync"
@@ -52,11 +53,13 @@ class RegistryStartError(RuntimeError):
 
 
 class LoggedRequest(NamedTuple):
-    """One access-log entry; ``path`` is the request target as logged, query included."""
+    """One access-log entry; ``path`` is the request target as logged, query included, and
+    ``size`` the body bytes sent."""
 
     method: str
     path: str
     status: int
+    size: int = 0
 
 
 class RegistryServer:
@@ -206,7 +209,10 @@ class RegistryServer:
                 continue
             if not include_harness and match["agent"].startswith(HARNESS_USER_AGENT):
                 continue
-            entries.append(LoggedRequest(match["method"], match["target"], int(match["status"])))
+            size = int(match["size"]) if match["size"].isdigit() else 0
+            entries.append(
+                LoggedRequest(match["method"], match["target"], int(match["status"]), size)
+            )
         return entries
 
     def log_tail(self, lines: int = 40) -> str:

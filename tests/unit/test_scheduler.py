@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -121,14 +122,55 @@ def test_replan_fetches_everything_again() -> None:
     assert {c.attempt for c in again} == {2}
 
 
+def _random_ranges(rng: random.Random, size: int) -> list[tuple[int, int]]:
+    """Disjoint ranges of ``[0, size)``, as a journal could list them (maybe none)."""
+    cuts = sorted({0, size, *(rng.randint(0, size) for _ in range(rng.randint(0, 6)))})
+    return [(a, b) for a, b in itertools.pairwise(cuts) if b > a and rng.random() < 0.5]
+
+
+def test_resumed_ranges_are_not_fetched_again() -> None:
+    s = Scheduler(
+        [40 * MIB],
+        Policy(connections=2, min_chunk=4 * MIB, max_chunk=4 * MIB),
+        [[(0, 10 * MIB), (20 * MIB, 21 * MIB)]],
+    )
+    assert s.prefix(0) == 10 * MIB
+    assert s.received(0) == 11 * MIB
+    chunks = _drain(s)
+    assert (chunks[0].start, chunks[-1].end) == (10 * MIB, 40 * MIB)
+    assert sum(c.length for c in chunks) == 29 * MIB
+    assert all(c.end <= 20 * MIB or c.start >= 21 * MIB for c in chunks)
+
+
+def test_a_blob_resumed_whole_needs_no_request() -> None:
+    s = Scheduler([5 * MIB], Policy(connections=2), [[(0, 5 * MIB)]])
+    assert _drain(s) == []
+    assert s.complete_blob(0)
+
+
+def test_refetch_done_queues_the_resumed_ranges_around_running_transfers() -> None:
+    s = Scheduler(
+        [16 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_chunk=4 * MIB), [[(0, 8 * MIB)]]
+    )
+    running = s.next_chunk(0.0)
+    assert running is not None and (running.start, running.end) == (8 * MIB, 12 * MIB)
+    s.refetch_done(0)
+    assert s.prefix(0) == 0
+    again = _drain(s)
+    spans = sorted((c.start, c.end) for c in again)
+    assert spans == [(0, 4 * MIB), (4 * MIB, 8 * MIB), (12 * MIB, 16 * MIB)]
+
+
 @settings(max_examples=300, deadline=None)
 @given(sizes=st.lists(st.integers(0, 4000), min_size=1, max_size=4), seed=st.integers(0, 2**32))
 def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: int) -> None:
-    """Whatever order chunks complete, fail, get split, every byte ends up done once."""
+    """Whatever was resumed, and whatever order chunks complete, fail, get split in, every
+    byte ends up done exactly once."""
     rng = random.Random(seed)
     policy = Policy(connections=3, min_chunk=100, max_chunk=400, min_split=50, max_attempts=50)
-    s = Scheduler(sizes, policy)
-    written: list[list[tuple[int, int]]] = [[] for _ in sizes]
+    resumed = [_random_ranges(rng, size) for size in sizes]
+    s = Scheduler(sizes, policy, resumed)
+    written: list[list[tuple[int, int]]] = [list(ranges) for ranges in resumed]
     active: dict[int, Chunk] = {}
     position: dict[int, int] = {}
     pending_split: dict[int, int] = {}

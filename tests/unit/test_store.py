@@ -23,8 +23,10 @@ from typing import Any
 import blake3
 import orjson
 import pytest
+import xxhash
 
 from fastpull.errors import DigestMismatch, StoreError
+from fastpull.journal import Extent
 from fastpull.store import REF_NAME_ANNOTATION, Store, resolve_store_path
 from fastpull.types import Descriptor, Digest
 from tests.support.tools import require_tool
@@ -413,6 +415,59 @@ def test_ingest_without_commit_removes_the_data(store: Store) -> None:
         raise KeyboardInterrupt
     assert os.listdir(store.root / "ingest") == []
     assert blob_files(store.root) == []
+
+
+def _extent(data: bytes, start: int, end: int) -> Extent:
+    return Extent(start, end, xxhash.xxh3_128_hexdigest(data[start:end]))
+
+
+def test_ingest_keeps_journaled_data_for_the_next_ingest_to_resume(store: Store) -> None:
+    data = os.urandom(200_000)
+    digest = digest_of(data)
+    first = _extent(data, 0, 80_000)
+    with pytest.raises(KeyboardInterrupt), store.ingest(digest, len(data)) as ing:
+        ing.preallocate()
+        os.pwrite(ing.fd, data[:90_000], 0)  # the last 10 kB were never journaled
+        ing.record_etag('"v1"')
+        ing.record(first)
+        raise KeyboardInterrupt
+    assert sorted(os.listdir(store.root / "ingest")) == [
+        f"sha256-{digest.hex}.data",
+        f"sha256-{digest.hex}.journal",
+    ]
+    with store.ingest(digest, len(data)) as again:
+        assert again.resumed == (first,)
+        assert again.etag == '"v1"'
+        again.preallocate()
+        os.pwrite(again.fd, data[80_000:], 80_000)
+        again.commit(digest.hex)
+    assert store.blob_path(digest).read_bytes() == data
+    assert os.listdir(store.root / "ingest") == []
+
+
+def test_ingest_restart_forgets_the_journaled_ranges(store: Store) -> None:
+    data = os.urandom(1000)
+    digest = digest_of(data)
+    with pytest.raises(KeyboardInterrupt), store.ingest(digest, len(data)) as ing:
+        os.pwrite(ing.fd, data, 0)
+        ing.record(_extent(data, 0, 500))
+        ing.restart()
+        raise KeyboardInterrupt
+    assert os.listdir(store.root / "ingest") == []  # nothing vouched for: nothing kept
+    with store.ingest(digest, len(data)) as again:
+        assert again.resumed == ()
+        assert os.fstat(again.fd).st_size == 0
+
+
+def test_ingest_of_a_present_blob_drops_what_a_killed_run_left(store: Store) -> None:
+    data = b"committed, but the run died before cleaning up"
+    digest = digest_of(data)
+    store.write_blob(digest, data)
+    for suffix in (".data", ".journal"):
+        (store.root / "ingest" / f"sha256-{digest.hex}{suffix}").write_bytes(b"left over")
+    with store.ingest(digest, len(data)) as ing:
+        assert ing.present
+    assert os.listdir(store.root / "ingest") == []
 
 
 def test_ingest_truncates_a_stale_data_file(store: Store) -> None:
