@@ -36,8 +36,13 @@ def check() -> None:
 
 
 @contextmanager
-def handled() -> Iterator[None]:
-    """Install the flag-setting handlers (main thread only; elsewhere a no-op)."""
+def handled(*, ignore_after_stop: bool = False) -> Iterator[None]:
+    """Install the flag-setting handlers (main thread only; elsewhere a no-op).
+
+    With ``ignore_after_stop`` (a command line about to exit), once a stop was requested
+    further SIGINT/SIGTERM are ignored instead of the old handlers coming back, so that a
+    second Ctrl-C during the last cleanup and message cannot end in a traceback.
+    """
     global _received
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -47,6 +52,7 @@ def handled() -> Iterator[None]:
     try:
         yield
     finally:
+        stopped = _received is not None
         for sig, old in previous.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if stopped and ignore_after_stop else old)
         _received = None

@@ -112,7 +112,7 @@ def pull(
     the_store = _open_store(settings)
     render = renderer_for(quiet=quiet, json_output=json_output)
     with (
-        cancel.handled(),
+        cancel.handled(ignore_after_stop=True),
         Puller(the_store, settings=settings, platform=target, on_event=render) as puller,
     ):
         if all_tags:

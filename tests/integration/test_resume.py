@@ -123,8 +123,9 @@ def _blob_stats(stats: dict[str, Any], digest: str) -> dict[str, Any]:
 # -- resume from a journal --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("presses", [1, 3], ids=["ctrl-c", "ctrl-c-thrice"])
 def test_ctrl_c_keeps_what_was_written_and_the_next_pull_fetches_only_the_rest(
-    servers: Start, registry: RegistryServer, repo: str, store: Path, tmp_path: Path
+    servers: Start, registry: RegistryServer, repo: str, store: Path, tmp_path: Path, presses: int
 ) -> None:
     layer = _layer(24 * MIB)
     image = make_image([layer])
@@ -138,13 +139,18 @@ def test_ctrl_c_keeps_what_was_written_and_the_next_pull_fetches_only_the_rest(
         while not _journaled(store, layer.digest):
             assert time.monotonic() < deadline, "no chunk was ever journaled"
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
+        for _ in range(presses):  # more presses than needed must change nothing
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.1)
         code = proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert code == 130
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert code == 130, err
+    assert err.startswith("Error: interrupted") and err.count("\n") == 1, err
     kept = _journaled(store, layer.digest)
     resumable = sum(end - start for start, end in kept)
     assert 0 < resumable < layer.size
