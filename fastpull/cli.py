@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import platform as _platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import click
 import orjson
 
-from . import __version__, cancel, hashing
+from . import __version__, cancel, hashing, storecheck
 from .credentials import Credentials, CredentialStore
-from .errors import FastpullError, UsageError
+from .errors import FastpullError, NoSuchImage, StoreDamaged, UsageError
 from .listing import human_duration, image_rows
+from .maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
 from .progress import human_size, renderer_for
 from .puller import Puller, PullResult
 from .reference import Reference
@@ -31,6 +32,28 @@ _STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/
 
 def _open_store(settings: Settings, create: bool = True) -> Store:
     return Store.open(resolve_store_path(settings.store), create=create)
+
+
+def _timeout_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(0, 86400),
+        default=DEFAULT_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long to wait for running pulls into the store to finish.",
+    )(f)
+
+
+def _waiting_message(store: Store, timeout: float) -> Callable[[], None]:
+    def notify() -> None:
+        click.echo(
+            f"Waiting for other fastpull processes using {store.root} to finish "
+            f"(at most {timeout:g} s)...",
+            err=True,
+        )
+
+    return notify
 
 
 def _tag_was_defaulted(text: str, ref: Reference) -> bool:
@@ -171,9 +194,186 @@ def images(repository: str | None, digests: bool, fmt: str, store: str | None) -
         cells = [row.repository, row.tag] + ([row.digest] if digests else [])
         cells += [row.image_id, human_duration(row.created), human_size(row.size)]
         table.append(cells)
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        click.echo("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(table)
+
+
+@cli.command()
+@click.option(
+    "--repair", is_flag=True, help="Delete corrupt blobs; pull damaged images again by digest."
+)
+@click.option("--jobs", type=click.IntRange(1, 256), help="Blobs hashed at once (default: CPUs).")
+@click.option("--store", help=_STORE_HELP)
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]")
+@click.option("--ca-cert", type=click.Path(dir_okay=False))
+@_timeout_option
+def verify(
+    repair: bool,
+    jobs: int | None,
+    store: str | None,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    timeout: float,
+) -> None:
+    """Re-hash every blob and check that every image has all it needs."""
+    settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert, store=store)
+    the_store = _open_store(settings, create=False)
+    with cancel.handled():
+        report = storecheck.verify(the_store, jobs=jobs)
+        for skipped in report.skipped:
+            click.echo(f"warning: skipped {skipped}", err=True)
+        for problem in report.problems:
+            click.echo(problem.message)
+        checked = f"{_count(report.images, 'image')} and {_count(report.blobs, 'blob')}"
+        if report.ok:
+            click.echo(f"Verified {checked} ({human_size(report.bytes)}): no problems")
+            return
+        if not repair:
+            raise StoreDamaged(
+                f"store {the_store.root} has {_count(len(report.problems), 'problem')}; "
+                "'fastpull verify --repair' deletes corrupt blobs and pulls damaged images again",
+                store=str(the_store.root),
+            )
+        deleted = storecheck.delete_damaged(
+            the_store, report, timeout=timeout, on_wait=_waiting_message(the_store, timeout)
+        )
+        for digest in deleted:
+            click.echo(f"Deleted corrupt blob {digest}")
+        restored, failed = storecheck.restore(
+            the_store,
+            report.broken,
+            settings=settings,
+            on_event=renderer_for(quiet=False, json_output=False),
+        )
+    for name in restored:
+        click.echo(f"Restored {name}")
+    for failure in failed:
+        click.echo(failure)
+    if failed:
+        raise StoreDamaged(
+            f"{len(failed)} of {_count(len(report.broken), 'damaged image')} in store "
+            f"{the_store.root} could not be restored",
+            store=str(the_store.root),
+        )
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+@cli.command()
+@click.argument("references", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("--no-prune", is_flag=True, help="Keep the blobs of removed images.")
+@click.option("--store", help=_STORE_HELP)
+@_timeout_option
+def rmi(references: tuple[str, ...], no_prune: bool, store: str | None, timeout: float) -> None:
+    """Remove images, and the blobs no other image uses."""
+    refs = [Reference.parse(text) for text in references]
+    the_store = _open_store(Settings.load(store=store), create=False)
+    with cancel.handled():
+        removal = remove_images(
+            the_store,
+            refs,
+            prune=not no_prune,
+            timeout=timeout,
+            on_wait=_waiting_message(the_store, timeout),
+        )
+    for name in removal.untagged:
+        click.echo(f"Untagged: {name}")
+    for digest in removal.deleted:
+        click.echo(f"Deleted: {digest}")
+    if removal.kept_because:
+        click.echo(
+            f"warning: kept the blobs of the removed images: {removal.kept_because}", err=True
+        )
+    if removal.missing:
+        raise NoSuchImage(f"No such image: {', '.join(removal.missing)}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
+@click.option("--store", help=_STORE_HELP)
+@_timeout_option
+def gc(dry_run: bool, store: str | None, timeout: float) -> None:
+    """Delete blobs no image uses and downloads no process is working on."""
+    the_store = _open_store(Settings.load(store=store), create=False)
+    with cancel.handled():
+        result = collect_garbage(
+            the_store,
+            dry_run=dry_run,
+            timeout=timeout,
+            on_wait=_waiting_message(the_store, timeout),
+        )
+    verb = "Would delete" if dry_run else "Deleted"
+    for item in result.removed:
+        what = "blob" if item.kind == "blob" else "partial download of"
+        name = item.name if item.kind == "blob" else item.name.replace("-", ":", 1)
+        click.echo(f"{verb} {what} {name} ({human_size(item.size)})")
+    for name in result.in_progress:
+        click.echo(f"Kept partial download of {name.replace('-', ':', 1)}: in progress")
+    total = "Would reclaim" if dry_run else "Total reclaimed space"
+    click.echo(f"{total}: {human_size(result.freed)}")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option("--store", help=_STORE_HELP)
+def df(fmt: str, store: str | None) -> None:
+    """Show the store's disk usage, what images share and what gc would reclaim."""
+    the_store = _open_store(Settings.load(store=store), create=False)
+    found = usage(the_store)
+    for warning in found.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    u = found.usage
+    if fmt == "json":
+        record = {
+            "Images": u.images,
+            "Blobs": u.blobs,
+            "TotalBytes": u.total_bytes,
+            "BlobBytes": u.blob_bytes,
+            "ImageBytes": u.used_bytes,
+            "SharedBlobs": u.shared_blobs,
+            "SharedBytes": u.shared_bytes,
+            "UnreferencedBlobs": u.unreferenced_blobs,
+            "UnreferencedBytes": u.unreferenced_bytes,
+            "Ingests": u.ingests,
+            "IngestBytes": u.ingest_bytes,
+            "StaleIngests": u.stale_ingests,
+            "StaleIngestBytes": u.stale_ingest_bytes,
+            "ReclaimableBytes": u.reclaimable_bytes,
+        }
+        click.echo(orjson.dumps(record).decode())
+        return
+
+    def part(size: int, whole: int) -> str:
+        return f"{human_size(size)} ({size * 100 // whole if whole else 0}%)"
+
+    reclaim = part(u.reclaimable_bytes, u.total_bytes)
+    table = [
+        ["TYPE", "TOTAL", "SIZE", "SHARED", "RECLAIMABLE"],
+        ["Images", str(u.images), human_size(u.used_bytes), human_size(u.shared_bytes), "-"],
+        [
+            "Blobs",
+            str(u.blobs),
+            human_size(u.blob_bytes),
+            "-",
+            part(u.unreferenced_bytes, u.blob_bytes),
+        ],
+        [
+            "Ingest",
+            str(u.ingests),
+            human_size(u.ingest_bytes),
+            "-",
+            part(u.stale_ingest_bytes, u.ingest_bytes),
+        ],
+        ["Total", "", human_size(u.total_bytes), human_size(u.shared_bytes), reclaim],
+    ]
+    _print_table(table)
+
+
+def _print_table(table: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _login_server(server: str | None) -> str:

@@ -21,6 +21,8 @@ The tree::
     │   └── PlatformNotFound           exit 4  no manifest for the requested platform
     ├── DigestMismatch                 exit 6  bytes do not match their digest; nothing was kept
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
+    │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
+    │   └── NoSuchImage                exit 4  no image in the store has that reference
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
 ``retryable`` marks errors worth another attempt. Every error pickles (worker processes
@@ -157,6 +159,16 @@ class StoreError(FastpullError):
     """The local store cannot be used: not a layout, not writable, disk full."""
 
     exit_code = 7
+
+
+class StoreDamaged(StoreError):
+    """Blobs the images need are missing, corrupt or unusable (what ``verify`` reports)."""
+
+
+class NoSuchImage(StoreError):
+    """A reference that names no image in the store (``rmi``)."""
+
+    exit_code = 4
 
 
 class Interrupted(FastpullError):

@@ -5,6 +5,7 @@ Shared by the Python API (:func:`fastpull.pull`) and the CLI, so both behave the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -127,12 +128,17 @@ class Puller:
         self._platform_requested = platform is not None
         self._credentials = credentials or CredentialStore()
         self._emit = on_event
+        # Until close(): a blob committed here is named in index.json before gc or rmi,
+        # which take the store exclusively, can judge it unreferenced.
+        self._store_use = contextlib.ExitStack()
+        self._store_use.enter_context(store.shared_use())
         self._transport = Transport(tls_for=self.settings.tls_for)
         self._clients: dict[str, RegistryClient] = {}
 
     def close(self) -> None:
-        """Close connections."""
+        """Close connections and let gc and rmi at the store."""
         self._transport.close()
+        self._store_use.close()
 
     def __enter__(self) -> Puller:
         return self
@@ -155,8 +161,15 @@ class Puller:
         """All tags of the reference's repository."""
         return self.client(ref.registry).list_tags(ref.repository)
 
-    def pull(self, ref: Reference, *, default_tag: bool = False) -> PullResult:
-        """Pull one image for the configured platform into the store."""
+    def pull(
+        self, ref: Reference, *, default_tag: bool = False, name: str | None = None
+    ) -> PullResult:
+        """Pull one image for the configured platform into the store.
+
+        ``name`` is the image's name in index.json (default: the reference itself);
+        ``verify --repair`` pulls by digest an image that is named by its tag.
+        """
+        name = name or str(ref)
         started = time.monotonic()
         client = self.client(ref.registry)
         what = ref.familiar
@@ -173,7 +186,7 @@ class Puller:
             seen.add(entry.digest)
             doc = self._child_manifest(client, ref, entry)
         manifest = doc
-        previous = self.store.find_image(str(ref))
+        previous = self.store.find_image(name)
         stats, workers = self._fetch_blobs(client, ref, manifest)
         config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
         config = parse_config(config_raw, what, layer_count=len(manifest.layers))
@@ -189,7 +202,7 @@ class Puller:
         stored = to_oci(manifest)
         annotations = {
             REPO_DIGEST_ANNOTATION: str(repo_digest),
-            CONTAINERD_NAME_ANNOTATION: str(ref),
+            CONTAINERD_NAME_ANNOTATION: name,
         }
         self.store.write_blob(manifest.digest, manifest.raw)
         if stored is not manifest:
@@ -199,7 +212,7 @@ class Puller:
         descriptor = Descriptor(
             stored.media_type, stored.digest, len(stored.raw), platform=platform
         )
-        self.store.add_image(descriptor, str(ref), annotations)
+        self.store.add_image(descriptor, name, annotations)
         downloaded = sum(s.downloaded for s in stats)
         fresh = [s for s in stats if not s.already_present and s.digest != manifest.config.digest]
         for s in fresh:

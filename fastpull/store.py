@@ -5,6 +5,7 @@ On disk (image-spec ``image-layout.md``)::
     <root>/oci-layout          {"imageLayoutVersion":"1.0.0"}
     <root>/index.json          one entry per image, named by org.opencontainers.image.ref.name
     <root>/index.json.lock     flock'ed while a fastpull process rewrites index.json
+    <root>/gc.lock             flock'ed shared by pulls, exclusively by gc / rmi / verify --repair
     <root>/blobs/<alg>/<hex>   verified content, and nothing else
     <root>/ingest/             fastpull's partial downloads and temp files (other tools ignore it)
 
@@ -19,10 +20,16 @@ What holds whatever happens, ``kill -9`` and power loss included:
   ``skopeo copy`` into the same layout we are only as safe as skopeo is.
 - An image entry is added only once its manifest blob is in ``blobs/``.
 
-A crash can leave debris that is harmless and that a later ``gc`` may delete: ``ingest/*.data``
-(the next ingest of that digest truncates it), ``ingest/*.lock``, ``ingest/*.tmp`` and
+A stop leaves ``ingest/*.data`` with its ``.journal`` for the next ingest of that digest to
+resume (see :class:`Ingest`). A crash can also leave debris that is harmless and that a later
+``gc`` may delete: ``ingest/*.lock``, ``ingest/*.tmp``, ``ingest/*.journal.tmp`` and
 ``.index.json.*.tmp`` in the root. A ``gc`` must delete an ``ingest/*.lock`` only while holding
 its flock (see ``_lock``).
+
+A pull commits blobs before index.json names them, so a blob can be unreferenced only for
+the moment. Pulls therefore hold ``gc.lock`` shared for their whole duration
+(:meth:`Store.shared_use`), and whatever deletes blobs holds it exclusively
+(:meth:`Store.exclusive_use`): nothing is judged unreferenced while a pull may still name it.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -46,7 +54,7 @@ from . import cancel
 from .errors import DigestMismatch, ManifestError, StoreError
 from .hashing import new_hasher
 from .journal import Extent, Journal
-from .types import Descriptor, Digest
+from .types import SUPPORTED_ALGORITHMS, Descriptor, Digest, InvalidDigest
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 # What fastpull adds to each index.json entry besides the reference name.
@@ -195,6 +203,67 @@ def _lock(path: Path) -> int:
         if current is not None and os.path.samestat(current, locked):
             return fd
         os.close(fd)
+
+
+def _try_lock(path: Path) -> int | None:
+    """:func:`_lock` without waiting: None if another holder has ``path`` locked now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            return fd
+        os.close(fd)
+
+
+def _flock_until(fd: int, operation: int, deadline: float | None) -> bool:
+    """Take a flock, polling (for Ctrl-C, see ``_wait_for_flock``) until ``deadline``."""
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            cancel.check()
+            time.sleep(_LOCK_POLL_SECONDS)
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A file in ``blobs/`` named like a blob; ``stat`` identifies the file that was seen."""
+
+    digest: Digest
+    size: int
+    stat: os.stat_result
+
+
+@dataclass(frozen=True)
+class IngestFiles:
+    """The files under ``ingest/`` of one digest (``<alg>-<hex>.*``).
+
+    ``live`` is whether a process holds the digest's ingest lock: a download in progress.
+    """
+
+    name: str
+    paths: tuple[Path, ...]
+    size: int
+    live: bool
+
+
+# <alg>-<hex>.<anything>: the files of one ingest (data, lock, journal, temp files).
+_INGEST_STEM = re.compile(r"[a-z0-9]+-[0-9a-f]+")
+_INGEST_NAME = re.compile(rf"({_INGEST_STEM.pattern})\.(.+)")
 
 
 def _ref_name(entry: Mapping[str, Any]) -> object:
@@ -470,6 +539,157 @@ class Store:
         except ManifestError:
             return None
 
+    # ── maintenance: what gc, rmi, verify and df need ───────────────────────────────────
+
+    def index_entries(self) -> list[dict[str, Any]]:
+        """index.json's entries as written, including any that :meth:`images` leaves out."""
+        return list(self._read_index()["manifests"])
+
+    def stored_blobs(self) -> tuple[list[StoredBlob], list[Path]]:
+        """Every blob file under ``blobs/``, and the paths there that are not blobs.
+
+        The second list holds what fastpull does not know how to check: directories of
+        other digest algorithms, names that are not a digest, anything but a regular file.
+        """
+        blobs: list[StoredBlob] = []
+        strays: list[Path] = []
+        with _os_errors(self.root, "list blobs"):
+            for top in sorted(os.scandir(self.root / "blobs"), key=lambda e: e.name):
+                if top.name not in SUPPORTED_ALGORITHMS or not top.is_dir(follow_symlinks=False):
+                    strays.append(Path(top.path))
+                    continue
+                for item in sorted(os.scandir(top.path), key=lambda e: e.name):
+                    st = item.stat(follow_symlinks=False)
+                    try:
+                        digest = Digest(top.name, item.name)
+                    except InvalidDigest:
+                        digest = None
+                    if digest is None or not stat.S_ISREG(st.st_mode):
+                        strays.append(Path(item.path))
+                    else:
+                        blobs.append(StoredBlob(digest, st.st_size, st))
+        return blobs, strays
+
+    def delete_blob(self, digest: Digest, seen: os.stat_result | None = None) -> int | None:
+        """Delete a blob; return the bytes freed, or None if there was nothing to delete.
+
+        With ``seen``, delete only that very file: a blob committed since (by a pull that
+        re-downloaded it) is kept. Callers hold :meth:`exclusive_use`.
+        """
+        path = self.blob_path(digest)
+        with _os_errors(self.root, f"delete blob {digest}"):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            if seen is not None and not os.path.samestat(st, seen):
+                return None
+            path.unlink()
+        return st.st_size
+
+    def ingests(self) -> list[IngestFiles]:
+        """What is under ``ingest/``, per digest, and whether each download is still running.
+
+        Probes the locks without taking them for long and without creating lock files.
+        Temp files of :meth:`write_blob` never hold a lock, so they count as not live.
+        """
+        groups: dict[str, list[Path]] = {}
+        with _os_errors(self.root, "list ingest/"):
+            for item in os.scandir(self.root / "ingest"):
+                match = _INGEST_NAME.fullmatch(item.name)
+                if match and item.is_file(follow_symlinks=False):
+                    groups.setdefault(match[1], []).append(Path(item.path))
+            found = []
+            for name, paths in sorted(groups.items()):
+                size = 0
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        size += os.lstat(path).st_size
+                live = self._ingest_is_live(self.root / "ingest" / f"{name}.lock")
+                found.append(IngestFiles(name, tuple(sorted(paths)), size, live))
+        return found
+
+    @staticmethod
+    def _ingest_is_live(lock_path: Path) -> bool:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            # A shared probe: an ingest holds the lock exclusively, so this fails while it
+            # runs, and a waiting ingest only retries its poll a little later.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def remove_ingest(self, name: str) -> int | None:
+        """Delete the files of ingest ``name`` (``<alg>-<hex>``) unless a download holds its
+        lock; return the bytes freed, or None if it is live.
+
+        Takes the lock the way an ingest does (``_lock``'s inode rule) and deletes the lock
+        file last, while holding it, so a download starting meanwhile waits, then starts over
+        on a fresh lock file. ``write_blob``'s temp files have no lock; callers hold
+        :meth:`exclusive_use`, which keeps pulls, and so ``write_blob``, away.
+        """
+        if not _INGEST_STEM.fullmatch(name):
+            raise ValueError(f"not an ingest name: {name!r}")
+        ingest = self.root / "ingest"
+        lock_path = ingest / f"{name}.lock"
+        with _os_errors(self.root, f"remove ingest {name}"):
+            fd = _try_lock(lock_path)
+            if fd is None:
+                return None
+            try:
+                freed = 0
+                for item in os.scandir(ingest):
+                    if item.name.startswith(f"{name}.") and item.path != str(lock_path):
+                        with contextlib.suppress(FileNotFoundError):
+                            freed += item.stat(follow_symlinks=False).st_size
+                            os.unlink(item.path)
+                lock_path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        return freed
+
+    @contextlib.contextmanager
+    def shared_use(self) -> Iterator[None]:
+        """Held by a pull from start to finish; waits while gc or rmi hold the store."""
+        with _os_errors(self.root, "lock gc.lock"):
+            fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            _flock_until(fd, fcntl.LOCK_SH, None)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive_use(
+        self, timeout: float, on_wait: Callable[[], None] = lambda: None
+    ) -> Iterator[None]:
+        """Held while deleting blobs: no pull runs meanwhile (they hold :meth:`shared_use`).
+
+        If the store is in use, calls ``on_wait`` once and waits up to ``timeout`` seconds,
+        then raises StoreError. A process must not hold both at once: flock would make it
+        wait for itself.
+        """
+        with _os_errors(self.root, "lock gc.lock"):
+            fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            if not _flock_until(fd, fcntl.LOCK_EX, time.monotonic()):
+                on_wait()
+                if not _flock_until(fd, fcntl.LOCK_EX, time.monotonic() + timeout):
+                    raise StoreError(
+                        f"store {self.root} is still in use by another fastpull process "
+                        f"(a pull or verify) after {timeout:g} s; try again when it has finished",
+                        store=str(self.root),
+                    )
+            yield
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def _index_lock(self) -> Iterator[None]:
         # Never deleted, so waiters never need _lock's retry; one small file per store.
@@ -690,6 +910,8 @@ __all__ = [
     "LAYOUT_VERSION",
     "REF_NAME_ANNOTATION",
     "Ingest",
+    "IngestFiles",
     "Store",
+    "StoredBlob",
     "resolve_store_path",
 ]

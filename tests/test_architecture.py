@@ -9,8 +9,8 @@ functions) must be in :data:`ALLOWED`, which follows the data flow of
     2 talk       credentials, auth, transport, settings
     3 what       manifest (pure), registry
     4 fetch      scheduler (pure), journal, worker
-    5 keep       verify, store, then download (the engine over 4 and 5)
-    6 top        puller, progress, listing, cli, __init__, __main__
+    5 keep       verify, store, inventory (pure), then download (the engine over 4 and 5)
+    6 top        puller, progress, listing, maintenance, storecheck, cli, __init__, __main__
 
 A module imports only from its own layer or the ones above it in this list, and nothing
 imports the CLI except ``__main__``. Two deliberate readings of the design:
@@ -68,6 +68,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     # 5. trust it, keep it
     "verify": frozenset({"errors", "hashing", "types"}),
     "store": frozenset({"cancel", "errors", "hashing", "journal", "types"}),
+    "inventory": frozenset({"errors", "manifest", "reference", "types"}),
     "download": _FOUNDATION | {"journal", "scheduler", "store", "transport", "verify", "worker"},
     # 6. orchestration and user interface
     "puller": _FOUNDATION
@@ -75,9 +76,12 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store", "transport"},
     "progress": frozenset({"events"}),
     "listing": frozenset({"errors", "manifest", "reference", "store"}),
+    "maintenance": frozenset({"errors", "inventory", "manifest", "reference", "store", "types"}),
+    "storecheck": _FOUNDATION
+    | {"inventory", "maintenance", "manifest", "puller", "reference", "settings", "store"},
     "cli": _FOUNDATION
     | {PACKAGE_NAME, "credentials", "listing", "progress", "puller", "reference"}
-    | {"registry", "settings", "store", "transport"},
+    | {"maintenance", "registry", "settings", "storecheck", "store", "transport"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     "__main__": frozenset({"cli"}),
 }
@@ -87,7 +91,16 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 IO_MODULES = frozenset(
     {"transport", "registry", "journal", "worker", "download", "store", "puller"}
 )
-PURE_MODULES = ("errors", "types", "reference", "auth", "manifest", "scheduler", "events")
+PURE_MODULES = (
+    "errors",
+    "types",
+    "reference",
+    "auth",
+    "manifest",
+    "scheduler",
+    "events",
+    "inventory",
+)
 
 
 def _source_modules() -> dict[str, Path]:

@@ -332,6 +332,10 @@ def test_kill_9_at_random_moments_never_corrupts_the_store(
     _assert_entries_complete(store)
     assert_store_consistent(store)
     assert list((store / "ingest").iterdir()) == []
+    verify = subprocess.run(
+        [sys.executable, "-m", "fastpull", "verify"], capture_output=True, text=True, timeout=120
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 # -- two processes, one store -----------------------------------------------------------------
