@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 import pytest
 
 from fastpull.cli import main
+from tests.support.faultproxy import FaultProxy
 from tests.support.faultserver import FaultServer
 
 _counter = itertools.count()
@@ -43,6 +48,25 @@ def cli(capsys: pytest.CaptureFixture[str], docker_config: Any) -> Any:
     return run
 
 
+# An in-process pull that hangs is stopped as Ctrl-C would stop it, so the test fails instead.
+PULL_DEADLINE = 20.0
+
+
+@pytest.fixture
+def pull(cli: Any) -> Callable[..., CliResult]:
+    """Run ``fastpull pull ARGS...`` in-process, interrupted after PULL_DEADLINE seconds."""
+
+    def run(*args: str) -> CliResult:
+        watchdog = threading.Timer(PULL_DEADLINE, os.kill, (os.getpid(), signal.SIGINT))
+        watchdog.start()
+        try:
+            return cli("pull", *args)
+        finally:
+            watchdog.cancel()
+
+    return run
+
+
 Start = Callable[..., FaultServer]
 
 
@@ -59,6 +83,28 @@ def servers() -> Iterator[Start]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+Proxy = Callable[..., FaultProxy]
+
+
+@pytest.fixture
+def proxies() -> Iterator[Proxy]:
+    """Start FaultProxies: ``proxy(upstream, **options)``; ``upstream`` is a URL or a server
+    with ``url`` and ``ca_path`` (a RegistryServer, another proxy). All stop after the test."""
+    started: list[FaultProxy] = []
+
+    def start(upstream: Any, **options: Any) -> FaultProxy:
+        if not isinstance(upstream, str):
+            options.setdefault("upstream_ca", upstream.ca_path)
+            upstream = upstream.url
+        proxy = FaultProxy(upstream, **options).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        proxy.stop()
 
 
 @pytest.fixture
@@ -96,3 +142,18 @@ def blob_gets(requests: list[Any]) -> list[str]:
         if r.method == "GET" and "/blobs/" in r.path:
             out.append(r.path.rsplit("/", 1)[1].replace("%3A", ":").split("?")[0])
     return out
+
+
+def assert_store_sound(store: Path) -> None:
+    """Only verified content in blobs/ (each file hashes to its name), nothing left half
+    downloaded in ingest/, and no stray file at the top of the store."""
+    for path in (store / "blobs").rglob("*"):
+        if path.is_file():
+            digest = hashlib.new(path.parent.name)
+            with path.open("rb") as fh:
+                while data := fh.read(1 << 22):
+                    digest.update(data)
+            assert digest.hexdigest() == path.name, path
+    assert list((store / "ingest").glob("*.data")) == []
+    expected = {"oci-layout", "index.json", "index.json.lock", "blobs", "ingest"}
+    assert {p.name for p in store.iterdir()} <= expected
