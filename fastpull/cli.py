@@ -131,7 +131,7 @@ def pull(
         workers=workers,
         stall_timeout=stall_timeout,
     )
-    target = Platform.parse(platform_text) if platform_text else None
+    target = Platform.parse(platform_text) if platform_text is not None else None
     the_store = _open_store(settings)
     render = renderer_for(quiet=quiet, json_output=json_output)
     with (

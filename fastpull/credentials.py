@@ -45,6 +45,8 @@ _NOT_FOUND_TEXT = "credentials not found in native keychain"
 _HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ENTRY_STRING_FIELDS = ("auth", "username", "password", "identitytoken", "registrytoken")
 _MAX_DETAIL = 200
+# A "Secret" member of a helper's JSON reply, wherever it turns up.
+_SECRET_FIELD = re.compile(r'("Secret"\s*:\s*)"(?:[^"\\]|\\.)*"')
 
 
 def docker_config_dir() -> Path:
@@ -405,8 +407,9 @@ class CredentialStore:
         result: subprocess.CompletedProcess[bytes],
         hide: tuple[str, ...] = (),
     ) -> CredentialError:
-        # Only stderr is shown: stdout is where a helper puts secrets.
-        detail = _first_line(result.stderr)
+        # Only stderr is shown: stdout is where a helper puts secrets. A helper that echoes
+        # its reply to stderr too (debug output) must not have the secret shown either.
+        detail = _SECRET_FIELD.sub(r'\1"***"', _first_line(result.stderr))
         for secret in hide:
             if secret:
                 detail = detail.replace(secret, "***")

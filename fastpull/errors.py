@@ -16,6 +16,7 @@ The tree::
     │   ├── TooManyRequests            exit 5  429 after retries                 (retryable)
     │   ├── ServerError                exit 5  5xx after retries                 (retryable)
     │   └── ProtocolError              exit 5  the server answered something impossible
+    │       └── ResponseTooLarge       exit 5  a body over its cap (manifests: ManifestError)
     ├── ManifestError                  exit 6  a document that must not be used
     │   ├── UnsupportedManifest        exit 6  schema 1, unknown media type, unknown algorithm
     │   └── PlatformNotFound           exit 4  no manifest for the requested platform
@@ -130,6 +131,10 @@ class ServerError(RegistryError):
 
 class ProtocolError(RegistryError):
     """A response that breaks the protocol: wrong Content-Range, bad redirect, garbage body."""
+
+
+class ResponseTooLarge(ProtocolError):
+    """A response body larger than fastpull reads for its kind (``limit`` bytes)."""
 
 
 class ManifestError(FastpullError):

@@ -130,9 +130,15 @@ class Puller:
         self._emit = on_event
         # Until close(): a blob committed here is named in index.json before gc or rmi,
         # which take the store exclusively, can judge it unreferenced.
+        self._transport = Transport(
+            tls_for=self.settings.tls_for, stall_seconds=self.settings.stall_timeout
+        )
         self._store_use = contextlib.ExitStack()
-        self._store_use.enter_context(store.shared_use())
-        self._transport = Transport(tls_for=self.settings.tls_for)
+        try:
+            self._store_use.enter_context(store.shared_use())
+        except BaseException:
+            self._transport.close()
+            raise
         self._clients: dict[str, RegistryClient] = {}
 
     def close(self) -> None:

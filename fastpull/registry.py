@@ -27,7 +27,9 @@ from . import auth
 from .errors import (
     ConnectionFailed,
     FastpullError,
+    ManifestError,
     ProtocolError,
+    ResponseTooLarge,
     TLSFailure,
     Unauthorized,
     redact_url,
@@ -237,7 +239,13 @@ class RegistryClient:
         """
         scope = auth.repository_scope(repository)
         url = self.repository_url(repository, "manifests", str(reference))
-        response = self.call("GET", url, scope, {"Accept": ACCEPT}, max_body=MAX_MANIFEST_SIZE)
+        try:
+            response = self.call("GET", url, scope, {"Accept": ACCEPT}, max_body=MAX_MANIFEST_SIZE)
+        except ResponseTooLarge:
+            # The registry answered; what it answered is a document we refuse (exit 6).
+            raise ManifestError(
+                f"manifest for {what} is larger than {MAX_MANIFEST_SIZE} bytes; refused"
+            ) from None
         if response.status != 200:
             raise http_error(response, f"manifest for {what}")
         header_digest = response.header("docker-content-digest")

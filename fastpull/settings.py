@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +82,21 @@ def _load_config_file(path: Path) -> dict[str, object]:
     return data
 
 
+# A host name or bracketed IPv6 literal, with an optional port.
+_HOST_PORT = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?)*"
+    r"|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?"
+)
+
+
 def _check_insecure_entry(entry: str) -> str:
     entry = entry.strip().lower()
     if "://" in entry:
         entry = urlsplit(entry).netloc
-    if not entry or ("/" in entry and _cidr(entry) is None):
+    valid = _HOST_PORT.fullmatch(entry) or _ip(entry) is not None
+    if "/" in entry:
+        valid = _cidr(entry) is not None
+    if not entry or not valid:
         raise UsageError(f"invalid insecure registry {entry!r}: expected HOST[:PORT] or a CIDR")
     return entry
 

@@ -31,6 +31,7 @@ from .errors import (
     FastpullError,
     NotFound,
     ProtocolError,
+    ResponseTooLarge,
     ServerError,
     TLSFailure,
     TooManyRequests,
@@ -42,6 +43,8 @@ USER_AGENT = "fastpull/0.1 (+libcurl)"
 MAX_REDIRECTS = 5
 # Error and token bodies are capped; manifests have their own cap (manifest.MAX_MANIFEST_SIZE).
 MAX_SMALL_BODY = 1 << 20
+# The speed below which a transfer counts as stalled (bytes per second).
+STALL_FLOOR = 1024
 
 _SYSTEM_CA_CANDIDATES = (
     "/etc/ssl/certs/ca-certificates.crt",
@@ -146,8 +149,13 @@ def configure_easy(
     tls: TLSConfig | None = None,
     body: bytes | None = None,
     stall_seconds: int = 60,
+    stall_floor: int = 1,
 ) -> None:
-    """Set every option fastpull relies on; shared by small requests and blob downloads."""
+    """Set every option fastpull relies on; shared by small requests and blob downloads.
+
+    A transfer moving fewer than ``stall_floor`` bytes a second for ``stall_seconds`` is
+    dropped (libcurl's low-speed limit), so a silent or trickling server cannot hold it.
+    """
     easy.setopt(pycurl.URL, url)
     easy.setopt(pycurl.NOSIGNAL, 1)
     easy.setopt(pycurl.FOLLOWLOCATION, 0)
@@ -155,8 +163,7 @@ def configure_easy(
     easy.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
     easy.setopt(pycurl.USERAGENT, USER_AGENT)
     easy.setopt(pycurl.CONNECTTIMEOUT, 30)
-    # A transfer that moves under 1 byte/s for stall_seconds is dead.
-    easy.setopt(pycurl.LOW_SPEED_LIMIT, 1)
+    easy.setopt(pycurl.LOW_SPEED_LIMIT, stall_floor)
     easy.setopt(pycurl.LOW_SPEED_TIME, stall_seconds)
     easy.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in (headers or {}).items()])
     if method == "HEAD":
@@ -274,7 +281,10 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 class Transport:
     """Small HTTP requests (ping, manifests, tokens, tag lists) with retries and redirects.
 
-    ``tls_for(url)`` decides TLS settings per origin. ``sleep`` is injectable for tests.
+    ``tls_for(url)`` decides TLS settings per origin. An answer slower than 1 KiB/s for
+    ``stall_seconds`` is dropped and asked again, as blob transfers are (``--stall-timeout``):
+    small bodies arrive in one go, so only a server that stalls or trickles is affected.
+    ``sleep`` is injectable for tests.
     """
 
     def __init__(
@@ -282,9 +292,11 @@ class Transport:
         tls_for: Callable[[str], TLSConfig] | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        stall_seconds: int = 30,
     ) -> None:
         self._tls_for = tls_for or (lambda _url: TLSConfig())
         self.retry = retry or RetryPolicy()
+        self.stall_seconds = stall_seconds
         self._sleep = sleep
         self._multi = pycurl.CurlMulti()
         self._easy = pycurl.Curl()
@@ -319,7 +331,16 @@ class Transport:
         """One attempt, no redirects. Raises on network failure or an oversized body."""
         easy = self._easy
         easy.reset()
-        configure_easy(easy, url, method=method, headers=headers, tls=self._tls_for(url), body=body)
+        configure_easy(
+            easy,
+            url,
+            method=method,
+            headers=headers,
+            tls=self._tls_for(url),
+            body=body,
+            stall_seconds=self.stall_seconds,
+            stall_floor=STALL_FLOOR,
+        )
         capture = _Capture(max_body)
         easy.setopt(pycurl.HEADERFUNCTION, capture.on_header)
         easy.setopt(pycurl.WRITEFUNCTION, capture.on_body)
@@ -339,8 +360,9 @@ class Transport:
         finally:
             self._multi.remove_handle(easy)
         if capture.overflow:
-            raise ProtocolError(
-                f"response from {redact_url(url)} is larger than {max_body} bytes; refused"
+            raise ResponseTooLarge(
+                f"response from {redact_url(url)} is larger than {max_body} bytes; refused",
+                limit=max_body,
             )
         failure = done[0]
         if failure is not None:
@@ -439,6 +461,7 @@ def http_error(response: Response, what: str) -> FastpullError:
 
 __all__ = [
     "MAX_SMALL_BODY",
+    "STALL_FLOOR",
     "Response",
     "RetryPolicy",
     "TLSConfig",

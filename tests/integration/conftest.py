@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,7 @@ import pytest
 import xxhash
 
 from fastpull.cli import main
+from tests.support.faultproxy import FaultProxy
 from tests.support.faultserver import FaultServer
 
 _counter = itertools.count()
@@ -45,6 +49,25 @@ def cli(capsys: pytest.CaptureFixture[str], docker_config: Any) -> Any:
     return run
 
 
+# An in-process pull that hangs is stopped as Ctrl-C would stop it, so the test fails instead.
+PULL_DEADLINE = 20.0
+
+
+@pytest.fixture
+def pull(cli: Any) -> Callable[..., CliResult]:
+    """Run ``fastpull pull ARGS...`` in-process, interrupted after PULL_DEADLINE seconds."""
+
+    def run(*args: str) -> CliResult:
+        watchdog = threading.Timer(PULL_DEADLINE, os.kill, (os.getpid(), signal.SIGINT))
+        watchdog.start()
+        try:
+            return cli("pull", *args)
+        finally:
+            watchdog.cancel()
+
+    return run
+
+
 Start = Callable[..., FaultServer]
 
 
@@ -61,6 +84,28 @@ def servers() -> Iterator[Start]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+Proxy = Callable[..., FaultProxy]
+
+
+@pytest.fixture
+def proxies() -> Iterator[Proxy]:
+    """Start FaultProxies: ``proxy(upstream, **options)``; ``upstream`` is a URL or a server
+    with ``url`` and ``ca_path`` (a RegistryServer, another proxy). All stop after the test."""
+    started: list[FaultProxy] = []
+
+    def start(upstream: Any, **options: Any) -> FaultProxy:
+        if not isinstance(upstream, str):
+            options.setdefault("upstream_ca", upstream.ca_path)
+            upstream = upstream.url
+        proxy = FaultProxy(upstream, **options).start()
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in reversed(started):
+        proxy.stop()
 
 
 @pytest.fixture
@@ -101,12 +146,15 @@ def blob_gets(requests: list[Any]) -> list[str]:
 
 
 def assert_store_consistent(store: Path, *, killed: bool = False) -> None:
-    """Only verified content in blobs/; partial data in ingest/ only where a journal vouches
-    for each of its ranges (checked here with xxhash directly).
+    """Only verified content in blobs/, no stray file at the top of the store, and partial
+    data in ingest/ only where a journal vouches for each of its ranges (checked here with
+    xxhash directly).
 
     After ``kill -9`` (``killed``) a download may have died before journaling anything, or
     in the middle of a journal line: only the complete lines must be true then.
     """
+    expected = {"oci-layout", "index.json", "index.json.lock", "gc.lock", "blobs", "ingest"}
+    assert {p.name for p in store.iterdir()} <= expected
     for path in (store / "blobs").rglob("*"):
         if path.is_file():
             assert file_digest(path) == f"{path.parent.name}:{path.name}", path
