@@ -13,19 +13,28 @@ from collections.abc import Callable, Sequence
 import click
 import orjson
 
-from . import __version__, cancel, hashing, storecheck
+from . import __version__, cancel, events, hashing, storecheck
+from .batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
+from .bulk import BatchResult, pull_batch
 from .credentials import Credentials, CredentialStore
-from .errors import FastpullError, NoSuchImage, StoreDamaged, UsageError
+from .errors import (
+    BatchFailed,
+    BatchFileError,
+    FastpullError,
+    NoSuchImage,
+    StoreDamaged,
+    UsageError,
+)
 from .listing import human_duration, image_rows
 from .maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
-from .progress import human_size, renderer_for
+from .progress import human_size, renderer_for, summary_table
 from .puller import Puller, PullResult
 from .reference import Reference
 from .registry import DOCKER_HUB, RegistryClient
 from .settings import Settings
 from .store import Store, resolve_store_path
 from .transport import Transport
-from .types import Platform
+from .types import Platform, PlatformSelection
 
 _STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
 
@@ -56,20 +65,28 @@ def _waiting_message(store: Store, timeout: float) -> Callable[[], None]:
     return notify
 
 
-def _tag_was_defaulted(text: str, ref: Reference) -> bool:
-    last = text.rsplit("/", 1)[-1]
-    return ref.digest is None and ":" not in last
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Pull container images from OCI / Docker registries at line rate."""
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option(
+    "-f",
+    "--file",
+    "batch_files",
+    multiple=True,
+    metavar="FILE",
+    help="Pull every image a batch file lists (repeatable; - for stdin). See the README.",
+)
 @click.option("-a", "--all-tags", is_flag=True, help="Pull every tagged image of the repository.")
-@click.option("--platform", "platform_text", help="os/arch[/variant] to pull (default: this host).")
+@click.option(
+    "--platform",
+    "platform_text",
+    help="os/arch[/variant], a comma list, or all (default: this host); "
+    "with several the image index is stored too.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image reference.")
 @click.option("--json", "json_output", is_flag=True, help="One JSON event per line.")
 @click.option("--store", help=_STORE_HELP)
@@ -105,8 +122,16 @@ def cli() -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="Write per-blob bytes, seconds, connections and retries as JSON.",
 )
+@click.option("--fail-fast", is_flag=True, help="With -f: stop at the first image that fails.")
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(dir_okay=False, writable=True),
+    help="With -f: write every image's status, bytes and seconds as JSON.",
+)
 def pull(
-    name: str,
+    name: str | None,
+    batch_files: tuple[str, ...],
     all_tags: bool,
     platform_text: str | None,
     quiet: bool,
@@ -118,11 +143,22 @@ def pull(
     workers: int | None,
     stall_timeout: int | None,
     stats_file: str | None,
+    fail_fast: bool,
+    report_file: str | None,
 ) -> None:
-    """Download an image (NAME[:TAG|@DIGEST]) into the local OCI layout store."""
-    ref = Reference.parse(name)
-    if all_tags and (ref.digest is not None or not _tag_was_defaulted(name, ref)):
-        raise UsageError("tag can't be used with --all-tags/-a")
+    """Download an image (NAME[:TAG|@DIGEST]), or every image of batch files (-f FILE),
+    into the local OCI layout store."""
+    if name is None and not batch_files:
+        raise UsageError("Missing argument 'NAME' (or -f FILE)")
+    if (fail_fast or report_file) and not batch_files:
+        raise UsageError("--fail-fast and --report go with -f FILE")
+    ref = Reference.parse(name) if name is not None else None
+    if all_tags:
+        if ref is None or name is None:
+            raise UsageError("--all-tags needs a repository NAME")
+        check_all_tags(name, ref)
+    # Every batch file is read and checked before anything is downloaded.
+    entries = [entry for path in batch_files for entry in parse_batch(_read_batch(path), path)]
     settings = Settings.load(
         insecure_registries=insecure,
         ca_cert=ca_cert,
@@ -131,7 +167,21 @@ def pull(
         workers=workers,
         stall_timeout=stall_timeout,
     )
-    target = Platform.parse(platform_text) if platform_text is not None else None
+    target = PlatformSelection.parse(platform_text) if platform_text is not None else None
+    if batch_files:
+        if ref is not None and name is not None:
+            default_tag = tag_was_defaulted(name, ref) and not all_tags
+            entries.insert(
+                0, BatchEntry(ref, "command line", None, all_tags, default_tag=default_tag)
+            )
+        render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
+        with cancel.handled(ignore_after_stop=True):
+            batch = pull_batch(
+                entries, settings=settings, platforms=target, fail_fast=fail_fast, on_event=render
+            )
+        _finish_batch(batch, quiet or json_output, report_file, stats_file)
+        return
+    assert ref is not None and name is not None
     the_store = _open_store(settings)
     render = renderer_for(quiet=quiet, json_output=json_output)
     with (
@@ -144,9 +194,47 @@ def pull(
                 raise UsageError(f"repository {ref.familiar_name} has no tags")
             results = [puller.pull(ref.with_tag(tag)) for tag in tags]
         else:
-            results = [puller.pull(ref, default_tag=_tag_was_defaulted(name, ref))]
+            results = [puller.pull(ref, default_tag=tag_was_defaulted(name, ref))]
     if stats_file:
         _write_stats(stats_file, results)
+
+
+def _read_batch(path: str) -> str:
+    """A batch file's text; ``-`` is standard input."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise BatchFileError(f"cannot read batch file {path}: {why}") from None
+
+
+def _finish_batch(
+    batch: BatchResult, machine_output: bool, report_file: str | None, stats_file: str | None
+) -> None:
+    """The summary table, ``--report``, ``--stats``, and the exit status of a batch."""
+    if not machine_output:
+        click.echo()
+        for line in summary_table([o.event() for o in batch.outcomes]):
+            click.echo(line)
+    if report_file:
+        with open(report_file, "wb") as out:
+            out.write(orjson.dumps(batch.to_json(), option=orjson.OPT_INDENT_2))
+    results = [o.result for o in batch.outcomes if o.result is not None]
+    if stats_file and results:
+        _write_stats(stats_file, results)
+    failed = [o for o in batch.failed if o.status == events.FAILED]
+    for outcome in failed:
+        click.echo(f"Error: {outcome.reference}: {outcome.error}", err=True)
+    if batch.failed:
+        skipped = len(batch.failed) - len(failed)
+        extra = f", {skipped} skipped" if skipped else ""
+        raise BatchFailed(
+            f"{len(failed)} of {len(batch.outcomes)} images failed{extra}",
+            exit_code=batch.exit_code,
+        )
 
 
 def _write_stats(path: str, results: list[PullResult]) -> None:

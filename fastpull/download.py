@@ -31,7 +31,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -285,8 +285,14 @@ class Downloader:
         self.emit = on_event
         self.workers_used = 0
 
-    def fetch(self, blobs: Sequence[Descriptor], source: BlobSource) -> list[BlobStats]:
-        """Download, verify and commit every blob; raise the first unrecoverable error."""
+    def fetch(
+        self, blobs: Sequence[Descriptor], source: BlobSource | Mapping[Digest, BlobSource]
+    ) -> list[BlobStats]:
+        """Download, verify and commit every blob; raise the first unrecoverable error.
+
+        ``source`` serves every blob, or maps each digest to its own source (a batch
+        spans repositories and registries).
+        """
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
         with contextlib.ExitStack() as stack:
@@ -329,11 +335,15 @@ class _Job:
     """One run of the engine over a set of claimed blobs."""
 
     def __init__(
-        self, owner: Downloader, blobs: list[_Blob], source: BlobSource, pool: _Pool
+        self,
+        owner: Downloader,
+        blobs: list[_Blob],
+        source: BlobSource | Mapping[Digest, BlobSource],
+        pool: _Pool,
     ) -> None:
         self.o = owner
         self.blobs = blobs
-        self.source = source
+        self.sources = [source[b.digest] if isinstance(source, Mapping) else source for b in blobs]
         self.pool = pool
         policy = Policy(connections=owner.connections, max_attempts=owner.retry.attempts)
         resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
@@ -435,11 +445,12 @@ class _Job:
     def _send(self, chunk: Chunk, now: float) -> None:
         blob = self.blobs[chunk.blob]
         if not blob.url:
-            blob.url, blob.with_auth, blob.resolved = self.source.blob_url(blob.digest), True, False
+            url = self.sources[chunk.blob].blob_url(blob.digest)
+            blob.url, blob.with_auth, blob.resolved = url, True, False
         if blob.started is None:
             blob.started = now
             self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, 0, blob.size))
-        headers = self.source.authorization() if blob.with_auth else {}
+        headers = self.sources[chunk.blob].authorization() if blob.with_auth else {}
         fetch = Fetch(
             chunk.id,
             blob.url,
@@ -569,7 +580,8 @@ class _Job:
         blob = self.blobs[index]
         status = report.status
         headers = dict(report.headers)
-        registry = origin(self.source.blob_url(blob.digest))
+        source = self.sources[index]
+        registry = origin(source.blob_url(blob.digest))
         on_registry = origin(url) == registry
         response = Response(status, report.headers, report.body, url)
         if status in (301, 302, 303, 307, 308):
@@ -585,7 +597,7 @@ class _Job:
             blob.reauths += 1
             if blob.reauths > _MAX_REAUTH:
                 raise Unauthorized(f"unauthorized: blob {blob.digest} refused after login")
-            self.source.reauthorize(response)
+            source.reauthorize(response)
             self.sched.retry_now(chunk_id)
         elif status in (400, 401, 403) and not on_registry:
             # A signed redirect target that expired: ask the registry again (once, however

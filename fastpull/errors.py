@@ -4,7 +4,8 @@ The tree::
 
     FastpullError                      exit 1 unless a subclass says otherwise
     ├── UsageError                     exit 2  bad option values, unusable settings
-    │   └── InvalidReference           exit 2  (also a ValueError) malformed image reference
+    │   ├── InvalidReference           exit 2  (also a ValueError) malformed image reference
+    │   └── BatchFileError             exit 2  a batch file (pull -f) that cannot be used
     ├── ConfigError                    exit 2  unreadable / broken config.json or fastpull config
     ├── CredentialError                exit 3  a credential helper is missing or failed
     ├── RegistryError                  exit 5  anything the remote side did wrong
@@ -24,6 +25,7 @@ The tree::
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
     │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
     │   └── NoSuchImage                exit 4  no image in the store has that reference
+    ├── BatchFailed                    the failed images' exit code (1 if they differ)
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
 ``retryable`` marks errors worth another attempt. Every error pickles (worker processes
@@ -69,6 +71,11 @@ class UsageError(FastpullError):
 
 class InvalidReference(UsageError, ValueError):
     """An image reference that does not follow Docker's grammar."""
+
+
+class BatchFileError(UsageError):
+    """A batch file that cannot be read or has an error; the message names the file and
+    the line (plain text, invalid JSON) or the entry (JSON) at fault."""
 
 
 class ConfigError(FastpullError):
@@ -174,6 +181,11 @@ class NoSuchImage(StoreError):
     """A reference that names no image in the store (``rmi``)."""
 
     exit_code = 4
+
+
+class BatchFailed(FastpullError):
+    """Some images of a batch (``pull -f``) failed; each failure is in the summary and the
+    report. Exits with the failures' common exit code, or 1 when they differ."""
 
 
 class Interrupted(FastpullError):

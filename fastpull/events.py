@@ -50,7 +50,46 @@ class PullFinished:
     up_to_date: bool
 
 
-Event = PullStarted | LayerEvent | PullFinished
+# Image states in a batch (``pull -f``), for the summary and ``--report``.
+DOWNLOADED = "downloaded"
+UP_TO_DATE = "up-to-date"
+FAILED = "failed"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class BatchPlanned:
+    """A batch's images are resolved: ``images`` to store, needing ``blobs`` missing blobs
+    of ``bytes_total`` bytes between them (each counted once)."""
+
+    images: int
+    blobs: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class ImageDone:
+    """One image of a batch is stored, or failed (``error``), or was skipped (fail-fast)."""
+
+    reference: str
+    status: str
+    new_bytes: int = 0
+    reused_bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class BatchFinished:
+    """The whole batch is over."""
+
+    images: int
+    failed: int
+    bytes_downloaded: int
+    seconds: float
+
+
+Event = PullStarted | LayerEvent | PullFinished | BatchPlanned | ImageDone | BatchFinished
 Listener = Callable[[Event], None]
 
 

@@ -19,7 +19,7 @@ import orjson
 
 from .errors import ManifestError, PlatformNotFound, UnsupportedManifest
 from .hashing import new_hasher
-from .types import Descriptor, Digest, Platform
+from .types import Descriptor, Digest, Platform, PlatformSelection
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 8 << 20
@@ -253,6 +253,21 @@ def select_platform(index: ImageIndex, want: Platform, where: str) -> Descriptor
     raise PlatformNotFound(
         f"no matching manifest for {want} in the manifest list entries of {where}{listed}"
     )
+
+
+def select_platforms(index: ImageIndex, want: PlatformSelection, where: str) -> list[Descriptor]:
+    """The index entries for every wanted platform (each as :func:`select_platform` picks
+    it), or for ``all``: every entry with a real platform (not ``unknown``, which marks
+    attestations). PlatformNotFound when a wanted platform, or any platform, is missing."""
+    if want.every:
+        chosen = [
+            d for d in index.manifests if d.platform is not None and d.platform.os != "unknown"
+        ]
+        if not chosen:
+            raise PlatformNotFound(f"no platform manifests in the manifest list of {where}")
+    else:
+        chosen = [select_platform(index, platform, where) for platform in want.platforms]
+    return list({d.digest: d for d in chosen}.values())
 
 
 def parse_config(raw: bytes, what: str, layer_count: int | None = None) -> ImageConfig:

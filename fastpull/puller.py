@@ -10,18 +10,23 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import orjson
+
 from . import auth, cancel, events
 from .credentials import CredentialStore
 from .download import BlobStats, Downloader
 from .errors import FastpullError, ManifestError, PlatformNotFound
 from .manifest import (
     MAX_CONFIG_SIZE,
+    OCI_INDEX,
     ImageIndex,
     ImageManifest,
+    digest_of,
     parse_config,
     parse_document,
     platform_matches,
     select_platform,
+    select_platforms,
     to_oci,
 )
 from .reference import Reference
@@ -35,7 +40,7 @@ from .store import (
     resolve_store_path,
 )
 from .transport import Response, Transport
-from .types import Descriptor, Digest, Platform
+from .types import Descriptor, Digest, Platform, PlatformSelection
 
 # An index may point at another index; deeper nesting than this is refused.
 MAX_INDEX_DEPTH = 3
@@ -61,6 +66,7 @@ class PullResult:
     up_to_date: bool
     workers: int = 0
     connections: int = 0
+    platforms: tuple[Platform, ...] = ()
 
     def stats(self) -> dict[str, object]:
         """Per-blob numbers for ``--stats`` and benchmark harnesses (JSON-ready)."""
@@ -109,6 +115,38 @@ class RepositoryBlobs:
         return self.client.authenticate(response, self.scope)
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """An image resolved to what it needs, nothing stored yet: the manifests to pull (one
+    per platform, with the index entries that named them) and the index to store with
+    them when several platforms were asked for."""
+
+    ref: Reference
+    repo_digest: Digest
+    manifests: tuple[ImageManifest, ...]
+    entries: tuple[Descriptor | None, ...]
+    index: ImageIndex | None
+    platforms: PlatformSelection
+    # Like docker: a single-platform image is refused only when a platform was asked for.
+    platform_requested: bool = False
+    default_tag: bool = False
+    started: float = field(default_factory=time.monotonic, compare=False)
+
+    @property
+    def blobs(self) -> tuple[Descriptor, ...]:
+        """Configs and layers of every manifest, each digest once, in manifest order."""
+        unique: dict[Digest, Descriptor] = {}
+        for manifest in self.manifests:
+            for blob in (manifest.config, *manifest.layers):
+                unique.setdefault(blob.digest, blob)
+        return tuple(unique.values())
+
+    @property
+    def layer_digests(self) -> frozenset[Digest]:
+        """The layers (not configs): what docker-style output shows."""
+        return frozenset(layer.digest for m in self.manifests for layer in m.layers)
+
+
 class Puller:
     """Pulls images into one store; reuses connections, tokens and clients across pulls."""
 
@@ -117,14 +155,15 @@ class Puller:
         store: Store,
         *,
         settings: Settings | None = None,
-        platform: Platform | None = None,
+        platform: Platform | PlatformSelection | None = None,
         credentials: CredentialStore | None = None,
         on_event: events.Listener = events.ignore,
     ) -> None:
         self.store = store
         self.settings = settings or Settings()
-        self.platform = platform or Platform.host()
-        # Like docker: a single-platform image is refused only when --platform was given.
+        if isinstance(platform, Platform):
+            platform = PlatformSelection((platform,))
+        self.platforms = platform or PlatformSelection((Platform.host(),))
         self._platform_requested = platform is not None
         self._credentials = credentials or CredentialStore()
         self._emit = on_event
@@ -170,77 +209,171 @@ class Puller:
     def pull(
         self, ref: Reference, *, default_tag: bool = False, name: str | None = None
     ) -> PullResult:
-        """Pull one image for the configured platform into the store.
+        """Pull one image for the configured platform(s) into the store.
 
         ``name`` is the image's name in index.json (default: the reference itself);
         ``verify --repair`` pulls by digest an image that is named by its tag.
         """
-        name = name or str(ref)
+        selector = ref.digest or ref.tag or "latest"
+        self.client(ref.registry)  # credentials and settings fail before any output
+        self._emit(events.PullStarted(str(ref), str(selector), ref.repository, default_tag))
+        plan = self.resolve(ref, default_tag=default_tag)
+        stats, workers = self.fetch_blobs(plan)
+        result = self.commit(plan, stats, workers=workers, name=name)
+        fresh = [s for s in stats if not s.already_present and s.digest in plan.layer_digests]
+        for s in fresh:
+            self._emit(events.LayerEvent(s.digest, events.PULL_COMPLETE, s.size, s.size))
+        self._emit(events.PullFinished(str(ref), ref.familiar, result.digest, result.up_to_date))
+        return result
+
+    def resolve(
+        self,
+        ref: Reference,
+        *,
+        default_tag: bool = False,
+        platforms: PlatformSelection | None = None,
+    ) -> ImagePlan:
+        """Read the image's manifests (and index) and pick the platforms; stores nothing."""
         started = time.monotonic()
+        want = platforms or self.platforms
+        requested = platforms is not None or self._platform_requested
         client = self.client(ref.registry)
         what = ref.familiar
         selector: str | Digest = ref.digest or ref.tag or "latest"
-        self._emit(events.PullStarted(str(ref), str(selector), ref.repository, default_tag))
         fetched = client.get_manifest(ref.repository, selector, what)
-        repo_digest = fetched.digest
         doc = parse_document(fetched.raw, fetched.content_type, fetched.digest, what)
+        if isinstance(doc, ImageIndex) and want.multiple:
+            entries = select_platforms(doc, want, what)
+            manifests = []
+            for entry in entries:
+                child = self._child_manifest(client, ref, entry)
+                if isinstance(child, ImageIndex):
+                    raise ManifestError(f"{what}: nested indexes hold several platforms; refused")
+                manifests.append(child)
+            return ImagePlan(
+                ref,
+                fetched.digest,
+                tuple(manifests),
+                tuple(entries),
+                doc,
+                want,
+                requested,
+                default_tag,
+                started,
+            )
         seen = {fetched.digest}
+        entry = None
+        platform = want.platforms[0] if want.platforms else Platform.host()
         while isinstance(doc, ImageIndex):
-            entry = select_platform(doc, self.platform, what)
+            entry = select_platform(doc, platform, what)
             if entry.digest in seen or len(seen) > MAX_INDEX_DEPTH:
                 raise ManifestError(f"{what}: index refers to itself or nests too deep")
             seen.add(entry.digest)
             doc = self._child_manifest(client, ref, entry)
-        manifest = doc
+        return ImagePlan(
+            ref, fetched.digest, (doc,), (entry,), None, want, requested, default_tag, started
+        )
+
+    def commit(
+        self,
+        plan: ImagePlan,
+        stats: list[BlobStats],
+        *,
+        workers: int = 0,
+        name: str | None = None,
+    ) -> PullResult:
+        """Store the manifests (and index) of a plan whose blobs are all in the store, and
+        name the image in index.json (``name``, by default the reference)."""
+        ref = plan.ref
+        name = name or str(ref)
         previous = self.store.find_image(name)
-        stats, workers = self._fetch_blobs(client, ref, manifest)
-        config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
-        config = parse_config(config_raw, what, layer_count=len(manifest.layers))
-        if (
-            self._platform_requested
-            and config.platform is not None
-            and not platform_matches(self.platform, config.platform)
-        ):
-            raise PlatformNotFound(
-                f"image with reference {what} was found but does not match the specified "
-                f"platform: wanted {self.platform}, actual: {config.platform}"
-            )
-        stored = to_oci(manifest)
+        stored = [self._store_manifest(plan, i) for i in range(len(plan.manifests))]
         annotations = {
-            REPO_DIGEST_ANNOTATION: str(repo_digest),
+            REPO_DIGEST_ANNOTATION: str(plan.repo_digest),
             CONTAINERD_NAME_ANNOTATION: name,
         }
-        self.store.write_blob(manifest.digest, manifest.raw)
-        if stored is not manifest:
-            self.store.write_blob(stored.digest, stored.raw)
-            annotations[SOURCE_MANIFEST_ANNOTATION] = str(manifest.digest)
-        platform = config.platform or self.platform
-        descriptor = Descriptor(
-            stored.media_type, stored.digest, len(stored.raw), platform=platform
-        )
+        if plan.index is None:
+            descriptor, source = stored[0]
+            if source is not None:
+                annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
+        else:
+            descriptor, source = self._store_index(plan.index, [d for d, _ in stored])
+            if source is not None:
+                annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
         self.store.add_image(descriptor, name, annotations)
-        downloaded = sum(s.downloaded for s in stats)
-        fresh = [s for s in stats if not s.already_present and s.digest != manifest.config.digest]
-        for s in fresh:
-            self._emit(events.LayerEvent(s.digest, events.PULL_COMPLETE, s.size, s.size))
-        up_to_date = not fresh and previous is not None and previous.digest == manifest.digest
-        self._emit(events.PullFinished(str(ref), ref.familiar, repo_digest, up_to_date))
+        wanted = {b.digest for b in plan.blobs}
+        mine = [s for s in stats if s.digest in wanted]
+        fresh = [s for s in mine if not s.already_present]
+        up_to_date = not fresh and previous is not None and previous.digest == descriptor.digest
+        manifest = plan.manifests[0]
         return PullResult(
             reference=str(ref),
             familiar=ref.familiar,
-            digest=repo_digest,
-            manifest_digest=stored.digest,
+            digest=plan.repo_digest,
+            manifest_digest=descriptor.digest,
             config_digest=manifest.config.digest,
-            platform=platform,
-            layers=manifest.layers,
-            blobs=tuple(stats),
-            bytes_downloaded=downloaded,
-            bytes_total=manifest.size,
-            seconds=time.monotonic() - started,
+            platform=descriptor.platform,
+            layers=tuple(layer for m in plan.manifests for layer in m.layers),
+            blobs=tuple(mine),
+            bytes_downloaded=sum(s.downloaded for s in mine),
+            bytes_total=sum(b.size for b in plan.blobs),
+            seconds=time.monotonic() - plan.started,
             up_to_date=up_to_date,
             workers=workers,
             connections=self.settings.connections,
+            platforms=tuple(d.platform for d, _ in stored if d.platform is not None),
         )
+
+    def _store_manifest(self, plan: ImagePlan, i: int) -> tuple[Descriptor, Digest | None]:
+        """Check one manifest's config, write the manifest (as OCI); return its descriptor
+        and, when it was converted, the digest the registry served."""
+        manifest, entry = plan.manifests[i], plan.entries[i]
+        what = plan.ref.familiar
+        config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
+        config = parse_config(config_raw, what, layer_count=len(manifest.layers))
+        want = plan.platforms
+        if (
+            plan.index is None
+            and plan.platform_requested
+            and config.platform is not None
+            and not want.every
+            and not any(platform_matches(p, config.platform) for p in want.platforms)
+        ):
+            raise PlatformNotFound(
+                f"image with reference {what} was found but does not match the specified "
+                f"platform: wanted {want}, actual: {config.platform}"
+            )
+        stored = to_oci(manifest)
+        self.store.write_blob(manifest.digest, manifest.raw)
+        source = None
+        if stored is not manifest:
+            self.store.write_blob(stored.digest, stored.raw)
+            source = manifest.digest
+        platform = config.platform or (entry.platform if entry else None)
+        if platform is None and len(want.platforms) == 1:
+            platform = want.platforms[0]
+        return Descriptor(stored.media_type, stored.digest, len(stored.raw), platform), source
+
+    def _store_index(
+        self, index: ImageIndex, stored: list[Descriptor]
+    ) -> tuple[Descriptor, Digest | None]:
+        """Store the index naming the pulled platforms: the registry's own bytes when it is
+        an OCI index of exactly those manifests, else a new OCI index of them (the
+        original kept beside it, as a converted manifest is)."""
+        self.store.write_blob(index.digest, index.raw)
+        original = [(d.digest, d.size) for d in index.manifests]
+        if index.media_type == OCI_INDEX and original == [(d.digest, d.size) for d in stored]:
+            return Descriptor(OCI_INDEX, index.digest, len(index.raw)), None
+        raw = orjson.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [d.to_json() for d in stored],
+            }
+        )
+        digest = digest_of(raw, index.digest.algorithm)
+        self.store.write_blob(digest, raw)
+        return Descriptor(OCI_INDEX, digest, len(raw)), index.digest
 
     def _child_manifest(
         self, client: RegistryClient, ref: Reference, entry: Descriptor
@@ -258,15 +391,13 @@ class Puller:
         content_type = fetched.content_type or entry.media_type
         return parse_document(fetched.raw, content_type, entry.digest, what)
 
-    def _fetch_blobs(
-        self, client: RegistryClient, ref: Reference, manifest: ImageManifest
-    ) -> tuple[list[BlobStats], int]:
-        layer_ids = {layer.digest for layer in manifest.layers}
+    def fetch_blobs(self, plan: ImagePlan) -> tuple[list[BlobStats], int]:
+        """Download the plan's missing configs and layers; return every blob's numbers
+        and the number of worker processes used."""
+        layer_ids = plan.layer_digests
         missing: list[Descriptor] = []
         present: list[BlobStats] = []
-        for blob in (manifest.config, *manifest.layers):
-            if blob.digest in {b.digest for b in missing} | {p.digest for p in present}:
-                continue
+        for blob in plan.blobs:
             if self.store.has_blob(blob.digest, blob.size):
                 present.append(BlobStats(blob.digest, blob.size, 0, 0.0, 0, 0, True))
                 if blob.digest in layer_ids:
@@ -280,23 +411,28 @@ class Puller:
             if not isinstance(event, events.LayerEvent) or event.digest in layer_ids:
                 self._emit(event)
 
-        downloader = Downloader(
+        downloader = self.downloader(layer_events_only)
+        source = RepositoryBlobs(self.client(plan.ref.registry), plan.ref.repository)
+        fetched = downloader.fetch(missing, source)
+        return present + fetched, downloader.workers_used
+
+    def downloader(self, on_event: events.Listener) -> Downloader:
+        """An engine for this store with the configured connections and workers."""
+        return Downloader(
             self.store,
             tls_for=self.settings.tls_for,
             connections=self.settings.connections,
             workers=self.settings.workers,
             stall_seconds=self.settings.stall_timeout,
-            on_event=layer_events_only,
+            on_event=on_event,
         )
-        fetched = downloader.fetch(missing, RepositoryBlobs(client, ref.repository))
-        return present + fetched, downloader.workers_used
 
 
 def pull(
     reference: str | Reference,
     *,
     store: str | None = None,
-    platform: str | Platform | None = None,
+    platform: str | Platform | PlatformSelection | None = None,
     insecure_registries: Iterable[str] = (),
     ca_cert: str | None = None,
     connections: int | None = None,
@@ -307,7 +443,8 @@ def pull(
     """Pull one image into an OCI layout store and return what was pulled.
 
     ``store`` defaults to ``$FASTPULL_STORE`` or ``~/.local/share/fastpull/store``;
-    ``platform`` to this machine's. Raises a :class:`~fastpull.errors.FastpullError`
+    ``platform`` to this machine's (``"linux/amd64,linux/arm64"`` or ``"all"`` store the
+    index too). Raises a :class:`~fastpull.errors.FastpullError`
     subclass on failure; the store is left consistent either way.
     """
     ref = reference if isinstance(reference, Reference) else Reference.parse(reference)
@@ -319,7 +456,7 @@ def pull(
         workers=workers,
         stall_timeout=stall_timeout,
     )
-    target = Platform.parse(platform) if isinstance(platform, str) else platform
+    target = PlatformSelection.parse(platform) if isinstance(platform, str) else platform
     the_store = Store.open(resolve_store_path(settings.store))
     with (
         cancel.handled(),
@@ -328,4 +465,4 @@ def pull(
         return puller.pull(ref)
 
 
-__all__ = ["FastpullError", "PullResult", "Puller", "RepositoryBlobs", "pull"]
+__all__ = ["FastpullError", "ImagePlan", "PullResult", "Puller", "RepositoryBlobs", "pull"]

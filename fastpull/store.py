@@ -465,6 +465,27 @@ class Store:
         """
         return Ingest(self, digest, size)
 
+    def ingest_busy(self, digest: Digest) -> bool:
+        """Whether some process is downloading ``digest`` into this store right now.
+
+        A snapshot that may change at once; it lets a batch fetch other blobs first rather
+        than wait in :meth:`ingest` for this one (which stays the only safe way to write it).
+        """
+        lock_path = Ingest(self, digest, 0)._lock_path
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _store_error(exc, self.root, f"look up ingest of {digest}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases a lock taken just now
+        return False
+
     # ── index.json ──────────────────────────────────────────────────────────────────────
 
     def images(self) -> list[Descriptor]:

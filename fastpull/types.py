@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform as _platform
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,43 @@ class Platform:
         return f"{base}/{self.variant}" if self.variant else base
 
 
+ALL_PLATFORMS = "all"
+
+
+@dataclass(frozen=True)
+class PlatformSelection:
+    """Which entries of a multi-platform image to pull: some platforms, or ``every`` one.
+
+    Written ``linux/amd64,linux/arm64/v8`` or ``all`` (``--platform``, batch files).
+    """
+
+    platforms: tuple[Platform, ...] = ()
+    every: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> PlatformSelection:
+        """Parse a comma-separated list of platforms, or ``all``."""
+        if text.strip().lower() == ALL_PLATFORMS:
+            return cls(every=True)
+        parts = text.split(",")
+        if not all(part.strip() for part in parts):
+            raise UsageError(f"invalid platform list {text!r}: empty entry")
+        return cls.of(Platform.parse(part.strip()) for part in parts)
+
+    @classmethod
+    def of(cls, platforms: Iterable[Platform]) -> PlatformSelection:
+        """A selection of these platforms, duplicates dropped, order kept."""
+        return cls(tuple(dict.fromkeys(platforms)))
+
+    @property
+    def multiple(self) -> bool:
+        """Whether more than one platform may be pulled (then the index is stored too)."""
+        return self.every or len(self.platforms) > 1
+
+    def __str__(self) -> str:
+        return ALL_PLATFORMS if self.every else ",".join(str(p) for p in self.platforms)
+
+
 def _require(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
@@ -230,6 +267,7 @@ class Credentials:
 
 
 __all__ = [
+    "ALL_PLATFORMS",
     "MAX_BLOB_SIZE",
     "SUPPORTED_ALGORITHMS",
     "Credentials",
@@ -237,4 +275,5 @@ __all__ = [
     "Digest",
     "InvalidDigest",
     "Platform",
+    "PlatformSelection",
 ]

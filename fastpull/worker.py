@@ -256,7 +256,7 @@ class WorkerLoop:
                 t.body += data[: _ERROR_BODY_CAP - len(t.body)]
             return None
         room = t.limit - t.position
-        view = memoryview(data)[:room]
+        view = memoryview(data)[: max(0, room)]
         while view:
             try:
                 written = os.pwrite(t.fd, view, t.position)

@@ -7,10 +7,10 @@ functions) must be in :data:`ALLOWED`, which follows the data flow of
     foundation   errors, types, cancel, events, hashing   (anyone may import these)
     1 name       reference
     2 talk       credentials, auth, transport, settings
-    3 what       manifest (pure), registry
+    3 what       manifest (pure), batchfile (pure), registry
     4 fetch      scheduler (pure), journal, worker
     5 keep       verify, store, inventory (pure), then download (the engine over 4 and 5)
-    6 top        puller, progress, listing, maintenance, storecheck, cli, __init__, __main__
+    6 top        puller, bulk, progress, listing, maintenance, storecheck, cli, __init__, __main__
 
 A module imports only from its own layer or the ones above it in this list, and nothing
 imports the CLI except ``__main__``. Two deliberate readings of the design:
@@ -59,6 +59,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "settings": frozenset({"errors", "reference", "transport"}),
     # 3. what to fetch
     "manifest": frozenset({"errors", "hashing", "types"}),
+    "batchfile": frozenset({"errors", "reference", "types"}),
     "registry": _FOUNDATION
     | {"auth", "credentials", "manifest", "reference", "settings", "transport"},
     # 4. how to fetch it
@@ -74,14 +75,16 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "puller": _FOUNDATION
     | {"auth", "credentials", "download", "manifest", "reference", "registry", "settings"}
     | {"store", "transport"},
+    "bulk": _FOUNDATION
+    | {"batchfile", "credentials", "download", "puller", "reference", "settings", "store"},
     "progress": frozenset({"events"}),
     "listing": frozenset({"errors", "manifest", "reference", "store"}),
     "maintenance": frozenset({"errors", "inventory", "manifest", "reference", "store", "types"}),
     "storecheck": _FOUNDATION
     | {"inventory", "maintenance", "manifest", "puller", "reference", "settings", "store"},
     "cli": _FOUNDATION
-    | {PACKAGE_NAME, "credentials", "listing", "progress", "puller", "reference"}
-    | {"maintenance", "registry", "settings", "storecheck", "store", "transport"},
+    | {PACKAGE_NAME, "batchfile", "bulk", "credentials", "listing", "progress", "puller"}
+    | {"maintenance", "reference", "registry", "settings", "storecheck", "store", "transport"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     "__main__": frozenset({"cli"}),
 }
@@ -89,7 +92,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 # Modules that touch the network or the store. The pure core must not reach them, not even
 # through another module.
 IO_MODULES = frozenset(
-    {"transport", "registry", "journal", "worker", "download", "store", "puller"}
+    {"transport", "registry", "journal", "worker", "download", "store", "puller", "bulk"}
 )
 PURE_MODULES = (
     "errors",
@@ -100,6 +103,7 @@ PURE_MODULES = (
     "scheduler",
     "events",
     "inventory",
+    "batchfile",
 )
 
 

@@ -39,7 +39,7 @@ def _one_line(result: CliResult) -> str:
         (("--workers", "17"), "Error: Invalid value for '--workers'"),
         (("--stall-timeout", "0"), "Error: Invalid value for '--stall-timeout'"),
         (("--stall-timeout", "1.5"), "Error: Invalid value for '--stall-timeout'"),
-        (("--platform", ""), "Error: invalid platform ''"),
+        (("--platform", ""), "Error: invalid platform list ''"),
         (("--platform", "linux/"), "Error: invalid platform 'linux/'"),
         (("--platform", "linux/amd64/v8/x"), "Error: invalid platform"),
         (("--insecure-registry", "a b"), "Error: invalid insecure registry 'a b'"),

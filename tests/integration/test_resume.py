@@ -76,9 +76,11 @@ def _journaled(store: Path, digest: str) -> list[tuple[int, int]]:
     journal = stem.with_suffix(".journal")
     if not journal.exists():
         return []
+    # The journal first: a range journaled after the data was read would look wrong.
+    lines = journal.read_bytes().splitlines()[1:]
     data = stem.with_suffix(".data").read_bytes()
     ranges = []
-    for line in journal.read_bytes().splitlines()[1:]:
+    for line in lines:
         record = json.loads(line)
         if "start" in record:
             piece = data[record["start"] : record["end"]]

@@ -7,7 +7,16 @@ import io
 import orjson
 
 from fastpull import events
-from fastpull.progress import JSONRenderer, LineRenderer, QuietRenderer, human_size, progress_bar
+from fastpull.progress import (
+    BatchLineRenderer,
+    BatchTerminalRenderer,
+    JSONRenderer,
+    LineRenderer,
+    QuietRenderer,
+    human_size,
+    progress_bar,
+    summary_table,
+)
 from fastpull.types import Digest
 
 D = Digest("sha256", "ab" * 32)
@@ -69,3 +78,69 @@ def test_json_and_quiet_renderers() -> None:
     assert {r["status"] for r in records if r["event"] == "layer"} >= {"Downloading"}
     quiet = io.StringIO()
     assert _run(QuietRenderer(quiet), quiet) == "docker.io/library/debian:latest\n"
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+_DONE = events.ImageDone("r/a:1", events.DOWNLOADED, 2_000_000, 500_000, 1.25)
+_FAILED = events.ImageDone("r/b:1", events.FAILED, error="manifest unknown")
+
+
+def test_batch_lines_say_what_became_of_each_image() -> None:
+    out = io.StringIO()
+    render = BatchLineRenderer(out)
+    for event in (
+        events.BatchPlanned(2, 3, 4_500_000),
+        events.LayerEvent(D, events.DOWNLOADING, 10, 100),
+        _DONE,
+        _FAILED,
+    ):
+        render(event)
+    assert out.getvalue().splitlines() == [
+        "Pulling 2 images: 3 blobs to download (4.5MB)",
+        "r/a:1: downloaded (new 2MB, reused 500kB, 1.2s)",
+        "r/b:1: failed: manifest unknown",
+    ]
+
+
+def test_batch_bar_counts_images_bytes_rate_and_eta() -> None:
+    now = [100.0]
+    out = io.StringIO()
+    render = BatchTerminalRenderer(out, clock=lambda: now[0])
+    render(events.BatchPlanned(4, 2, 1000))
+    now[0] = 102.0
+    render(events.LayerEvent(D, events.DOWNLOADING, 400, 600))
+    render(_DONE)
+    bar = render.bar()
+    assert "1/4 images" in bar
+    assert "400B/1kB" in bar
+    assert "200B/s" in bar
+    assert bar.endswith("ETA 3s")
+    assert "r/a:1: downloaded" in out.getvalue()
+
+
+def test_batch_json_events() -> None:
+    out = io.StringIO()
+    render = JSONRenderer(out)
+    render(events.BatchPlanned(2, 3, 10))
+    render(_FAILED)
+    render(events.BatchFinished(2, 1, 10, 0.5))
+    records = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["event"] for r in records] == ["batch-planned", "image-done", "batch-finished"]
+    assert records[1]["error"] == "manifest unknown"
+    assert records[2]["failed"] == 1
+
+
+def test_quiet_batch_prints_only_stored_images() -> None:
+    out = io.StringIO()
+    render = QuietRenderer(out)
+    render(_DONE)
+    render(_FAILED)
+    assert out.getvalue() == "r/a:1\n"
+
+
+def test_summary_table_columns() -> None:
+    lines = summary_table([_DONE, _FAILED])
+    assert lines[0].split() == ["IMAGE", "STATUS", "NEW", "REUSED", "SECONDS"]
+    assert lines[1].split() == ["r/a:1", "downloaded", "2MB", "500kB", "1.2"]
+    assert lines[2].split() == ["r/b:1", "failed", "0B", "0B", "0.0"]
