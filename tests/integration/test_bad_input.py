@@ -185,9 +185,33 @@ def _helper_prints_garbage(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> A
     return (NOWHERE,), 3, "docker-credential-fpbad"
 
 
+def _batch_file_missing(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:
+    return ("-f", str(tmp / "no-such-list.txt")), 2, "cannot read batch file"
+
+
+def _batch_file_is_a_directory(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:
+    return ("-f", str(tmp)), 2, "cannot read batch file"
+
+
+def _batch_file_not_text(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:
+    binary = tmp / "images.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    return ("-f", str(binary)), 2, "not UTF-8 text"
+
+
+def _batch_file_bad_json(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:
+    listing = tmp / "images.json"
+    listing.write_text('{"images": [\n  "app:1",\n  {"image": "app:2", "platfroms": "all"}\n]}\n')
+    return ("-f", str(listing)), 2, "platfroms"
+
+
 @pytest.mark.parametrize(
     "scenario",
     [
+        _batch_file_missing,
+        _batch_file_is_a_directory,
+        _batch_file_not_text,
+        _batch_file_bad_json,
         _store_of_another_format,
         _store_with_foreign_files,
         _store_inside_a_file,
