@@ -12,9 +12,9 @@
 4. Store each image whose blobs are all present (manifests, index, index.json entry).
 
 Failures stay with their image: a tag that does not exist, a denied repository, a blob
-that never matches its digest fail that image only, unless ``fail_fast``. When the shared
-engine run fails, the blobs it had not finished are fetched again image by image, so the
-failure lands on the images that need the bad blob. Only Ctrl-C / SIGTERM stop everything.
+that never matches its digest fail that image only, unless ``fail_fast``. The engine gives
+up on a bad blob alone (``Downloader.fetch``'s ``on_failure``) and goes on with the others;
+the images that need it fail. Only Ctrl-C / SIGTERM and the store itself stop everything.
 """
 
 from __future__ import annotations
@@ -391,35 +391,27 @@ class _Run:
         stats: dict[Digest, BlobStats],
         failures: dict[int, FastpullError],
     ) -> None:
-        """Fetch ``blobs`` in one engine run; when it fails, again image by image, so that
-        the error lands on the images that need the blob at fault."""
+        """Fetch ``blobs`` in one engine run; a blob that cannot be had fails the images
+        that need it, and only those (all of them with ``--fail-fast``)."""
         if not blobs or self.stopped:
             return
+        lost: dict[Digest, FastpullError] = {}
+
+        def give_up(digest: Digest, error: FastpullError) -> None:
+            lost[digest] = error
+            if self.fail_fast:
+                raise error
+
         try:
-            self._record(engine.fetch(blobs, sources), stats)
-            return
-        except Exception as exc:
-            if not _isolated(exc):
+            self._record(engine.fetch(blobs, sources, on_failure=give_up), stats)
+        except FastpullError as exc:
+            if not lost or not _isolated(exc):
                 raise
-        wanted = {d.digest for d in blobs}
+            self.stopped = True
         for slot, plan in plans.items():
-            need = [
-                b
-                for b in plan.blobs
-                if b.digest in wanted and not self.store.has_blob(b.digest, b.size)
-            ]
-            if not need:
-                continue
-            try:
-                self._record(engine.fetch(need, sources), stats)
-            except Exception as exc:
-                if not _isolated(exc):
-                    raise
-                assert isinstance(exc, FastpullError)
-                failures[slot] = exc
-                if self.fail_fast:
-                    self.stopped = True
-                    return
+            error = next((lost[b.digest] for b in plan.blobs if b.digest in lost), None)
+            if error is not None:
+                failures[slot] = error
 
     def _record(self, fetched: Iterable[BlobStats], stats: dict[Digest, BlobStats]) -> None:
         for s in fetched:

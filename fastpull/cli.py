@@ -393,8 +393,8 @@ def gc(dry_run: bool, store: str | None, timeout: float) -> None:
         )
     verb = "Would delete" if dry_run else "Deleted"
     for item in result.removed:
-        what = "blob" if item.kind == "blob" else "partial download of"
-        name = item.name if item.kind == "blob" else item.name.replace("-", ":", 1)
+        what = {"blob": "blob", "download": "partial download of"}.get(item.kind, "temp file")
+        name = item.name.replace("-", ":", 1) if item.kind == "download" else item.name
         click.echo(f"{verb} {what} {name} ({human_size(item.size)})")
     for name in result.in_progress:
         click.echo(f"Kept partial download of {name.replace('-', ':', 1)}: in progress")

@@ -41,7 +41,9 @@ from . import cancel, events
 from .errors import (
     DigestMismatch,
     FastpullError,
+    Interrupted,
     ProtocolError,
+    StoreError,
     Unauthorized,
 )
 from .journal import Extent
@@ -90,6 +92,10 @@ RAMP_GAIN = 1.1
 RAMP_PATIENCE = 2  # intervals without gain before the ramp stops
 # On a stop, how long to wait for the transfers in flight to report what they wrote.
 DRAIN_SECONDS = 0.5
+
+
+# Told of a blob that cannot be had (and of why), while the engine goes on with the others.
+FailureListener = Callable[[Digest, FastpullError], None]
 
 
 class BlobSource(Protocol):
@@ -153,6 +159,7 @@ class _Blob:
     connections: int = 0
     reported: float = 0.0
     done: bool = False
+    failed: bool = False
     resumed: int = 0
     etag_checked: bool = False
 
@@ -286,12 +293,19 @@ class Downloader:
         self.workers_used = 0
 
     def fetch(
-        self, blobs: Sequence[Descriptor], source: BlobSource | Mapping[Digest, BlobSource]
+        self,
+        blobs: Sequence[Descriptor],
+        source: BlobSource | Mapping[Digest, BlobSource],
+        *,
+        on_failure: FailureListener | None = None,
     ) -> list[BlobStats]:
         """Download, verify and commit every blob; raise the first unrecoverable error.
 
         ``source`` serves every blob, or maps each digest to its own source (a batch
-        spans repositories and registries).
+        spans repositories and registries). With ``on_failure``, a blob that cannot be had
+        (refused, not found, wrong content after retries...) is reported there and the
+        others go on; only what stops every blob (Ctrl-C, the store) is raised. Stats are
+        returned for the blobs that were stored.
         """
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
@@ -305,7 +319,7 @@ class Downloader:
             self.workers_used = count
             pool = _Pool(count)
             stack.callback(pool.close)
-            job = _Job(self, todo, source, pool)
+            job = _Job(self, todo, source, pool, on_failure)
             results.extend(job.run())
         return results
 
@@ -340,8 +354,10 @@ class _Job:
         blobs: list[_Blob],
         source: BlobSource | Mapping[Digest, BlobSource],
         pool: _Pool,
+        on_failure: FailureListener | None = None,
     ) -> None:
         self.o = owner
+        self.on_failure = on_failure
         self.blobs = blobs
         self.sources = [source[b.digest] if isinstance(source, Mapping) else source for b in blobs]
         self.pool = pool
@@ -371,14 +387,44 @@ class _Job:
                 self._ramp(now)
                 self._dispatch(now)
                 for report in self.pool.receive(self._wait(now)):
-                    self._handle(report)
+                    index = None if isinstance(report, Progress) else self._index(report)
+                    self._guarded(index, self._handle, report)
                 for index, blob in enumerate(self.blobs):
                     if not blob.done:
-                        self._verify(index, blob)
+                        self._guarded(index, self._verify, index, blob)
         except BaseException:
             self._drain()
             raise
         return self.results
+
+    def _index(self, report: Accepted | Finished | Shrunk) -> int | None:
+        return self.chunk_blob.get(report.chunk_id)
+
+    def _guarded(self, index: int | None, action: Callable[..., None], *args: object) -> None:
+        """Run ``action``; an error of one blob fails only that blob when the caller asked
+        to be told of failures instead."""
+        try:
+            action(*args)
+        except FastpullError as exc:
+            if (
+                index is None
+                or self.on_failure is None
+                or isinstance(exc, (StoreError, Interrupted))
+                or self.blobs[index].done
+            ):
+                raise
+            self._give_up(index, exc)
+
+    def _give_up(self, index: int, error: FastpullError) -> None:
+        """Stop working on one blob: its transfers are cancelled, its ingest is left (with
+        whatever was journaled), and the listener hears why."""
+        blob = self.blobs[index]
+        blob.done = blob.failed = True
+        for chunk in self.sched.drop(index):
+            self.pool.tell(chunk.id, Cancel(chunk.id))
+        blob.exit.close()
+        assert self.on_failure is not None
+        self.on_failure(blob.digest, error)
 
     def _drain(self) -> None:
         """Stop every transfer and journal what each wrote, for the next run to resume."""
@@ -488,7 +534,7 @@ class _Job:
     def _accepted(self, report: Accepted) -> None:
         """Judge resumed bytes by the ETag of the blob's first answer in this run."""
         index = self.chunk_blob.get(report.chunk_id)
-        if index is None or not report.etag:
+        if index is None or not report.etag or self.blobs[index].failed:
             return
         blob = self.blobs[index]
         known = blob.ingest.etag
@@ -515,7 +561,7 @@ class _Job:
 
     def _moved(self, chunk_id: int, position: int) -> None:
         index = self.chunk_blob.get(chunk_id)
-        if index is None:
+        if index is None or self.blobs[index].failed:
             return
         blob = self.blobs[index]
         delta = position - self.positions.get(chunk_id, position)
@@ -533,6 +579,10 @@ class _Job:
 
     def _finished(self, report: Finished) -> None:
         chunk_id = report.chunk_id
+        if self.blobs[self.chunk_blob[chunk_id]].failed:
+            # Cancelled by _give_up; the blob's ingest is closed already.
+            self.chunk_blob.pop(chunk_id)
+            return
         self._journal(report)
         index = self.chunk_blob.pop(chunk_id)
         self.positions.pop(chunk_id, None)

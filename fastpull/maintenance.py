@@ -254,8 +254,8 @@ def _deletion_order(closures: Iterator[Closure]) -> Iterator[Digest]:
 class Collected:
     """One thing ``gc`` deleted (or would delete): a blob or a stale download."""
 
-    kind: str  # "blob" or "download"
-    name: str  # the digest, or the ingest name <alg>-<hex>
+    kind: str  # "blob", "download" or "temp"
+    name: str  # the digest, the ingest name <alg>-<hex>, or the temp file's name
     size: int
 
 
@@ -321,6 +321,8 @@ def _collect(store: Store, *, dry_run: bool) -> GarbageReport:
             in_progress.append(ingest.name)
         else:
             removed.append(Collected("download", ingest.name, freed))
+    for name, size in store.index_debris(remove=not dry_run):
+        removed.append(Collected("temp", name, size))
     return GarbageReport(tuple(removed), tuple(in_progress), dry_run)
 
 

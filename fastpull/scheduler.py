@@ -285,6 +285,15 @@ class Scheduler:
         self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
         self._plan(blob, attempt)
 
+    def drop(self, blob: int) -> list[Chunk]:
+        """Give a blob up: its queued chunks go, and its active ones are returned (the
+        caller stops them) and forgotten."""
+        self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
+        active = self.active_chunks(blob)
+        for chunk in active:
+            del self._active[chunk.id]
+        return active
+
     def refetch_done(self, blob: int) -> None:
         """Drop the blob's done ranges (resumed bytes that turned out stale) and queue them
         again, leaving running transfers alone: what they write is current."""

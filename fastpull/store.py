@@ -675,6 +675,21 @@ class Store:
                 os.close(fd)
         return freed
 
+    def index_debris(self, *, remove: bool) -> list[tuple[str, int]]:
+        """Temp files of ``index.json`` writers that were killed: (name, bytes) of each,
+        deleted with ``remove``. A live writer holds the index lock while its temp file
+        exists, so under that lock every such file is debris."""
+        found = []
+        with self._index_lock(), _os_errors(self.root, "remove temp files"):
+            for name in sorted(os.listdir(self.root)):
+                if name.startswith(".index.json.") and _INIT_TEMP.fullmatch(name):
+                    path = self.root / name
+                    size = os.lstat(path).st_size
+                    if remove:
+                        path.unlink()
+                    found.append((name, size))
+        return found
+
     @contextlib.contextmanager
     def shared_use(self) -> Iterator[None]:
         """Held by a pull from start to finish; waits while gc or rmi hold the store."""

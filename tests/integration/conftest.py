@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -154,7 +155,9 @@ def assert_store_consistent(store: Path, *, killed: bool = False) -> None:
     in the middle of a journal line: only the complete lines must be true then.
     """
     expected = {"oci-layout", "index.json", "index.json.lock", "gc.lock", "blobs", "ingest"}
-    assert {p.name for p in store.iterdir()} <= expected
+    # A writer of index.json killed before its rename leaves its temp file.
+    debris = re.compile(r"\.index\.json\.[0-9a-f]+\.tmp" if killed else "$^")
+    assert {p.name for p in store.iterdir() if not debris.fullmatch(p.name)} <= expected
     for path in (store / "blobs").rglob("*"):
         if path.is_file():
             assert file_digest(path) == f"{path.parent.name}:{path.name}", path

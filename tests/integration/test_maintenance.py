@@ -255,6 +255,9 @@ def test_gc_deletes_unreferenced_blobs_and_stale_downloads_only(
     running = sha256_digest(b"a download in progress")
     holder = hold("ingest", str(store), running)
     running_name = running.replace(":", "-")
+    # What an index.json writer killed before its rename leaves.
+    torn = store / ".index.json.0123456789abcdef.tmp"
+    torn.write_bytes(b'{"schemaVersion": 2, "manif')
 
     dry = cli("gc", "--dry-run")
 
@@ -262,9 +265,11 @@ def test_gc_deletes_unreferenced_blobs_and_stale_downloads_only(
     assert dry.lines == [
         f"Would delete blob {sha256_digest(junk)} ({human_size(3000)})",
         f"Would delete partial download of {stale.replace('-', ':')} ({human_size(stale_size)})",
+        f"Would delete temp file {torn.name} ({human_size(27)})",
         f"Kept partial download of {running}: in progress",
-        f"Would reclaim: {human_size(3000 + stale_size)}",
+        f"Would reclaim: {human_size(3000 + stale_size + 27)}",
     ]
+    assert torn.exists()
     assert blob(store, sha256_digest(junk)).exists()
     assert (store / "ingest" / f"{stale}.data").exists()
 
@@ -272,8 +277,9 @@ def test_gc_deletes_unreferenced_blobs_and_stale_downloads_only(
 
     assert done.code == 0, done.err
     assert done.lines == [line.replace("Would delete", "Deleted") for line in dry.lines[:-1]] + [
-        f"Total reclaimed space: {human_size(3000 + stale_size)}"
+        f"Total reclaimed space: {human_size(3000 + stale_size + 27)}"
     ]
+    assert not torn.exists()
     assert _blob_files(store) == kept
     assert sorted(p.name for p in (store / "ingest").iterdir()) == [
         f"{running_name}.data",
