@@ -40,19 +40,14 @@ import select
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import trustme
-
-from tests.support.netutil import LoopbackHTTPServer, connect
+from tests.support.netutil import LoopbackService, TrackedHandler, connect
 
 # Not forwarded either way: they describe one connection, not the message.
 _HOP_BY_HOP = frozenset(
@@ -249,47 +244,22 @@ class _Dropped(Exception):
     """The answer ends by closing the connection (scripted, or the client hung up)."""
 
 
-class _HTTPServer(LoopbackHTTPServer):
-    # stop() bounds the wait for handler threads itself.
-    block_on_close = False
-
-    def __init__(self, owner: FaultProxy, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(_Handler, ssl_context)
-        self.owner = owner
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 30  # an idle kept-alive connection must not hold its thread past the test
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.owner._track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except OSError:
-            pass  # the connection was reset on purpose
-        finally:
-            self.server.owner._untrack(self.connection)
-
+class _Handler(TrackedHandler):
     def do_GET(self) -> None:
         self.server.owner._handle(self)
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence per-request stderr output; requests are recorded instead."""
 
-
-class FaultProxy:
+class FaultProxy(LoopbackService):
     """A rule-driven proxy on ``127.0.0.1`` in front of ``upstream`` (``http(s)://host:port``).
 
     ``upstream_ca`` verifies an HTTPS upstream; with ``tls`` the proxy itself serves HTTPS
     with a certificate from a throwaway CA written to :attr:`ca_path`.
     """
+
+    handler = _Handler
+    thread_name = "fastpull-fault-proxy"
 
     def __init__(
         self,
@@ -303,80 +273,11 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.upstream_ca = upstream_ca
         self.upstream_headers = dict(upstream_headers or {})
-        self.tls = tls
-        self.max_response_seconds = max_response_seconds
-        self.ca_path: Path | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        super().__init__(tls=tls, max_response_seconds=max_response_seconds)
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._requests: list[ProxiedRequest] = []
         self._tokens_seen: set[str] = set()
-        self._live: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> FaultProxy:
-        """Start serving in a background thread; returns ``self``."""
-        context = None
-        if self.tls:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fastpull-proxy-")
-            ca = trustme.CA()
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-            self.ca_path = Path(self._tmp.name) / "ca.pem"
-            ca.cert_pem.write_to_path(str(self.ca_path))
-        self._httpd = _HTTPServer(self, context)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fastpull-fault-proxy",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, end every slow answer and open connection, and clean up."""
-        self._stopping.set()
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        with self._lock:
-            live = list(self._live.items())
-        for sock, _thread in live:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for _sock, thread in live:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``."""
-        if self._httpd is None:
-            raise RuntimeError("fault proxy is not running")
-        return self._httpd.host
-
-    @property
-    def url(self) -> str:
-        """``http://HOST`` or ``https://HOST``."""
-        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     # -- rules and records -----------------------------------------------------------------
 
@@ -417,14 +318,6 @@ class FaultProxy:
         return sum(r.body_sent for r in self.requests_for(path, None))
 
     # -- serving ---------------------------------------------------------------------------
-
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live[sock] = threading.current_thread()
-
-    def _untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live.pop(sock, None)
 
     def _choose(self, method: str, path: str) -> Action:
         with self._lock:

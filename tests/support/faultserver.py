@@ -37,20 +37,15 @@ import contextlib
 import json
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import trustme
-
 from tests.support.images import Blob, Image, Index
-from tests.support.netutil import LoopbackHTTPServer
+from tests.support.netutil import LoopbackService, TrackedHandler
 
 # What Go's net/http (and so the real registry) answers to a TLS handshake on a plain port;
 # curl then fails the handshake at once instead of waiting for its connect timeout.
@@ -161,31 +156,7 @@ class _Content:
     headers: Mapping[str, str]
 
 
-class _HTTPServer(LoopbackHTTPServer):
-    # stop() joins handler threads itself, with a bound; server_close() must not wait forever.
-    block_on_close = False
-
-    def __init__(self, owner: FaultServer, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(_Handler, ssl_context)
-        self.owner = owner
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # An idle kept-alive connection must not hold its thread beyond the test.
-    timeout = 30
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.owner._track(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.owner._untrack(self.connection)
-
+class _Handler(TrackedHandler):
     def handle(self) -> None:
         if self.server.ssl_context is None:
             try:
@@ -203,16 +174,16 @@ class _Handler(BaseHTTPRequestHandler):
     # The API served is read-only: other methods are recorded, then refused.
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence per-request stderr output; requests are recorded instead."""
-
 
 class _Dropped(Exception):
     """The response ends by closing the connection (scripted, or the client hung up)."""
 
 
-class FaultServer:
+class FaultServer(LoopbackService):
     """A scripted registry on ``127.0.0.1`` (HTTPS with a trustme certificate if ``tls``)."""
+
+    handler = _Handler
+    thread_name = "fastpull-fault-server"
 
     def __init__(
         self,
@@ -222,93 +193,25 @@ class FaultServer:
         realm: str = "fault-registry",
         max_response_seconds: float = 30.0,
     ) -> None:
-        self.tls = tls
+        super().__init__(tls=tls, max_response_seconds=max_response_seconds)
         self.basic_auth = basic_auth
         self.realm = realm
-        self.max_response_seconds = max_response_seconds
-        self.ca_path: Path | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._lock = threading.Condition()
         self._content: dict[str, _Content] = {}
         self._scripts: dict[str, list[list[Any]]] = {}
         self._requests: list[RecordedRequest] = []
         self._answering = 0
         self._peak_answering = 0
-        self._live: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.add_content("/v2/", b"{}", "application/json")
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> FaultServer:
-        """Start serving in a background thread; returns ``self``."""
-        context = None
-        if self.tls:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fastpull-faults-")
-            ca = trustme.CA()
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-            self.ca_path = Path(self._tmp.name) / "ca.pem"
-            ca.cert_pem.write_to_path(str(self.ca_path))
-        self._httpd = _HTTPServer(self, context)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fastpull-fault-server",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, end every slow answer and open connection, and clean up."""
-        self._stopping.set()
+    def _before_stop(self) -> None:
         with self._lock:
             faults = [fault for queue in self._scripts.values() for fault, _ in queue]
-        gates = [f.gate for f in faults if isinstance(f, Serve) and f.gate is not None]
-        for gate in gates:
-            gate.abort()  # responses waiting at a gate end now
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        with self._lock:
-            live = list(self._live.items())
-        for sock, _thread in live:
-            # Wakes handlers blocked reading a kept-alive connection.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        for _sock, thread in live:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> FaultServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    # -- addresses -------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``."""
-        if self._httpd is None:
-            raise RuntimeError("fault server is not running")
-        return self._httpd.host
-
-    @property
-    def url(self) -> str:
-        """``http://HOST`` or ``https://HOST``."""
-        return f"{'https' if self.tls else 'http'}://{self.host}"
+        for fault in faults:
+            if isinstance(fault, Serve) and fault.gate is not None:
+                fault.gate.abort()  # responses waiting at a gate end now
 
     @staticmethod
     def manifest_path(repository: str, reference: str) -> str:
@@ -392,14 +295,6 @@ class FaultServer:
                 raise TimeoutError(f"fault server still answering after {timeout} s")
 
     # -- serving ---------------------------------------------------------------------------
-
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live[sock] = threading.current_thread()
-
-    def _untrack(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._live.pop(sock, None)
 
     def _take(self, record: RecordedRequest) -> Fault | None:
         with self._lock:
