@@ -45,9 +45,8 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
-from tests.support.netutil import LoopbackService, TrackedHandler, connect
+from tests.support.netutil import LoopbackService, RequestRecord, TrackedHandler, connect
 
 # Not forwarded either way: they describe one connection, not the message.
 _HOP_BY_HOP = frozenset(
@@ -193,7 +192,7 @@ class Rule:
 
 
 @dataclass
-class ProxiedRequest:
+class ProxiedRequest(RequestRecord):
     """One request as the proxy received it, and what the client got back.
 
     ``hung_up`` tells that the client closed the connection while a stalled or trickled
@@ -208,19 +207,6 @@ class ProxiedRequest:
     body_sent: int = 0
     hung_up: bool = False
     received: float = field(default_factory=time.monotonic)
-
-    @property
-    def path(self) -> str:
-        """The URL-decoded path, without the query string."""
-        return unquote(urlsplit(self.target).path)
-
-    def header(self, name: str) -> str | None:
-        """The last value of a request header (names compare case-insensitively)."""
-        name = name.lower()
-        for key, value in reversed(self.headers):
-            if key.lower() == name:
-                return value
-        return None
 
 
 def manifest_path(repository: str, reference: str) -> str:

@@ -42,10 +42,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from tests.support.images import Blob, Image, Index
-from tests.support.netutil import LoopbackService, TrackedHandler
+from tests.support.netutil import LoopbackService, RequestRecord, TrackedHandler
 
 # What Go's net/http (and so the real registry) answers to a TLS handshake on a plain port;
 # curl then fails the handshake at once instead of waiting for its connect timeout.
@@ -125,7 +124,7 @@ Fault = Respond | Redirect | Serve | Flood
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(RequestRecord):
     """One request as the server saw it; ``status`` and ``body_sent`` fill in as it is answered.
     ``received`` is when it arrived (``time.monotonic()``)."""
 
@@ -135,19 +134,6 @@ class RecordedRequest:
     status: int = 0
     body_sent: int = 0
     received: float = field(default_factory=time.monotonic)
-
-    @property
-    def path(self) -> str:
-        """The URL-decoded path, without the query string."""
-        return unquote(urlsplit(self.target).path)
-
-    def header(self, name: str) -> str | None:
-        """The last value of a request header (names compare case-insensitively)."""
-        name = name.lower()
-        for key, value in reversed(self.headers):
-            if key.lower() == name:
-                return value
-        return None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import trustme
 
@@ -61,6 +61,27 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class RequestRecord:
+    """What the recorded requests of the harness's servers share: the request target and
+    headers, and lookups on them."""
+
+    target: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def path(self) -> str:
+        """The URL-decoded path, without the query string."""
+        return unquote(urlsplit(self.target).path)
+
+    def header(self, name: str) -> str | None:
+        """The last value of a request header (names compare case-insensitively)."""
+        name = name.lower()
+        for key, value in reversed(self.headers):
+            if key.lower() == name:
+                return value
+        return None
 
 
 class LoopbackHTTPServer(ThreadingHTTPServer):
