@@ -192,17 +192,21 @@ def _lock(path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             _wait_for_flock(fd)
-            locked = os.fstat(fd)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                current = None
+            if _still_named(fd, path):
+                return fd
         except BaseException:
             os.close(fd)
             raise
-        if current is not None and os.path.samestat(current, locked):
-            return fd
         os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file ``fd`` has open (see :func:`_lock`)."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(current, os.fstat(fd))
 
 
 def _try_lock(path: Path) -> int | None:
@@ -217,11 +221,7 @@ def _try_lock(path: Path) -> int | None:
         except BaseException:
             os.close(fd)
             raise
-        try:
-            current: os.stat_result | None = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        if current is not None and os.path.samestat(current, os.fstat(fd)):
+        if _still_named(fd, path):
             return fd
         os.close(fd)
 
@@ -471,20 +471,8 @@ class Store:
         A snapshot that may change at once; it lets a batch fetch other blobs first rather
         than wait in :meth:`ingest` for this one (which stays the only safe way to write it).
         """
-        lock_path = Ingest(self, digest, 0)._lock_path
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise _store_error(exc, self.root, f"look up ingest of {digest}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # also releases a lock taken just now
-        return False
+        with _os_errors(self.root, f"look up ingest of {digest}"):
+            return self._ingest_is_live(Ingest(self, digest, 0)._lock_path)
 
     # ── index.json ──────────────────────────────────────────────────────────────────────
 
