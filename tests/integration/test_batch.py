@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import blob, blob_gets, entry_for, index_entries
+from tests.integration.conftest import (
+    assert_store_consistent,
+    blob,
+    blob_gets,
+    entry_for,
+    index_entries,
+)
+from tests.support.faultserver import Respond, Serve
 from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.tools import require_tool
 
@@ -311,3 +318,38 @@ def test_a_blob_another_process_is_downloading_is_waited_for_not_fetched(
     assert shared.digest not in gets
     fetched = [needs_it.config_digest, needs_it.layers[1].digest, other.config_digest]
     assert sorted(gets) == sorted([*fetched, other.layers[0].digest])
+
+
+@pytest.mark.parametrize("workers", ["0", "2"], ids=["inline", "processes"])
+def test_a_blob_that_fails_mid_run_fails_alone_and_its_transfers_stop(
+    servers: Any, cli: Any, tmp_path: Path, workers: str
+) -> None:
+    server = servers()
+    good = make_image([make_layer(12 << 20, compression="none", seed=560)])
+    bad = make_image([make_layer(12 << 20, compression="none", seed=561)])
+    server.add_image("batch/app", "good", good)
+    server.add_image("batch/app", "bad", bad)
+    bad_path = server.blob_path("batch/app", bad.layers[0].digest)
+    # The bad layer's first requests crawl; then the registry says it is gone. The engine
+    # must drop those slow transfers and finish the good image, not wait for them.
+    server.script(bad_path, Serve(rate=256 << 10, times=3), Respond(404, times=None))
+    refs = [f"{server.host}/batch/app:good", f"{server.host}/batch/app:bad"]
+    listing = _write(tmp_path, "list.txt", "\n".join(refs))
+    report = tmp_path / "report.json"
+
+    result = cli(
+        "pull", "-f", listing, "--workers", workers, "--connections", "4", "--report", str(report)
+    )
+
+    assert result.code == 4, result.err
+    statuses = {r["image"]: r["status"] for r in json.loads(report.read_text())["images"]}
+    assert statuses == {refs[0]: "downloaded", refs[1]: "failed"}
+    assert entry_for(_store(), refs[0])["digest"] == good.manifest_digest
+    assert not blob(_store(), bad.layers[0].digest).exists()
+    assert_store_consistent(_store())
+    bad_requests = server.requests_for(bad_path)
+    # Three slow transfers were running when the 404 came; nothing was asked after it.
+    assert [r.status for r in bad_requests] == [206, 206, 206, 404]
+    good_path = server.blob_path("batch/app", good.layers[0].digest)
+    spans = sorted(r.header("Range") or "" for r in server.requests_for(good_path))
+    assert len(spans) == len(set(spans))  # every range of the good layer asked once
