@@ -655,6 +655,16 @@ class _Job:
             if url == blob.url:
                 blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
             self._retry(index, chunk_id, report.position, 0.0, None)
+        elif status == 416:
+            # Nothing at an offset below the declared size: the descriptor lies about the
+            # blob, and no retry changes that.
+            blob.ingest.discard()
+            raise DigestMismatch(
+                f"blob {blob.digest} is shorter than the {blob.size} bytes its descriptor "
+                f"declares: the server has nothing at byte {report.position} "
+                f"(HTTP 416)",
+                expected=str(blob.digest),
+            )
         elif status in RETRYABLE_STATUS:
             wait = parse_retry_after(headers.get("retry-after"))
             self._retry(index, chunk_id, report.position, wait, http_error(response, _what(blob)))
