@@ -6,9 +6,11 @@ Errors are turned into one line on stderr and an exit code here and nowhere else
 
 from __future__ import annotations
 
+import os
 import platform as _platform
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import click
 import orjson
@@ -152,6 +154,8 @@ def pull(
         raise UsageError("Missing argument 'NAME' (or -f FILE)")
     if (fail_fast or report_file) and not batch_files:
         raise UsageError("--fail-fast and --report go with -f FILE")
+    for option, path in (("--stats", stats_file), ("--report", report_file)):
+        _check_output_path(option, path)
     ref = Reference.parse(name) if name is not None else None
     if all_tags:
         if ref is None or name is None:
@@ -235,6 +239,16 @@ def _finish_batch(
             f"{len(failed)} of {len(batch.outcomes)} images failed{extra}",
             exit_code=batch.exit_code,
         )
+
+
+def _check_output_path(option: str, path: str | None) -> None:
+    """Fail before the pull, not after it, if an output file cannot be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write a file there")
 
 
 def _write_stats(path: str, results: list[PullResult]) -> None:

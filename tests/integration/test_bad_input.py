@@ -45,6 +45,8 @@ def _one_line(result: CliResult) -> str:
         (("--insecure-registry", "a b"), "Error: invalid insecure registry 'a b'"),
         (("--insecure-registry", ""), "Error: invalid insecure registry ''"),
         (("--stats", "."), "Error: Invalid value for '--stats'"),
+        # Found before anything is pulled (NOWHERE would fail later, with exit 5).
+        (("--stats", "/no/such/dir/stats.json"), "Error: --stats /no/such/dir/stats.json"),
         (("--ca-cert", "."), "Error: Invalid value for '--ca-cert'"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, tuple) else None,
