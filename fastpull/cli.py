@@ -516,6 +516,12 @@ def login(
         click.echo(
             "WARNING! Using --password via the CLI is insecure. Use --password-stdin.", err=True
         )
+    if (not username or not password) and not sys.stdin.isatty():
+        # docker's rule: no prompt (and no getpass warnings) without a terminal.
+        raise UsageError(
+            "cannot ask for a username and password: standard input is not a terminal "
+            "(use --username with --password-stdin)"
+        )
     if not username:
         username = click.prompt("Username")
     if not password:

@@ -263,3 +263,15 @@ def test_helper_secrets_stay_out_of_its_error(
 
     assert result.code == 3
     assert secret not in result.err + result.out
+
+
+@pytest.mark.parametrize(
+    "args", [(), ("-u", "me"), ("-u", "me", "-p", "")], ids=["nothing", "no-password", "empty"]
+)
+def test_login_without_a_terminal_does_not_prompt(
+    args: tuple[str, ...], cli: Callable[..., CliResult]
+) -> None:
+    result = cli("login", *args, "127.0.0.1:1")
+
+    assert result.code == 2
+    assert "standard input is not a terminal" in _one_line(result)
