@@ -180,14 +180,7 @@ class LoopbackService:
 
     def start(self) -> Self:
         """Start serving in a background thread; returns ``self``."""
-        context = None
-        if self.tls:
-            self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.thread_name}-")
-            ca = trustme.CA()
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-            self.ca_path = Path(self._tmp.name) / "ca.pem"
-            ca.cert_pem.write_to_path(str(self.ca_path))
+        context = self._ssl_context() if self.tls else None
         self._httpd = ServiceHTTPServer(self, self.handler, context)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
@@ -197,6 +190,12 @@ class LoopbackService:
         )
         self._thread.start()
         return self
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """A server context with a certificate of a throwaway CA, written to ``ca_path``."""
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.thread_name}-")
+        self.ca_path = Path(self._tmp.name) / "ca.pem"
+        return serving_context(trustme.CA(), self.ca_path)
 
     def _before_stop(self) -> None:
         """End whatever waits on something other than a connection (a hook)."""
@@ -252,3 +251,12 @@ class LoopbackService:
         """The handler of ``sock`` is done with it."""
         with self._live_lock:
             self._live.pop(sock, None)
+
+
+def serving_context(ca: trustme.CA, ca_path: Path) -> ssl.SSLContext:
+    """A TLS server context for 127.0.0.1/localhost signed by ``ca``, whose certificate is
+    written to ``ca_path`` for clients to trust."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca.cert_pem.write_to_path(str(ca_path))
+    return context

@@ -27,9 +27,8 @@ import threading
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
 import trustme
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.support.netutil import LoopbackHTTPServer
+from tests.support.netutil import LoopbackService, TrackedHandler, serving_context
 
 # What an authenticated user may do by default; distribution 2.8 asks for "delete" on DELETE.
 FULL_ACCESS = ("pull", "push", "delete")
@@ -179,28 +178,19 @@ def _make_signer() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
     return key, cert
 
 
-class _HTTPServer(LoopbackHTTPServer):
-    def __init__(self, owner: TokenServer, ssl_context: ssl.SSLContext | None) -> None:
-        super().__init__(_Handler, ssl_context)
-        self.owner = owner
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _HTTPServer
-
+class _Handler(TrackedHandler):
     def do_GET(self) -> None:
         self.server.owner._handle(self)
 
     def do_POST(self) -> None:
         self.server.owner._handle(self)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silence per-request stderr output; requests are recorded instead."""
 
-
-class TokenServer:
+class TokenServer(LoopbackService):
     """Docker token server on ``127.0.0.1`` (HTTPS with a trustme certificate by default)."""
+
+    handler = _Handler
+    thread_name = "fastpull-token-server"
 
     def __init__(
         self,
@@ -217,75 +207,49 @@ class TokenServer:
         self._initial_policy = copy.deepcopy(self.policy)
         self.service = service
         self.issuer = issuer
-        self.tls = tls
+        super().__init__(tls=tls)
         self.ca: trustme.CA | None = (ca or trustme.CA()) if tls else None
         self.path = path
         self._workdir = Path(workdir) if workdir is not None else None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._key, self._cert = _make_signer()
         self._x5c = [base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()]
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
         self._refresh_tokens: dict[str, str] = {}
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.rootcertbundle_path: Path | None = None
-        self.ca_pem_path: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> TokenServer:
+    def start(self) -> Self:
         """Write the certificate files and start serving; returns ``self``."""
         if self._workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="fastpull-tokens-")
-            self._workdir = Path(self._tmp.name)
+            self._scratch = tempfile.TemporaryDirectory(prefix="fastpull-tokens-")
+            self._workdir = Path(self._scratch.name)
         self._workdir.mkdir(parents=True, exist_ok=True)
         self.rootcertbundle_path = self._workdir / "token-signer.pem"
         self.rootcertbundle_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
-        context = None
-        if self.ca is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-            self.ca_pem_path = self._workdir / "token-server-ca.pem"
-            self.ca.cert_pem.write_to_path(str(self.ca_pem_path))
-        self._httpd = _HTTPServer(self, context)
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fastpull-token-server",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
+        return super().start()
 
-    def stop(self) -> None:
+    def _ssl_context(self) -> ssl.SSLContext:
+        assert self.ca is not None and self._workdir is not None
+        self.ca_path = self._workdir / "token-server-ca.pem"
+        return serving_context(self.ca, self.ca_path)
+
+    def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and remove temporary files."""
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        super().stop(timeout)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
             self._workdir = None
-
-    def __enter__(self) -> TokenServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- public state ----------------------------------------------------------------------
 
     @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT`` of the running server."""
-        if self._httpd is None:
-            raise RuntimeError("token server is not running")
-        return self._httpd.host
+    def ca_pem_path(self) -> Path | None:
+        """The CA certificate that signed this server's (None without TLS)."""
+        return self.ca_path
 
     @property
     def realm(self) -> str:
