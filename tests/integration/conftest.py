@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -186,3 +188,51 @@ def file_digest(path: Path) -> str:
         while data := fh.read(4 << 20):
             digest.update(data)
     return f"sha256:{digest.hexdigest()}"
+
+
+def env_store() -> Path:
+    """The store a test pulls into by default (``$FASTPULL_STORE``)."""
+    return Path(os.environ["FASTPULL_STORE"])
+
+
+def one_line(err: str) -> str:
+    """The one line of an error message, which must be no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def start_fastpull(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m fastpull ARGS...`` in its own process group, as a shell job."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fastpull", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def process_tree(pid: int) -> set[int]:
+    """The PIDs of every descendant of ``pid``, from ``/proc/*/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

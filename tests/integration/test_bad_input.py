@@ -17,17 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import CliResult
+from tests.integration.conftest import CliResult, one_line
 
 NOWHERE = "127.0.0.1:1/app:1"
 
 
 def _one_line(result: CliResult) -> str:
-    assert "Traceback" not in result.err
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1, result.err
     assert result.out == ""
-    return lines[0]
+    return one_line(result.err)
 
 
 @pytest.mark.parametrize(

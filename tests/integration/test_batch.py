@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from tests.integration.conftest import (
     blob,
     blob_gets,
     entry_for,
+    env_store,
     index_entries,
 )
 from tests.support.faultserver import Respond, Serve
@@ -25,10 +25,6 @@ from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.tools import require_tool
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def _store() -> Path:
-    return Path(os.environ["FASTPULL_STORE"])
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:
@@ -65,7 +61,7 @@ def test_a_batch_fetches_every_shared_blob_once(
     unique = {b.digest: b.size for image in images.values() for b in image.referenced_blobs()}
     gets = blob_gets(registry.requests(mark))
     assert sorted(gets) == sorted(unique)  # every blob requested, and exactly once
-    store = _store()
+    store = env_store()
     for ref, image in images.items():
         assert entry_for(store, ref)["digest"] == image.manifest_digest
         for b in image.referenced_blobs():
@@ -118,8 +114,10 @@ def test_one_failing_image_does_not_stop_the_others(
         refs[2]: "downloaded",
     }
     for ref in refs:
-        assert entry_for(_store(), ref)["digest"] == images[ref].manifest_digest
-    named = {e["annotations"]["org.opencontainers.image.ref.name"] for e in index_entries(_store())}
+        assert entry_for(env_store(), ref)["digest"] == images[ref].manifest_digest
+    named = {
+        e["annotations"]["org.opencontainers.image.ref.name"] for e in index_entries(env_store())
+    }
     assert named == set(refs)
     errors = result.err.splitlines()
     assert any(e.startswith(f"Error: {registry.host}/{repo}:nosuchtag: ") for e in errors)
@@ -143,7 +141,7 @@ def test_fail_fast_stops_at_the_first_failure(
     rows = json.loads(report.read_text())["images"]
     assert rows[0]["status"] == "failed"
     assert {r["status"] for r in rows[1:]} <= {"skipped"}  # nothing pulled after the failure
-    assert index_entries(_store()) == []
+    assert index_entries(env_store()) == []
 
 
 @pytest.mark.parametrize(
@@ -211,9 +209,9 @@ def test_multi_platform_pull_stores_the_index(
     result = cli("pull", "-f", path)
 
     assert result.code == 0, result.err
-    store = str(_store())
+    store = str(env_store())
     # All platforms: the registry's index, byte for byte.
-    entry = entry_for(_store(), every)
+    entry = entry_for(env_store(), every)
     assert (entry["mediaType"], entry["digest"]) == (OCI_INDEX, index.manifest_digest)
     raw = subprocess.run(
         [skopeo, "inspect", "--raw", f"oci:{store}:{every}"], capture_output=True, timeout=60
@@ -221,7 +219,7 @@ def test_multi_platform_pull_stores_the_index(
     assert raw.returncode == 0, raw.stderr
     assert raw.stdout == index.manifest_bytes
     # Two of three: an index of just those two.
-    entry = entry_for(_store(), two)
+    entry = entry_for(env_store(), two)
     assert entry["mediaType"] == OCI_INDEX
     assert entry["annotations"]["io.fastpull.repo-digest"] == index.manifest_digest
     raw = subprocess.run(
@@ -235,7 +233,7 @@ def test_multi_platform_pull_stores_the_index(
     ]
     for name in ("linux/amd64", "linux/arm64", "linux/arm/v7"):
         for b in platforms[name].referenced_blobs():
-            assert blob(_store(), b.digest).exists()
+            assert blob(env_store(), b.digest).exists()
     # skopeo picks a platform from the stored index and finds all of its blobs.
     for arch in ("amd64", "arm64"):
         info = subprocess.run(
@@ -344,9 +342,9 @@ def test_a_blob_that_fails_mid_run_fails_alone_and_its_transfers_stop(
     assert result.code == 4, result.err
     statuses = {r["image"]: r["status"] for r in json.loads(report.read_text())["images"]}
     assert statuses == {refs[0]: "downloaded", refs[1]: "failed"}
-    assert entry_for(_store(), refs[0])["digest"] == good.manifest_digest
-    assert not blob(_store(), bad.layers[0].digest).exists()
-    assert_store_consistent(_store())
+    assert entry_for(env_store(), refs[0])["digest"] == good.manifest_digest
+    assert not blob(env_store(), bad.layers[0].digest).exists()
+    assert_store_consistent(env_store())
     bad_requests = server.requests_for(bad_path)
     # Three slow transfers were running when the 404 came; nothing was asked after it.
     assert [r.status for r in bad_requests] == [206, 206, 206, 404]

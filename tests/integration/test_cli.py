@@ -19,7 +19,7 @@ import fastpull
 from fastpull import hashing
 from fastpull.store import REF_NAME_ANNOTATION
 from fastpull.transport import RetryPolicy
-from tests.integration.conftest import blob, index_entries
+from tests.integration.conftest import blob, index_entries, one_line
 from tests.support.images import MiB, make_image, make_index, make_layer
 
 _IN_CI = os.environ.get("CI") == "true"
@@ -88,13 +88,6 @@ def _env(**changes: str | None) -> dict[str, str]:
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=env or _env())
-
-
-def _one_line(result: Any) -> str:
-    lines = result.err.splitlines()
-    assert len(lines) == 1, result.err
-    assert "Traceback" not in result.err
-    return lines[0]
 
 
 # -- entry points and the hashing backend ------------------------------------------------------
@@ -227,7 +220,7 @@ def test_bad_usage_exits_2_with_one_line(args: tuple[str, ...], message: str, cl
     result = cli(*args)
 
     assert result.code == 2
-    assert _one_line(result).startswith(message)
+    assert one_line(result.err).startswith(message)
     assert result.out == ""
 
 
@@ -313,7 +306,7 @@ def test_failures_are_one_line_with_their_exit_code(
     result = cli(*args)
 
     assert result.code == code
-    assert _one_line(result).startswith(message)
+    assert one_line(result.err).startswith(message)
 
 
 def test_registry_errors_are_one_line(registry: Any, repo: str, cli: Any) -> None:
@@ -325,11 +318,11 @@ def test_registry_errors_are_one_line(registry: Any, repo: str, cli: Any) -> Non
     wrong_platform = cli("pull", "--platform", "linux/s390x", f"{registry.host}/{repo}:1")
 
     assert unknown.code == 4
-    assert _one_line(unknown) == (
+    assert one_line(unknown.err) == (
         f"Error: manifest for {registry.host}/{repo}:2 not found: manifest unknown"
     )
     assert wrong_platform.code == 4
-    assert "no matching manifest for linux/s390x" in _one_line(wrong_platform)
+    assert "no matching manifest for linux/s390x" in one_line(wrong_platform.err)
 
 
 # -- the Python API ----------------------------------------------------------------------------

@@ -22,8 +22,6 @@ import json
 import os
 import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +40,9 @@ from tests.integration.conftest import (
     blob_gets,
     file_digest,
     index_entries,
+    one_line,
+    process_tree,
+    start_fastpull,
 )
 from tests.support.faultserver import FaultServer, RecordedRequest, Redirect, Respond, Serve
 from tests.support.images import Layer, make_image, make_layer
@@ -126,12 +127,6 @@ def _span(request: RecordedRequest) -> tuple[int, int]:
     assert value is not None and value.startswith("bytes="), value
     first, _, last = value.removeprefix("bytes=").partition("-")
     return int(first), int(last) + 1
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # -- the real registry ---------------------------------------------------------------------
@@ -236,7 +231,7 @@ def test_206_with_the_wrong_content_range_is_refused(servers: Start, cli: Any, s
         result = cli("pull", "--workers", "0", "--connections", "4", ref)
 
     assert result.code == 5
-    line = _one_line(result.err)
+    line = one_line(result.err)
     assert "Content-Range" in line
     assert wrong in line
     assert not blob(store, layer.digest).exists()
@@ -516,7 +511,7 @@ def test_corrupted_chunk_every_time_is_a_digest_mismatch(
         result = cli("pull", "--workers", "2", "--connections", "4", ref)
 
     assert result.code == 6
-    line = _one_line(result.err)
+    line = one_line(result.err)
     assert layer.digest in line
     # Fetched twice in full, then given up.
     assert len(server.requests_for(path)) == 2 * _planned_chunks(layer.size, layer.size, 4)
@@ -546,34 +541,6 @@ def test_connections_caps_transfers_across_worker_processes(servers: Start, stor
 # -- the process tree --------------------------------------------------------------------------
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    """Every process's children, from ``/proc/*/stat``."""
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def _descendants(pid: int) -> set[int]:
-    tree = _children_by_parent()
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _alive(pid: int) -> bool:
     """Whether the process exists and is not a zombie."""
     try:
@@ -593,19 +560,6 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0  # a zombie has no memory left
-
-
-def _fastpull(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start ``python -m fastpull ARGS...`` in its own process group, as a shell job."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "fastpull", *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _read_lines(stream: Any, lines: queue.Queue[str]) -> None:
@@ -629,7 +583,7 @@ def _interrupt(
     ref = _serve(server, layer)
     # A megabyte a second per chunk: well under way, and far from done, at Ctrl-C.
     server.script(server.blob_path(REPO, layer.digest), Serve(rate=MIB, times=None))
-    proc = _fastpull("pull", "--workers", "2", "--connections", "4", ref, env=env)
+    proc = start_fastpull("pull", "--workers", "2", "--connections", "4", ref, env=env)
     try:
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
@@ -641,7 +595,7 @@ def _interrupt(
         while not ready():
             assert time.monotonic() < deadline, "never ready for Ctrl-C"
             time.sleep(0.01)
-        workers = _descendants(proc.pid)
+        workers = process_tree(proc.pid)
         assert len(workers) == 2
 
         sent = time.monotonic()
@@ -662,7 +616,7 @@ def _assert_interrupted(
     code, err, elapsed, workers = outcome
     assert code == 130, err
     assert elapsed < 2.0
-    assert _one_line(err).startswith("Error: interrupted"), err
+    assert one_line(err).startswith("Error: interrupted"), err
     assert [pid for pid in workers if _alive(pid)] == []
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
@@ -703,10 +657,10 @@ def test_ctrl_c_while_the_workers_start_up(servers: Start, store: Path, tmp_path
 
 def _peak_rss(*args: str) -> tuple[int, int]:
     """Run fastpull; the peak summed RSS of its process tree and the most processes seen."""
-    proc = _fastpull(*args)
+    proc = start_fastpull(*args)
     peak = processes = 0
     while proc.poll() is None:
-        tree = {proc.pid} | _descendants(proc.pid)
+        tree = {proc.pid} | process_tree(proc.pid)
         peak = max(peak, sum(_rss(pid) for pid in tree))
         processes = max(processes, len(tree))
         time.sleep(0.01)

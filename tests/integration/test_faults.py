@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from fastpull.manifest import MAX_MANIFEST_SIZE
-from tests.integration.conftest import Start, assert_store_consistent, blob
+from tests.integration.conftest import Start, assert_store_consistent, blob, env_store, one_line
 from tests.support.faultserver import Flood, Redirect, Respond, Serve
 from tests.support.images import (
     OCI_MANIFEST,
@@ -50,18 +50,8 @@ SCHEMA2_AND_OCI = {
 }
 
 
-def _store() -> Path:
-    return Path(os.environ["FASTPULL_STORE"])
-
-
 def _image(seed: int, size: int = 50_000) -> Image:
     return make_image([make_layer(size, seed=seed)])
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # -- redirects ---------------------------------------------------------------------------------
@@ -88,7 +78,7 @@ def test_same_origin_redirect_keeps_the_credentials(
     assert result.code == 0, result.err
     hops = registry.requests_for(storage_path)
     assert [(r.status, r.header("Authorization")) for r in hops] == [(200, BASIC)]
-    assert blob(_store(), layer.digest).read_bytes() == layer.data
+    assert blob(env_store(), layer.digest).read_bytes() == layer.data
 
 
 # -- manifests that must not be used -----------------------------------------------------------
@@ -102,7 +92,7 @@ def test_oversized_manifest_is_refused_without_reading_it_all(servers: Start, pu
     result = pull(f"{registry.host}/{REPO}:1")
 
     assert result.code != 0
-    assert f"larger than {MAX_MANIFEST_SIZE} bytes" in _one_line(result.err)
+    assert f"larger than {MAX_MANIFEST_SIZE} bytes" in one_line(result.err)
     registry.wait_idle()
     (flood,) = registry.requests_for(route)
     # What the client read plus what the socket buffers held when it hung up: far below 256 MiB.
@@ -205,7 +195,7 @@ def test_signal_mid_download_stops_at_once_and_keeps_only_journaled_bytes(
 
     assert returncode == code, err
     assert elapsed < 2.0
-    assert re.fullmatch(rf"Error: {word}\b.*", _one_line(err)), err
+    assert re.fullmatch(rf"Error: {word}\b.*", one_line(err)), err
     assert "Traceback" not in err
     assert not blob(store, layer.digest).exists()
     assert json.loads((store / "index.json").read_text())["manifests"] == []
@@ -244,8 +234,8 @@ def test_foreign_layer_urls_are_never_fetched(
     assert [r.header("Authorization") for r in asked] == [BASIC]
     if registry_has_it:
         assert result.code == 0, result.err
-        assert blob(_store(), layer.digest).read_bytes() == layer.data
+        assert blob(env_store(), layer.digest).read_bytes() == layer.data
     else:
         assert result.code == 4
-        assert "not found" in _one_line(result.err)
-        assert not blob(_store(), layer.digest).exists()
+        assert "not found" in one_line(result.err)
+        assert not blob(env_store(), layer.digest).exists()

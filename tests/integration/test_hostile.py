@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     blob,
     entry_for,
     index_entries,
+    one_line,
 )
 from tests.support.faultproxy import (
     Action,
@@ -70,13 +71,6 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(self, attempt, retry_after) if retry_after is not None else 0.0
 
     monkeypatch.setattr(RetryPolicy, "delay", delay)
-
-
-def _one_line(result: CliResult) -> str:
-    lines = result.err.strip().splitlines()
-    assert len(lines) == 1, result.err
-    assert "Traceback" not in result.err
-    return lines[0]
 
 
 def _image(seed: int) -> Image:
@@ -193,7 +187,7 @@ def test_fault_ends_in_the_right_bytes_or_one_clear_error(
         assert entry_for(store, ref)["digest"] == image.manifest_digest
     else:
         assert result.code == fault.code, result.err
-        assert fault.message in _one_line(result)
+        assert fault.message in one_line(result.err)
         assert not blob(store, layer.digest).exists()
         assert index_entries(store) == []
 
@@ -334,7 +328,7 @@ def test_https_registry_redirecting_to_plain_http_is_refused(
     result = pull("--ca-cert", str(front.ca_path), f"{front.host}/{repo}:1")
 
     assert result.code == 5
-    assert "plain HTTP" in _one_line(result)
+    assert "plain HTTP" in one_line(result.err)
     assert cdn.requests == []
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
@@ -363,7 +357,7 @@ def test_redirect_loop_ends_with_a_clear_error(
     result = pull(f"{proxy.host}/{repo}:1")
 
     assert result.code == 5
-    assert "too many redirects" in _one_line(result)
+    assert "too many redirects" in one_line(result.err)
     hops = len(proxy.requests_for(re.escape(own))) + len(mirror.requests_for(re.escape(own)))
     assert hops <= MAX_REDIRECTS + 1
     assert not blob(store, layer.digest).exists()
@@ -437,7 +431,7 @@ def test_token_endpoint_failures(
 
     assert result.code == code, result.err
     if code:
-        assert message in _one_line(result)
+        assert message in one_line(result.err)
         assert index_entries(store) == []
     else:
         assert entry_for(store, ref)["digest"] == image.manifest_digest

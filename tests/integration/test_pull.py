@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,8 @@ import pytest
 
 import fastpull
 from fastpull.errors import DigestMismatch, ManifestError
-from tests.integration.conftest import blob, blob_gets, entry_for, index_entries
+from tests.integration.conftest import blob, blob_gets, entry_for, env_store, index_entries
 from tests.support.images import make_image, make_index, make_layer, raw_blob
-
-
-def _store() -> Path:
-    return Path(os.environ["FASTPULL_STORE"])
 
 
 def test_pull_prints_docker_lines_and_stores_an_oci_layout(
@@ -40,7 +35,7 @@ def test_pull_prints_docker_lines_and_stores_an_oci_layout(
     assert f"Status: Downloaded newer image for {ref}" in result.lines
     assert result.lines[-1] == ref
 
-    store = _store()
+    store = env_store()
     assert json.loads((store / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     entry = entry_for(store, ref)
     assert entry["digest"] == image.manifest_digest
@@ -86,21 +81,21 @@ def test_multi_platform_index_selects_the_requested_platform(
 
     assert result.code == 0, result.err
     assert f"Digest: {index.manifest_digest}" in result.lines
-    entry = entry_for(_store(), ref)
+    entry = entry_for(env_store(), ref)
     if fmt == "oci":
         assert entry["digest"] == arm.manifest_digest
     else:
         # Stored converted to OCI (as `skopeo copy` does); the registry's digest is kept.
         assert entry["annotations"]["io.fastpull.source-manifest"] == arm.manifest_digest
-        assert blob(_store(), arm.manifest_digest).read_bytes() == arm.manifest_bytes
-    stored = json.loads(blob(_store(), entry["digest"]).read_bytes())
+        assert blob(env_store(), arm.manifest_digest).read_bytes() == arm.manifest_bytes
+    stored = json.loads(blob(env_store(), entry["digest"]).read_bytes())
     assert stored["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert stored["config"]["digest"] == arm.config_digest
     assert [layer["digest"] for layer in stored["layers"]] == [x.digest for x in arm.layers]
     # Normalized as containerd does: arm64/v8 is plain arm64.
     assert entry["platform"] == {"architecture": "arm64", "os": "linux"}
     assert entry["annotations"]["io.fastpull.repo-digest"] == index.manifest_digest
-    assert not blob(_store(), amd.layers[1].digest).exists()
+    assert not blob(env_store(), amd.layers[1].digest).exists()
 
     missing = cli("pull", "--platform", "linux/s390x", ref)
     assert missing.code == 4
@@ -116,12 +111,12 @@ def test_pull_by_digest_wins_over_the_tag(registry: Any, repo: str, cli: Any) ->
 
     by_digest = f"{registry.host}/{repo}@{old.manifest_digest}"
     assert cli("pull", by_digest).code == 0
-    assert entry_for(_store(), by_digest)["digest"] == old.manifest_digest
+    assert entry_for(env_store(), by_digest)["digest"] == old.manifest_digest
 
     both = f"{registry.host}/{repo}:latest@{old.manifest_digest}"
     result = cli("pull", both)
     assert result.code == 0
-    assert entry_for(_store(), both)["digest"] == old.manifest_digest
+    assert entry_for(env_store(), both)["digest"] == old.manifest_digest
     assert result.lines[0].startswith(f"{old.manifest_digest}: Pulling from")
 
 
@@ -139,7 +134,8 @@ def test_all_tags_pulls_every_tag_and_fetches_shared_blobs_once(
     assert result.code == 0, result.err
     for tag, image in images.items():
         assert (
-            entry_for(_store(), f"{registry.host}/{repo}:{tag}")["digest"] == image.manifest_digest
+            entry_for(env_store(), f"{registry.host}/{repo}:{tag}")["digest"]
+            == image.manifest_digest
         )
     gets = blob_gets(registry.requests(mark))
     assert gets.count(base.digest) == 1
@@ -157,8 +153,8 @@ def test_empty_and_large_layers(registry: Any, repo: str, cli: Any, tmp_path: Pa
 
     assert result.manifest_digest.hex == image.manifest_digest.split(":")[1]
     assert result.bytes_downloaded == image.config.size + large.size
-    assert blob(_store(), empty.digest).stat().st_size == 0
-    stored = blob(_store(), large.digest)
+    assert blob(env_store(), empty.digest).stat().st_size == 0
+    stored = blob(env_store(), large.digest)
     assert stored.stat().st_size == large.size
     with stored.open("rb") as fh:
         assert "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest() == large.digest
@@ -176,7 +172,7 @@ def test_corrupted_blob_at_the_registry_is_refused_and_not_kept(
     with pytest.raises(DigestMismatch, match="refused"):
         fastpull.pull(f"{registry.host}/{repo}:bad")
 
-    store = _store()
+    store = env_store()
     assert not blob(store, layer.digest).exists()
     assert index_entries(store) == []
     assert list((store / "ingest").glob("*.data")) == []
@@ -192,7 +188,7 @@ def test_corrupted_manifest_at_the_registry_is_refused(
 
     with pytest.raises(ManifestError, match="expected"):
         fastpull.pull(f"{registry.host}/{repo}:bad")
-    assert index_entries(_store()) == []
+    assert index_entries(env_store()) == []
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(

@@ -30,6 +30,8 @@ from tests.integration.conftest import (
     entry_for,
     file_digest,
     index_entries,
+    process_tree,
+    start_fastpull,
 )
 from tests.support.faultserver import Serve
 from tests.support.images import Layer, make_image, make_layer
@@ -47,17 +49,6 @@ def store(docker_config: Any) -> Path:
 
 def _layer(size: int, seed: int = 0) -> Layer:
     return make_layer(size, compression="none", seed=seed)
-
-
-def _fastpull(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fastpull", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _bytes_fetched(registry: RegistryServer, since: int, digest: str) -> int:
@@ -135,7 +126,7 @@ def test_ctrl_c_keeps_what_was_written_and_the_next_pull_fetches_only_the_rest(
     slow = servers()
     slow.add_image("slow/app", "1", image)
     slow.script(slow.blob_path("slow/app", layer.digest), Serve(rate=MIB, times=None))
-    proc = _fastpull("pull", "--workers", "2", "--connections", "4", f"{slow.host}/slow/app:1")
+    proc = start_fastpull("pull", "--workers", "2", "--connections", "4", f"{slow.host}/slow/app:1")
     try:
         deadline = time.monotonic() + 30
         while not _journaled(store, layer.digest):
@@ -253,25 +244,6 @@ def test_a_journal_of_another_blob_or_size_resumes_nothing(
 # -- kill -9 -----------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rpartition(")")[2].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _wait_gone(pids: set[int], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while any(Path(f"/proc/{pid}").exists() for pid in pids):
@@ -314,10 +286,10 @@ def test_kill_9_at_random_moments_never_corrupts_the_store(
     rng = random.Random(seed)
     kills = 0
     for _ in range(8):
-        proc = _fastpull(*args)
+        proc = start_fastpull(*args)
         # Resumed pulls are shorter than the first, cold one: aim at its first part.
         time.sleep(rng.uniform(0.0, 0.7 * whole))
-        workers = _descendants(proc.pid)
+        workers = process_tree(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         code = proc.wait(timeout=10)
         _wait_gone(workers)
@@ -365,7 +337,8 @@ def test_two_pulls_sharing_a_layer_download_it_once(
 
     mark = registry.mark()
     procs = [
-        _fastpull("pull", "--connections", "4", f"{registry.host}/{repo}:{tag}") for tag in images
+        start_fastpull("pull", "--connections", "4", f"{registry.host}/{repo}:{tag}")
+        for tag in images
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=120)

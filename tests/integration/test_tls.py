@@ -22,7 +22,7 @@ from fastpull.errors import ConnectionFailed, TLSFailure
 from fastpull.registry import RegistryClient
 from fastpull.settings import Settings
 from fastpull.transport import Response, RetryPolicy, TLSConfig, Transport
-from tests.integration.conftest import blob, entry_for
+from tests.integration.conftest import blob, entry_for, one_line
 from tests.support.images import make_image, make_layer
 
 # RFC 6761: .invalid never resolves, so nothing here can reach a real host.
@@ -68,13 +68,6 @@ def _get_v2(url: str, tls_for: Callable[[str], TLSConfig]) -> int:
 def _verifying(settings: Settings) -> Callable[[str], TLSConfig]:
     """``settings.tls_for`` with verification forced on (loopback would switch it off)."""
     return lambda url: dataclasses.replace(settings.tls_for(url), verify=True)
-
-
-def _one_line(result: Any) -> str:
-    lines = result.err.splitlines()
-    assert len(lines) == 1, result.err
-    assert "Traceback" not in result.err
-    return lines[0]
 
 
 # -- loopback policy ---------------------------------------------------------------------------
@@ -179,7 +172,7 @@ def test_non_loopback_registry_is_never_tried_over_http(
     result = cli("pull", f"{UNREACHABLE}/app:1")
 
     assert result.code == 5
-    assert _one_line(result) == (
+    assert one_line(result.err) == (
         f"Error: cannot reach registry {UNREACHABLE}: could not resolve host"
     )
     assert requested_urls
@@ -263,7 +256,7 @@ def test_insecure_registry_reaches_the_pull_from_every_source(
     result = cli("pull", *options, f"{UNREACHABLE}/app:1")
 
     assert result.code == 5
-    assert _one_line(result) == "Error: refused"
+    assert one_line(result.err) == "Error: refused"
     assert urls[0] == f"https://{UNREACHABLE}/v2/"
     assert set(urls[1:]) == {f"http://{UNREACHABLE}/v2/"}
 
@@ -283,6 +276,6 @@ def test_malformed_insecure_registry_is_a_usage_error_from_every_source(
     result = cli("pull", *options, f"{UNREACHABLE}/app:1")
 
     assert result.code == 2
-    assert _one_line(result) == (
+    assert one_line(result.err) == (
         "Error: invalid insecure registry 'host/path': expected HOST[:PORT] or a CIDR"
     )
