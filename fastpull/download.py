@@ -376,7 +376,6 @@ class _Job:
         # Where each request went: answers are judged by their own URL, not the blob's
         # current one, which may have moved on (a re-resolved redirect) meanwhile.
         self.chunk_url: dict[int, str] = {}
-        self.chunk_start: dict[int, int] = {}
         self.results: list[BlobStats] = []
 
     def run(self) -> list[BlobStats]:
@@ -513,7 +512,6 @@ class _Job:
         self.positions[chunk.id] = chunk.start
         self.chunk_blob[chunk.id] = chunk.blob
         self.chunk_url[chunk.id] = blob.url
-        self.chunk_start[chunk.id] = chunk.start
         self.pool.assign(fetch)
 
     # -- what workers report -------------------------------------------------------------
@@ -553,11 +551,10 @@ class _Job:
 
     def _journal(self, report: Finished) -> None:
         """Record the bytes a finished transfer wrote, as its worker checksummed them."""
-        start = self.chunk_start.pop(report.chunk_id, None)
-        index = self.chunk_blob.get(report.chunk_id)
-        if start is None or index is None or not report.checksum or report.position <= start:
+        chunk = self.sched.active_chunk(report.chunk_id)
+        if chunk is None or not report.checksum or report.position <= chunk.start:
             return
-        self.blobs[index].ingest.record(Extent(start, report.position, report.checksum))
+        self.blobs[chunk.blob].ingest.record(Extent(chunk.start, report.position, report.checksum))
 
     def _moved(self, chunk_id: int, position: int) -> None:
         index = self.chunk_blob.get(chunk_id)

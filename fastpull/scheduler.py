@@ -168,6 +168,11 @@ class Scheduler:
         """Whether any chunk is queued (ready or waiting for its backoff)."""
         return bool(self._pending)
 
+    def active_chunk(self, chunk_id: int) -> Chunk | None:
+        """The chunk being fetched under ``chunk_id`` (None once it is no longer active)."""
+        active = self._active.get(chunk_id)
+        return active.chunk if active is not None else None
+
     def active_chunks(self, blob: int | None = None) -> list[Chunk]:
         """Chunks being fetched (of one blob, or all)."""
         return [a.chunk for a in self._active.values() if blob is None or a.chunk.blob == blob]
