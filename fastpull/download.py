@@ -83,13 +83,6 @@ DEFAULT_CONNECTIONS = 16
 _PROGRESS_INTERVAL = 0.1
 _MAX_REAUTH = 3
 _MAX_DIGEST_ATTEMPTS = 2
-# Connection ramp: start with a few transfers and add more while the total rate grows by
-# at least RAMP_GAIN per RAMP_INTERVAL. On loopback more connections only add contention;
-# behind a per-connection cap (CDNs, nginx limit_rate) each one adds throughput.
-RAMP_START = 4
-RAMP_INTERVAL = 0.5
-RAMP_GAIN = 1.1
-RAMP_PATIENCE = 2  # intervals without gain before the ramp stops
 # On a stop, how long to wait for the transfers in flight to report what they wrote.
 DRAIN_SECONDS = 0.5
 
@@ -364,13 +357,7 @@ class _Job:
         policy = Policy(connections=owner.connections, max_attempts=owner.retry.attempts)
         resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
         self.sched = Scheduler([b.size for b in blobs], policy, resumed)
-        self.limit = min(owner.connections, RAMP_START)
-        self.per_worker = math.ceil(self.limit / pool.size)
-        self._ramp_at = time.monotonic() + RAMP_INTERVAL
-        self._ramp_bytes = 0
-        self._best_rate = 0.0
-        self._ramping = self.limit < owner.connections
-        self._flat = 0
+        self.per_worker = math.ceil(owner.connections / pool.size)
         self.positions: dict[int, int] = {}
         self.chunk_blob: dict[int, int] = {}
         # Where each request went: answers are judged by their own URL, not the blob's
@@ -382,12 +369,11 @@ class _Job:
         try:
             while not all(b.done for b in self.blobs):
                 cancel.check()
-                now = time.monotonic()
-                self._ramp(now)
-                self._dispatch(now)
-                for report in self.pool.receive(self._wait(now)):
+                for report in self.pool.receive(self._wait(time.monotonic())):
                     index = None if isinstance(report, Progress) else self._index(report)
                     self._guarded(index, self._handle, report)
+                # Refill freed connections before hashing, which may take milliseconds.
+                self._dispatch(time.monotonic())
                 for index, blob in enumerate(self.blobs):
                     if not blob.done:
                         self._guarded(index, self._verify, index, blob)
@@ -456,25 +442,7 @@ class _Job:
         return blob.resolved or not self.sched.active_chunks(index)
 
     def _room(self) -> bool:
-        return self.pool.has_room(self.limit, self.per_worker)
-
-    def _ramp(self, now: float) -> None:
-        """Grow the number of transfers while that still raises the total rate."""
-        if not self._ramping or now < self._ramp_at:
-            return
-        moved = sum(b.downloaded for b in self.blobs)
-        rate = (moved - self._ramp_bytes) / (now - self._ramp_at + RAMP_INTERVAL)
-        self._ramp_at, self._ramp_bytes = now + RAMP_INTERVAL, moved
-        if sum(self.pool.load) < self.limit:
-            return  # not every allowed transfer was busy: the rate says nothing yet
-        if rate < self._best_rate * RAMP_GAIN:
-            self._flat += 1
-            self._ramping = self._flat < RAMP_PATIENCE
-            return
-        self._best_rate, self._flat = rate, 0
-        self.limit = min(self.o.connections, self.limit * 2)
-        self.per_worker = math.ceil(self.limit / self.pool.size)
-        self._ramping = self.limit < self.o.connections
+        return self.pool.has_room(self.o.connections, self.per_worker)
 
     def _dispatch(self, now: float) -> None:
         while self._room():

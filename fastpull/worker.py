@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
@@ -269,8 +270,9 @@ class WorkerLoop:
         # Bytes past the (possibly shrunk) end belong to another chunk: stop here.
         return 0 if len(data) > room else None
 
-    def poll(self, timeout: float) -> list[Report]:
-        """Drive transfers for up to ``timeout`` seconds; return what happened."""
+    def poll(self, timeout: float, wake: int | None = None) -> list[Report]:
+        """Drive transfers for up to ``timeout`` seconds; return what happened. Waiting
+        ends early when the file descriptor ``wake`` (the parent's commands) is readable."""
         if self._transfers:
             status, _ = self._multi.perform()
             while status == pycurl.E_CALL_MULTI_PERFORM:
@@ -283,8 +285,8 @@ class WorkerLoop:
                     self._finish(self._by_handle[easy], (code, message))
                 if not queued:
                     break
-            if not self._out and self._transfers:
-                self._multi.select(timeout)
+        if not self._out:
+            self._wait(timeout, wake)
         now = time.monotonic()
         if self._transfers and now - self._last_progress >= _PROGRESS_INTERVAL:
             self._last_progress = now
@@ -297,6 +299,29 @@ class WorkerLoop:
                 self._out.append(Progress(positions))
         out, self._out = self._out, []
         return out
+
+    def _wait(self, timeout: float, wake: int | None) -> None:
+        """Sleep until a transfer's socket, or ``wake``, is ready, or libcurl has a timer
+        due. The parent's next chunk must not wait out the timeout: a connection idles
+        until it comes."""
+        poller = select.poll()
+        if wake is not None:
+            poller.register(wake, select.POLLIN)
+        if self._transfers:
+            reads, writes, errors = self._multi.fdset()
+            for fd in {*reads, *writes, *errors}:
+                poller.register(
+                    fd,
+                    (select.POLLIN if fd in reads else 0)
+                    | (select.POLLOUT if fd in writes else 0)
+                    | select.POLLPRI,
+                )
+            due = self._multi.timeout()
+            if due >= 0:
+                timeout = min(timeout, due / 1000)
+        elif wake is None:
+            return
+        poller.poll(max(0, int(timeout * 1000)))
 
     def _finish(self, t: _Transfer, curl_failure: tuple[int, str] | None) -> None:
         fetch = t.fetch
@@ -363,12 +388,12 @@ def worker_main(conn: Connection) -> None:
     loop = WorkerLoop()
     try:
         while True:
-            while conn.poll(0 if loop.busy else 0.5):
+            while conn.poll(0):
                 command = conn.recv()
                 if isinstance(command, Shutdown):
                     return
                 loop.submit(command)
-            reports = loop.poll(0.02)
+            reports = loop.poll(_PROGRESS_INTERVAL if loop.busy else 0.5, wake=conn.fileno())
             if reports:
                 conn.send(reports)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):

@@ -93,6 +93,9 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # socketserver's default backlog is 5; a client opening all its connections at once
+    # would see the rest wait for SYN retries, which no real registry makes it do.
+    request_queue_size = 128
 
     def __init__(
         self, handler: type[BaseHTTPRequestHandler], ssl_context: ssl.SSLContext | None

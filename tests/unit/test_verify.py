@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from fastpull import hashing
 from fastpull.errors import StoreError
 from fastpull.types import Digest
-from fastpull.verify import Verifier
+from fastpull.verify import STEP, Verifier
 
 BACKENDS = hashing.AVAILABLE_BACKENDS
 REFERENCE = {
@@ -70,7 +70,7 @@ def test_out_of_order_chunks_verify_like_hashlib(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_blob_in_many_steps_and_a_mismatch(backend: str) -> None:
-    data = random.Random(1).randbytes(3 * (64 << 20) // 2 + 12345)  # more than two STEPs
+    data = random.Random(1).randbytes(5 * STEP // 2 + 12345)  # more than two STEPs
     verifier = _verify_out_of_order(data, [1 << 20, 70 << 20, 90 << 20], 7, "sha256", backend)
     assert verifier.matches()
     wrong = Digest("sha256", hashlib.sha256(data + b"x").hexdigest())
