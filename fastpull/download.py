@@ -26,18 +26,21 @@ since then gets every resumed range fetched again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Protocol
 
 from . import cancel, events
+from .diskqueue import DiskQueue
 from .errors import (
     DigestMismatch,
     FastpullError,
@@ -85,6 +88,12 @@ _MAX_REAUTH = 3
 _MAX_DIGEST_ATTEMPTS = 2
 # On a stop, how long to wait for the transfers in flight to report what they wrote.
 DRAIN_SECONDS = 0.5
+# Journals are synced this often (off the loop). A process killed at any moment loses no
+# record either way, the page cache outlives it; only a power cut can lose the newest,
+# which costs a refetch of their ranges, never a wrong byte.
+SYNC_INTERVAL = 0.5
+# How often the loop looks for finished commits while nothing else can wake it.
+_COMMIT_POLL = 0.005
 
 
 # Told of a blob that cannot be had (and of why), while the engine goes on with the others.
@@ -155,6 +164,7 @@ class _Blob:
     failed: bool = False
     resumed: int = 0
     etag_checked: bool = False
+    commit: Future[None] | None = None  # verified; being published on the disk thread
 
     @property
     def digest(self) -> Digest:
@@ -303,8 +313,12 @@ class Downloader:
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
         with contextlib.ExitStack() as stack:
+            disk = DiskQueue()
             # Locks are taken in digest order, so two processes never wait on each other.
-            todo = [b for d in unique if (b := self._claim(d, results, stack)) is not None]
+            todo = [b for d in unique if (b := self._claim(d, results, stack, disk)) is not None]
+            # Registered after the blobs, so it is closed first: nothing queued may still be
+            # using an ingest when the blobs' stacks close them.
+            stack.callback(disk.close)
             if not todo:
                 return results
             total = sum(b.size for b in todo)
@@ -312,12 +326,16 @@ class Downloader:
             self.workers_used = count
             pool = _Pool(count)
             stack.callback(pool.close)
-            job = _Job(self, todo, source, pool, on_failure)
+            job = _Job(self, todo, source, pool, disk, on_failure)
             results.extend(job.run())
         return results
 
     def _claim(
-        self, descriptor: Descriptor, results: list[BlobStats], stack: contextlib.ExitStack
+        self,
+        descriptor: Descriptor,
+        results: list[BlobStats],
+        stack: contextlib.ExitStack,
+        disk: DiskQueue,
     ) -> _Blob | None:
         """Lock the blob's ingest; None when another process already stored it."""
         blob_stack = contextlib.ExitStack()
@@ -334,7 +352,7 @@ class Downloader:
             raise
         stack.push(blob_stack)
         resumed = sum(extent.length for extent in ingest.resumed)
-        verifier = Verifier(descriptor.digest, ingest.fd)
+        verifier = Verifier(descriptor.digest, ingest.fd, release=disk.release)
         return _Blob(descriptor, ingest, blob_stack, verifier, resumed=resumed)
 
 
@@ -347,9 +365,12 @@ class _Job:
         blobs: list[_Blob],
         source: BlobSource | Mapping[Digest, BlobSource],
         pool: _Pool,
+        disk: DiskQueue,
         on_failure: FailureListener | None = None,
     ) -> None:
         self.o = owner
+        self.disk = disk
+        self._sync_at = time.monotonic() + SYNC_INTERVAL
         self.on_failure = on_failure
         self.blobs = blobs
         self.sources = [source[b.digest] if isinstance(source, Mapping) else source for b in blobs]
@@ -375,8 +396,14 @@ class _Job:
                 # Refill freed connections before hashing, which may take milliseconds.
                 self._dispatch(time.monotonic())
                 for index, blob in enumerate(self.blobs):
-                    if not blob.done:
+                    if blob.done:
+                        continue
+                    if blob.commit is None:
                         self._guarded(index, self._verify, index, blob)
+                    elif blob.commit.done():
+                        self._guarded(index, self._committed, blob)
+                self._sync_journals()
+                self.disk.check()
         except BaseException:
             self._drain()
             raise
@@ -425,7 +452,20 @@ class _Job:
                         waiting.discard(report.chunk_id)
                         self._journal(report)
 
+    def _sync_journals(self) -> None:
+        now = time.monotonic()
+        if now < self._sync_at:
+            return
+        self._sync_at = now + SYNC_INTERVAL
+        for blob in self.blobs:
+            if not blob.done and blob.commit is None:
+                sync = blob.ingest.journal_sync()
+                if sync is not None:
+                    self.disk.later(sync)
+
     def _wait(self, now: float) -> float:
+        if any(b.commit is not None and not b.done for b in self.blobs):
+            return _COMMIT_POLL
         ready = self.sched.next_ready_time()
         if ready is None or not self._room():
             return 0.05
@@ -675,8 +715,13 @@ class _Job:
             blob.url, blob.resolved = "", False
             self.sched.replan(index, blob.digest_attempts)
             return
-        blob.ingest.commit(blob.verifier.hexdigest())
-        blob.exit.close()
+        # The fsync and rename go to the disk thread: the loop keeps feeding the workers.
+        blob.commit = self.disk.run(functools.partial(_publish, blob, blob.verifier.hexdigest()))
+
+    def _committed(self, blob: _Blob) -> None:
+        """A commit ended: the blob is in the store, or its error is raised here."""
+        assert blob.commit is not None
+        blob.commit.result()
         blob.done = True
         self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOAD_COMPLETE, blob.size, blob.size))
         started = blob.started if blob.started is not None else time.monotonic()
@@ -693,6 +738,14 @@ class _Job:
                 resumed=blob.resumed,
             )
         )
+
+
+def _publish(blob: _Blob, hexdigest: str) -> None:
+    """Commit a verified blob and release its ingest (on the disk thread)."""
+    try:
+        blob.ingest.commit(hexdigest)
+    finally:
+        blob.exit.close()
 
 
 def _what(blob: _Blob) -> str:

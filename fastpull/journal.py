@@ -1,7 +1,7 @@
 """The resume journal of an ingest: which byte ranges of the data file are finished.
 
-One file per ingest (``ingest/<alg>-<hex>.journal``), JSON lines appended and synced as
-chunks finish::
+One file per ingest (``ingest/<alg>-<hex>.journal``), JSON lines appended as chunks finish
+and synced soon after (by whoever runs the ingest, see :meth:`Journal.detach_sync`)::
 
     {"journal":1,"digest":"sha256:...","size":1073741824}
     {"etag":"\\"sha256:...\\""}
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +34,6 @@ VERSION = 1
 # A journal holds a few lines per chunk; anything bigger is not one of ours.
 MAX_JOURNAL_SIZE = 16 << 20
 _READ_STEP = 4 << 20
-# Appends are synced at most this often (and on close). A process killed at any moment
-# loses nothing either way, the page cache outlives it; only a power cut can lose the
-# last records, which costs a refetch of their ranges, never a wrong byte. Syncing every
-# chunk cost up to 0.2 s per GiB of stalls in the engine's loop under write load.
-SYNC_INTERVAL = 0.5
 
 
 @dataclass(frozen=True, order=True)
@@ -154,7 +148,7 @@ def checksum_range(fd: int, start: int, end: int) -> str:
 
 class Journal:
     """The open journal of one ingest; each record is written before :meth:`record`
-    returns and synced within ``SYNC_INTERVAL``.
+    returns, and synced by a job from :meth:`detach_sync` or on :meth:`close`.
 
     File errors surface as OSError: the store, which owns ingests, turns them into
     errors that name the store.
@@ -167,7 +161,6 @@ class Journal:
         self.etag = state.etag
         self.extents: list[Extent] = list(state.extents)
         self._fd: int | None = None
-        self._synced = 0.0
         self._dirty = False
         self._rewrite()
 
@@ -210,12 +203,21 @@ class Journal:
         self.extents.clear()
         self._rewrite()
 
-    def close(self) -> None:
-        """Sync and close the file, keeping it for the next run."""
+    def detach_sync(self) -> Callable[[], None] | None:
+        """A call that makes every record written so far durable, or None if there is
+        nothing to sync. It holds its own file descriptor, so any thread may run it,
+        also after this journal is closed."""
+        if self._fd is None or not self._dirty:
+            return None
+        self._dirty = False
+        return _sync_then_close(os.dup(self._fd))
+
+    def close(self, *, sync: bool = True) -> None:
+        """Close the file, synced first unless the caller is about to delete it."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
-                if self._dirty:
+                if self._dirty and sync:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -242,10 +244,16 @@ class Journal:
             raise RuntimeError(f"journal of {self.digest} is closed")
         _write_all(self._fd, line)
         self._dirty = True
-        now = time.monotonic()
-        if now - self._synced >= SYNC_INTERVAL:
-            os.fdatasync(self._fd)
-            self._synced, self._dirty = now, False
+
+
+def _sync_then_close(fd: int) -> Callable[[], None]:
+    def sync() -> None:
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    return sync
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -847,9 +847,23 @@ class Ingest:
             raise _store_error(exc, self.store.root, "preallocate", need=self.size) from exc
 
     def record(self, extent: Extent) -> None:
-        """Journal a finished range of the data file (synced before returning)."""
+        """Journal a finished range of the data file (durable after :meth:`journal_sync`)."""
         with _os_errors(self.store.root, f"write {self.journal_path.name}"):
             self._open_journal().record(extent)
+
+    def journal_sync(self) -> Callable[[], None] | None:
+        """A call, safe on any thread, that makes the journal records written so far
+        durable (raising StoreError); None if there is nothing to sync."""
+        sync = self._journal.detach_sync() if self._journal is not None else None
+        if sync is None:
+            return None
+        root, action = self.store.root, f"sync {self.journal_path.name}"
+
+        def durable() -> None:
+            with _os_errors(root, action):
+                sync()
+
+        return durable
 
     def record_etag(self, etag: str) -> None:
         """Journal the validator the server sent with the blob's bytes."""
@@ -899,7 +913,7 @@ class Ingest:
 
     def discard(self) -> None:
         """Close and delete the data and its journal (nothing of them is worth keeping)."""
-        self._close()
+        self._close(keep=False)
         self._journal = None
         # Best effort: this runs while an exception may be propagating, and leftovers
         # are harmless (a journal without its data resumes nothing).
@@ -907,12 +921,12 @@ class Ingest:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
 
-    def _close(self) -> None:
-        """Close the files, keeping them for the next run."""
+    def _close(self, *, keep: bool = True) -> None:
+        """Close the files, with the journal synced if they are ``keep`` for the next run."""
         if self._journal is not None:
             # A failed sync loses at most the newest records: their ranges come again.
             with contextlib.suppress(OSError):
-                self._journal.close()
+                self._journal.close(sync=keep)
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)

@@ -8,9 +8,9 @@ hash, so verification ends with the download instead of taking a second pass.
 
 from __future__ import annotations
 
-import contextlib
-import os
+from collections.abc import Callable
 
+from .diskqueue import release_pages
 from .errors import StoreError
 from .hashing import Hasher, hash_fd_range, new_hasher
 from .types import Digest
@@ -21,12 +21,24 @@ STEP = 16 << 20
 
 
 class Verifier:
-    """The running digest of one ingest file's prefix ``[0, position)``."""
+    """The running digest of one ingest file's prefix ``[0, position)``.
 
-    def __init__(self, digest: Digest, fd: int, backend: str | None = None) -> None:
+    Every range hashed is handed to ``release(fd, offset, length)``: those bytes are final,
+    and by default the kernel is told to write them out and drop them from its cache
+    (:func:`diskqueue.release_pages`; the engine does that off its loop).
+    """
+
+    def __init__(
+        self,
+        digest: Digest,
+        fd: int,
+        backend: str | None = None,
+        release: Callable[[int, int, int], None] = release_pages,
+    ) -> None:
         self.digest = digest
         self._fd = fd
         self._backend = backend
+        self._release = release
         self._hasher: Hasher = new_hasher(digest.algorithm, backend)
         self.position = 0
 
@@ -38,7 +50,7 @@ class Verifier:
         got = hash_fd_range(self._hasher, self._fd, self.position, want)
         if got != want:
             raise StoreError(f"ingest file of {self.digest} is shorter than what was written to it")
-        _done_with(self._fd, self.position, got)
+        self._release(self._fd, self.position, got)
         self.position += got
         return self.position
 
@@ -54,18 +66,3 @@ class Verifier:
     def hexdigest(self) -> str:
         """The digest of what has been hashed."""
         return self._hasher.hexdigest()
-
-
-def _done_with(fd: int, offset: int, length: int) -> None:
-    """Hashed bytes are final: have the kernel start writing them out now and drop them
-    from the page cache once written (POSIX_FADV_DONTNEED). The fsync before the blob is
-    published then finds little left to write (without this, it flushed up to a gigabyte
-    at the very end, and a 2 GB pull on loopback ran about 20% slower), and a pull of many
-    gigabytes does not push everything else out of the page cache. Only advice: a file
-    system that does not take it changes nothing."""
-    if _FADVISE is not None:
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, offset, length, _FADVISE)
-
-
-_FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)

@@ -188,3 +188,48 @@ def test_checksum_range_of_a_file_shorter_than_the_range(tmp_path: Path) -> None
         assert checksum_range(fd, 5, 20) == ""
     finally:
         os.close(fd)
+
+
+def test_a_detached_sync_covers_what_was_written_and_outlives_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "blob.journal"
+    (tmp_path / "blob.data").write_bytes(bytes(SIZE))
+    fd = os.open(tmp_path / "blob.data", os.O_RDONLY)
+    try:
+        journal = Journal.resume(path, DIGEST, SIZE, fd)
+    finally:
+        os.close(fd)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda f: (synced.append(os.fstat(f).st_ino), real(f)))
+
+    assert journal.detach_sync() is None  # nothing appended since the file was written
+    journal.record(_extent(0, 10))
+    sync = journal.detach_sync()
+    assert sync is not None
+    assert journal.detach_sync() is None  # already handed out
+    journal.close()  # nothing new to sync: no fdatasync here
+    assert synced == []
+
+    sync()  # runs on its own descriptor, after the journal's is closed
+    assert synced == [path.stat().st_ino]
+
+
+def test_closing_for_deletion_skips_the_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "blob.data").write_bytes(bytes(SIZE))
+    fd = os.open(tmp_path / "blob.data", os.O_RDONLY)
+    try:
+        kept = Journal.resume(tmp_path / "kept.journal", DIGEST, SIZE, fd)
+        dropped = Journal.resume(tmp_path / "dropped.journal", DIGEST, SIZE, fd)
+    finally:
+        os.close(fd)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", lambda f: synced.append(os.fstat(f).st_ino))
+    for journal in (kept, dropped):
+        journal.record(_extent(0, 10))
+    dropped.close(sync=False)
+    kept.close()
+    assert synced == [(tmp_path / "kept.journal").stat().st_ino]

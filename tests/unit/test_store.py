@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -374,6 +375,27 @@ def test_ingest_commit(store: Store) -> None:
         assert ing.committed
     assert store.blob_path(digest).read_bytes() == data
     assert os.listdir(store.root / "ingest") == []
+
+
+def test_a_failed_journal_sync_is_a_store_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1000)
+    digest = digest_of(data)
+    with store.ingest(digest, len(data)) as ing:
+        ing.preallocate()
+        assert ing.journal_sync() is None
+        ing.record(Extent(0, 10, xxhash.xxh3_128_hexdigest(bytes(10))))
+        sync = ing.journal_sync()
+        assert sync is not None
+
+        def broken(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", broken)
+        with pytest.raises(StoreError, match=f"sync sha256-{digest.hex}.journal in store"):
+            sync()
+        monkeypatch.undo()
 
 
 def test_ingest_of_an_empty_blob(store: Store) -> None:
