@@ -204,7 +204,7 @@ def render_table(
     header = (
         f"{'scenario':<8} {'image':<5} {'tool':<8} {'ok':>5} {'payload':>9} {'MB/s':>8} "
         f"{'range':>13} {'CPU s/GB':>9} {'srv s/GB':>9} {'RSS MB':>7} "
-        f"{'x skopeo':>8} {'x curl':>7} {'x aria2c':>8}"
+        f"{'x skopeo':>8} {'x curl':>7} {'x aria2c':>8} {'x disk':>7}"
     )
     lines = [header, "-" * len(header)]
     speed = {(s.scenario, s.image, s.tool): s.mb_per_s for s in summaries}
@@ -218,14 +218,14 @@ def render_table(
             ""
             if ref == s.tool
             else _fmt(_ratio(s.mb_per_s, speed.get((s.scenario, s.image, ref))), ".2f")
-            for ref in ("skopeo", "curl", "aria2c")
+            for ref in ("skopeo", "curl", "aria2c", "disk")
         ]
         lines.append(
             f"{s.scenario:<8} {s.image:<5} {s.tool:<8} {f'{s.ok_runs}/{s.runs}':>5} "
             f"{s.payload_bytes / 1e6:>7.0f}MB {_fmt(s.mb_per_s, '.1f'):>8} {spread:>13} "
             f"{_fmt(s.cpu_seconds_per_gb, '.2f'):>9} {_fmt(s.server_cpu_seconds_per_gb, '.2f'):>9} "
             f"{_fmt(s.peak_tree_rss_mb, '.0f'):>7} "
-            f"{ratios[0]:>8} {ratios[1]:>7} {ratios[2]:>8}"
+            f"{ratios[0]:>8} {ratios[1]:>7} {ratios[2]:>8} {ratios[3]:>7}"
         )
     if checks:
         lines += ["", "Targets (reported, not asserted):"]

@@ -6,6 +6,9 @@
 - ``curl``: the largest blob over one connection, the single-stream line-rate reference.
 - ``aria2c``: the same blob in 16 segments over 16 connections, the segmented-download
   reference.
+- ``disk``: no network; ``dd`` writes as many bytes as the image has to a file and fsyncs it,
+  the durable-write ceiling of the moment. fastpull fsyncs every blob before it is published,
+  so it cannot beat this row; curl and aria2c do not sync, so they are not bound by it.
 
 ``curl`` and ``aria2c`` neither fetch the manifest and the other blobs nor check the digest of
 what they wrote, so they have less to do than the image pullers.
@@ -23,10 +26,11 @@ from pathlib import Path
 
 from tests.support.images import Blob
 
-TOOLS = ("fastpull", "curl", "aria2c", "skopeo")
+TOOLS = ("fastpull", "curl", "aria2c", "skopeo", "disk")
 
-# Where each tool comes from, for the error message when it is missing.
-_PACKAGES = {"curl": "curl", "aria2c": "aria2", "skopeo": "skopeo"}
+# The program each tool runs, and where it comes from, for the error message when it is missing.
+_BINARIES = {"disk": "dd"}
+_PACKAGES = {"curl": "curl", "aria2c": "aria2", "skopeo": "skopeo", "disk": "coreutils"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def missing_tools(tools: Sequence[str]) -> list[str]:
     for tool in tools:
         if tool == "fastpull":
             continue  # this interpreter runs it, from the editable install
-        if shutil.which(tool) is None:
+        if shutil.which(_BINARIES.get(tool, tool)) is None:
             notes.append(f"{tool} (apt-get install {_PACKAGES[tool]})")
     return notes
 
@@ -128,6 +132,10 @@ def invocation(
         ]
         return Invocation(tuple(argv), image_bytes, _layout_blobs(layout, target))
     blob_file = out_dir / "blob"
+    if tool == "disk":
+        argv = ["dd", "if=/dev/zero", f"of={blob_file}", "bs=4M", f"count={image_bytes}"]
+        argv += ["iflag=count_bytes", "conv=fsync", "status=none"]
+        return Invocation(tuple(argv), image_bytes, ((blob_file, image_bytes),))
     expected = ((blob_file, target.largest.size),)
     if tool == "curl":
         argv = ["curl", "-sS", "-L", "-o", str(blob_file), target.largest_url]
@@ -178,6 +186,7 @@ def tool_version(tool: str, env: Mapping[str, str]) -> str:
         "curl": ["curl", "--version"],
         "aria2c": ["aria2c", "--version"],
         "skopeo": ["skopeo", "--version"],
+        "disk": ["dd", "--version"],
         "nginx": ["/usr/sbin/nginx", "-v"],
         "docker-registry": ["docker-registry", "--version"],
     }[tool]
