@@ -6,9 +6,10 @@
 - ``curl``: the largest blob over one connection, the single-stream line-rate reference.
 - ``aria2c``: the same blob in 16 segments over 16 connections, the segmented-download
   reference.
-- ``disk``: no network; ``dd`` writes as many bytes as the image has to a file and fsyncs it,
-  the durable-write ceiling of the moment. fastpull fsyncs every blob before it is published,
-  so it cannot beat this row; curl and aria2c do not sync, so they are not bound by it.
+- ``disk``: no network; ``dd`` writes as many bytes as the image has to a file, then fsyncs
+  it: what storing the image durably costs on this disk at the moment. fastpull fsyncs every
+  blob before it is published (it starts the write-out as it hashes, so it can come in a little
+  above this row); curl and aria2c do not sync.
 
 ``curl`` and ``aria2c`` neither fetch the manifest and the other blobs nor check the digest of
 what they wrote, so they have less to do than the image pullers.

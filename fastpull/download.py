@@ -4,7 +4,9 @@ processes, verified as the bytes land.
 Callers hand :meth:`Downloader.fetch` descriptors and a :class:`BlobSource` and get the
 blobs committed to the store. Inside, the parent process plans (``scheduler``), resolves
 URLs and credentials, hashes (``verify``) and reports progress; workers (``worker``) only
-move bytes from sockets into the ingest files.
+move bytes from sockets into the ingest files. What can block on the disk (writeback advice,
+journal syncs, the fsync and rename that publish a blob) runs on a background thread
+(``diskqueue``), so the loop that feeds the workers never waits for the device.
 
 Per chunk, until its blob is committed or its attempts run out:
 - 3xx: the first request of a blob follows redirects (other chunks wait), then every
