@@ -32,6 +32,17 @@ def _line(record: object) -> bytes:
     return orjson.dumps(record) + b"\n"
 
 
+def _new_journal(path: Path) -> Journal:
+    """A journal at ``path`` for a data file of zeros beside it (nothing to resume)."""
+    data = path.with_suffix(".data")
+    data.write_bytes(bytes(SIZE))
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        return Journal.resume(path, DIGEST, SIZE, fd)
+    finally:
+        os.close(fd)
+
+
 def test_parse_reads_the_etag_and_ranges_in_order() -> None:
     a, b = _extent(500, 700), _extent(0, 100)
     data = (
@@ -166,12 +177,7 @@ def test_resume_keeps_the_ranges_whose_bytes_still_match(tmp_path: Path) -> None
 
 def test_reset_forgets_the_etag_and_every_range(tmp_path: Path) -> None:
     path = tmp_path / "blob.journal"
-    (tmp_path / "blob.data").write_bytes(bytes(SIZE))
-    fd = os.open(tmp_path / "blob.data", os.O_RDONLY)
-    try:
-        journal = Journal.resume(path, DIGEST, SIZE, fd)
-    finally:
-        os.close(fd)
+    journal = _new_journal(path)
     journal.record_etag("v1")
     journal.record(_extent(0, 10))
     journal.reset()
@@ -194,12 +200,7 @@ def test_a_detached_sync_covers_what_was_written_and_outlives_the_journal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "blob.journal"
-    (tmp_path / "blob.data").write_bytes(bytes(SIZE))
-    fd = os.open(tmp_path / "blob.data", os.O_RDONLY)
-    try:
-        journal = Journal.resume(path, DIGEST, SIZE, fd)
-    finally:
-        os.close(fd)
+    journal = _new_journal(path)
     synced: list[int] = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda f: (synced.append(os.fstat(f).st_ino), real(f)))
@@ -219,13 +220,8 @@ def test_a_detached_sync_covers_what_was_written_and_outlives_the_journal(
 def test_closing_for_deletion_skips_the_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (tmp_path / "blob.data").write_bytes(bytes(SIZE))
-    fd = os.open(tmp_path / "blob.data", os.O_RDONLY)
-    try:
-        kept = Journal.resume(tmp_path / "kept.journal", DIGEST, SIZE, fd)
-        dropped = Journal.resume(tmp_path / "dropped.journal", DIGEST, SIZE, fd)
-    finally:
-        os.close(fd)
+    kept = _new_journal(tmp_path / "kept.journal")
+    dropped = _new_journal(tmp_path / "dropped.journal")
     synced: list[int] = []
     monkeypatch.setattr(os, "fdatasync", lambda f: synced.append(os.fstat(f).st_ino))
     for journal in (kept, dropped):
