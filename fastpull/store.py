@@ -51,6 +51,7 @@ from typing import Any
 import orjson
 
 from . import cancel
+from .diskqueue import release_pages
 from .errors import DigestMismatch, ManifestError, StoreError
 from .hashing import new_hasher
 from .journal import Extent, Journal
@@ -907,6 +908,8 @@ class Ingest:
             )
         with _os_errors(root, f"commit blob {self.digest}"):
             os.fsync(fd)
+            # Clean now: free the pages for whatever is written next.
+            release_pages(fd, 0, self.size)
             self.store._publish(self.path, self.digest)
         self.committed = True
         self.discard()  # only the journal and the descriptor are left to drop

@@ -18,6 +18,16 @@ from .types import Digest
 # Hash at most this much per call (about 10 ms), so the engine's loop answers its workers
 # promptly: a connection whose chunk ended waits for the loop to hand it the next one.
 STEP = 16 << 20
+# Released ranges are released again once hashing is this far past them, and at least
+# RELEASE_AGAIN_MIN at a time. The first release starts the write-out, but pages still dirty
+# or being written stay cached; by now they are clean, so this one frees them, and the
+# workers' next writes reuse those pages instead of fresh ones. On the project's VMs a fresh
+# page is at times far dearer (the host backs it on first touch). In interleaved pulls of the
+# 2 GB image at such a time the worker used 1.0 CPU s/GB with this against 1.7-1.9 without,
+# and the pull took 4.5 s instead of 5.5 s; when fresh pages were cheap, wall time was the
+# same and the parent paid about 0.15 s/GB more for freeing the pages.
+RELEASE_AGAIN_AFTER = 64 << 20
+RELEASE_AGAIN_MIN = 16 << 20
 
 
 class Verifier:
@@ -25,7 +35,8 @@ class Verifier:
 
     Every range hashed is handed to ``release(fd, offset, length)``: those bytes are final,
     and by default the kernel is told to write them out and drop them from its cache
-    (:func:`diskqueue.release_pages`; the engine does that off its loop).
+    (:func:`diskqueue.release_pages`; the engine does that off its loop). Each range is
+    handed over once more when hashing is ``RELEASE_AGAIN_AFTER`` bytes past it.
     """
 
     def __init__(
@@ -39,6 +50,7 @@ class Verifier:
         self._fd = fd
         self._backend = backend
         self._release = release
+        self._released_again = 0
         self._hasher: Hasher = new_hasher(digest.algorithm, backend)
         self.position = 0
 
@@ -52,12 +64,17 @@ class Verifier:
             raise StoreError(f"ingest file of {self.digest} is shorter than what was written to it")
         self._release(self._fd, self.position, got)
         self.position += got
+        settled = self.position - RELEASE_AGAIN_AFTER
+        if settled - self._released_again >= RELEASE_AGAIN_MIN:
+            self._release(self._fd, self._released_again, settled - self._released_again)
+            self._released_again = settled
         return self.position
 
     def restart(self) -> None:
         """Forget everything hashed (the blob is being fetched again from byte 0)."""
         self._hasher = new_hasher(self.digest.algorithm, self._backend)
         self.position = 0
+        self._released_again = 0
 
     def matches(self) -> bool:
         """Whether everything hashed so far has exactly the expected digest."""

@@ -69,7 +69,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     # 5. trust it, keep it
     "diskqueue": frozenset(),
     "verify": frozenset({"diskqueue", "errors", "hashing", "types"}),
-    "store": frozenset({"cancel", "errors", "hashing", "journal", "types"}),
+    "store": frozenset({"cancel", "diskqueue", "errors", "hashing", "journal", "types"}),
     "inventory": frozenset({"errors", "manifest", "reference", "types"}),
     "download": _FOUNDATION
     | {"diskqueue", "journal", "scheduler", "store", "transport", "verify", "worker"},

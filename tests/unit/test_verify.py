@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpull import hashing
+from fastpull import hashing, verify
 from fastpull.errors import StoreError
 from fastpull.types import Digest
 from fastpull.verify import STEP, Verifier
@@ -92,3 +92,27 @@ def test_a_file_shorter_than_claimed_is_an_error() -> None:
         verifier = Verifier(Digest("sha256", "0" * 64), fh.fileno())
         with pytest.raises(StoreError, match="shorter"):
             verifier.advance(100)
+
+
+def test_hashed_ranges_are_released_and_released_again_once_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verify, "STEP", 1000)
+    monkeypatch.setattr(verify, "RELEASE_AGAIN_AFTER", 2500)
+    monkeypatch.setattr(verify, "RELEASE_AGAIN_MIN", 1500)
+    data = random.Random(2).randbytes(7000)
+    released: list[tuple[int, int]] = []
+    with tempfile.TemporaryFile() as fh:
+        fh.write(data)
+        fh.flush()
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+        verifier = Verifier(digest, fh.fileno(), release=lambda _fd, o, n: released.append((o, n)))
+        while verifier.position < len(data):
+            verifier.advance(len(data))
+        assert verifier.matches()
+    first = [(i * 1000, 1000) for i in range(7)]
+    # At 4000 the first 1500 settled bytes go; at 5000 only 1000 more have settled (under
+    # the minimum); at 6000 it is 2000; at 7000 again only 1000.
+    again = [(0, 1500), (1500, 2000)]
+    assert sorted(released) == sorted(first + again)
+    assert released.index((0, 1500)) == released.index((3000, 1000)) + 1
