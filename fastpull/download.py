@@ -466,12 +466,21 @@ class _Job:
                     self.disk.later(sync)
 
     def _wait(self, now: float) -> float:
+        if self._hashing_behind():
+            return 0.0  # hash on at once; reports that came meanwhile are read anyway
         if any(b.commit is not None and not b.done for b in self.blobs):
             return _COMMIT_POLL
         ready = self.sched.next_ready_time()
         if ready is None or not self._room():
             return 0.05
         return min(0.05, max(0.0, ready - now))
+
+    def _hashing_behind(self) -> bool:
+        """Whether some blob has written bytes its verifier has not hashed yet."""
+        return any(
+            not b.done and b.commit is None and b.verifier.position < self.sched.hashable(i)
+            for i, b in enumerate(self.blobs)
+        )
 
     # -- handing out work ----------------------------------------------------------------
 
