@@ -77,6 +77,7 @@ class Options:
     cache_dir: Path
     results_dir: Path
     timeout: float
+    scratch: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> Options:
@@ -122,6 +123,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds before one run is killed (600)"
     )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        help="where every tool writes its output (default: the system's temporary directory); "
+        "/dev/shm takes the disk out of the comparison",
+    )
     ns = parser.parse_args(argv)
     tools = tuple(t.strip() for t in ns.tools.split(",") if t.strip())
     unknown = sorted(set(tools) - set(TOOLS))
@@ -143,6 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         cache_dir=ns.workdir,
         results_dir=ns.results_dir,
         timeout=ns.timeout,
+        scratch=ns.scratch,
     )
 
 
@@ -203,7 +211,9 @@ class Bench:
         opts.results_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             scratch = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="fastpull-bench-"))
+                stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="fastpull-bench-", dir=opts.scratch)
+                )
             )
             env = tool_env(scratch)
             self.machine = machine_info(env, opts)
@@ -383,6 +393,7 @@ class Bench:
                     "fastpull_args": list(opts.fastpull_args),
                     "fastpull_stats": self.fastpull_stats,
                     "timeout_seconds": opts.timeout,
+                    "scratch": str(opts.scratch or tempfile.gettempdir()),
                     "units": "MB = 1e6 bytes, GB = 1e9 bytes",
                 },
                 "machine": self.machine,
@@ -443,6 +454,10 @@ class Bench:
                 "per connection (per request; HTTP/1.1 carries one request per connection at a "
                 "time)."
             )
+        notes.append(
+            f"outputs: written under {opts.scratch or tempfile.gettempdir()}; fastpull fsyncs "
+            "every blob, curl and aria2c sync nothing (the disk row: dd, write then fsync)."
+        )
         if opts.fastpull_args:
             notes.append(f"fastpull options: {shlex.join(opts.fastpull_args)}")
         if "fastpull" in opts.tools:
