@@ -314,20 +314,30 @@ class Downloader:
         """
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
+        if not unique:
+            return results
+        total = sum(d.size for d in unique)
+        count = self.workers if self.workers is not None else default_workers(total)
         with contextlib.ExitStack() as stack:
             disk = DiskQueue()
-            # Locks are taken in digest order, so two processes never wait on each other.
-            todo = [b for d in unique if (b := self._claim(d, results, stack, disk)) is not None]
-            # Registered after the blobs, so it is closed first: nothing queued may still be
-            # using an ingest when the blobs' stacks close them.
+            # Each worker is a fresh interpreter that takes a tenth of a second to start: it
+            # boots while the blobs are claimed (their locks, files and journals).
+            pool = _Pool(count)
+            try:
+                # Locks are taken in digest order, so two processes never wait on each other.
+                todo = [
+                    b for d in unique if (b := self._claim(d, results, stack, disk)) is not None
+                ]
+            except BaseException:
+                pool.close()
+                raise
+            # Registered after the blobs, so they close first (in reverse order): no worker
+            # writes and nothing queued uses an ingest once the blobs' stacks close them.
             stack.callback(disk.close)
+            stack.callback(pool.close)
             if not todo:
                 return results
-            total = sum(b.size for b in todo)
-            count = self.workers if self.workers is not None else default_workers(total)
             self.workers_used = count
-            pool = _Pool(count)
-            stack.callback(pool.close)
             job = _Job(self, todo, source, pool, disk, on_failure)
             results.extend(job.run())
         return results
