@@ -7,8 +7,8 @@ journal sync in the engine's loop once took 1.03 s and a blob's fsync 0.39 s. Wh
 is blocked no connection whose chunk ended gets its next one, so the engine hands such calls
 here instead:
 
-- :meth:`DiskQueue.release`: hashed bytes are final; start writing them out and drop them
-  from the page cache once written;
+- :meth:`DiskQueue.release`: hashed bytes are final; start writing them out, and drop
+  from the page cache what is written already;
 - :meth:`DiskQueue.later`: work whose errors only need raising eventually, such as making a
   resume journal's latest records durable;
 - :meth:`DiskQueue.run`: work whose outcome the caller waits for, such as the fsync and
@@ -34,11 +34,11 @@ _FADVISE = getattr(os, "POSIX_FADV_DONTNEED", None)
 def release_pages(fd: int, offset: int, length: int) -> None:
     """Advise the kernel that bytes ``[offset, offset + length)`` of ``fd`` are final.
 
-    POSIX_FADV_DONTNEED starts writing dirty pages out now and drops them from the cache
-    once written, so the fsync before a blob is published finds little left to write (it
-    used to flush up to a gigabyte at the very end), and a pull of many gigabytes does not
-    push everything else out of the page cache. Only advice: a file system that does not
-    take it changes nothing.
+    POSIX_FADV_DONTNEED drops the range's clean pages and starts writing its dirty ones
+    out (those stay cached until released again, see ``verify.RELEASE_AGAIN_AFTER``). So the
+    fsync before a blob is published finds little left to write (it used to flush up to a
+    gigabyte at the very end), and a pull of many gigabytes does not push everything else
+    out of the page cache. Only advice: a file system that does not take it changes nothing.
     """
     if _FADVISE is not None:
         with contextlib.suppress(OSError):

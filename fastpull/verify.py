@@ -23,9 +23,10 @@ STEP = 16 << 20
 # or being written stay cached; by now they are clean, so this one frees them, and the
 # workers' next writes reuse those pages instead of fresh ones. On the project's VMs a fresh
 # page is at times far dearer (the host backs it on first touch). In interleaved pulls of the
-# 2 GB image at such a time the worker used 1.0 CPU s/GB with this against 1.7-1.9 without,
-# and the pull took 4.5 s instead of 5.5 s; when fresh pages were cheap, wall time was the
-# same and the parent paid about 0.15 s/GB more for freeing the pages.
+# 2 GB image at such a time (releasing again 64 or 128 MiB behind) the worker used 1.0-1.3
+# CPU s/GB against 1.7-1.9 without, and the pull took about 4.5 s instead of 5.5 s; when
+# fresh pages were cheap, wall time was the same and the parent paid about 0.15 s/GB more
+# for freeing the pages.
 RELEASE_AGAIN_AFTER = 64 << 20
 RELEASE_AGAIN_MIN = 16 << 20
 
@@ -36,7 +37,8 @@ class Verifier:
     Every range hashed is handed to ``release(fd, offset, length)``: those bytes are final,
     and by default the kernel is told to write them out and drop them from its cache
     (:func:`diskqueue.release_pages`; the engine does that off its loop). Each range is
-    handed over once more when hashing is ``RELEASE_AGAIN_AFTER`` bytes past it.
+    handed over once more when hashing is ``RELEASE_AGAIN_AFTER`` bytes past it, by when
+    its pages are usually written and can be dropped.
     """
 
     def __init__(
