@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import hashing  # fails at once under FASTPULL_REQUIRE_NATIVE=1 without the extension
-from .errors import FastpullError
+from fastpull import hashing  # fails at once under FASTPULL_REQUIRE_NATIVE=1 without the extension
+from fastpull.errors import FastpullError
 
 if TYPE_CHECKING:
-    from .puller import PullResult, pull
-    from .reference import Reference
+    from fastpull.puller import PullResult, pull
+    from fastpull.reference import Reference
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 import sys
 
 try:
-    from .cli import main
+    from fastpull.cli.commands import main
 except KeyboardInterrupt:  # Ctrl-C while still importing: no traceback for that either
     sys.exit(130)
 

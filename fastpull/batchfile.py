@@ -31,9 +31,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .errors import BatchFileError, UsageError
-from .reference import Reference
-from .types import ALL_PLATFORMS, Platform, PlatformSelection
+from fastpull.errors import BatchFileError, UsageError
+from fastpull.reference import Reference
+from fastpull.types import ALL_PLATFORMS, Platform, PlatformSelection
 
 ENTRY_KEYS = frozenset({"image", "platforms", "all_tags", "tags", "store"})
 _COMMENT = re.compile(r"(?:^|\s)#.*$")

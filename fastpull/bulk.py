@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import cancel, events
-from .batchfile import BatchEntry
-from .credentials import CredentialStore
-from .download import BlobSource, BlobStats, Downloader
-from .errors import FastpullError, Interrupted, UsageError
-from .puller import ImagePlan, Puller, PullResult, RepositoryBlobs
-from .reference import Reference
-from .settings import Settings
-from .store import Store, resolve_store_path
-from .types import Descriptor, Digest, PlatformSelection
+from fastpull import cancel, events
+from fastpull.batchfile import BatchEntry
+from fastpull.engine.download import BlobSource, BlobStats, Downloader
+from fastpull.errors import FastpullError, Interrupted, UsageError
+from fastpull.puller import ImagePlan, Puller, PullResult, RepositoryBlobs
+from fastpull.reference import Reference
+from fastpull.registry.credentials import CredentialStore
+from fastpull.registry.settings import Settings
+from fastpull.store.layout import Store, resolve_store_path
+from fastpull.types import Descriptor, Digest, PlatformSelection
 
 RESOLVE_CONCURRENCY = 8
 _POLL_SECONDS = 0.2

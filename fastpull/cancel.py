@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from .errors import Interrupted
+from fastpull.errors import Interrupted
 
 _received: int | None = None
 _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .types import Digest
+from fastpull.types import Digest
 
 # Layer states, worded as docker words them.
 WAITING = "Waiting"

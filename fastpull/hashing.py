@@ -37,7 +37,7 @@ _FILE_SLICE = 1 << 28
 _MAX_OFFSET = (1 << 63) - 1
 
 try:
-    from . import _native
+    from fastpull import _native
 except ImportError as exc:
     if os.environ.get("FASTPULL_REQUIRE_NATIVE") == "1":
         raise ImportError(

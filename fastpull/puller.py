@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import auth, cancel, events
-from .credentials import CredentialStore
-from .download import BlobStats, Downloader
-from .errors import FastpullError, ManifestError, PlatformNotFound
-from .manifest import (
+from fastpull import cancel, events
+from fastpull.engine.download import BlobStats, Downloader
+from fastpull.errors import FastpullError, ManifestError, PlatformNotFound
+from fastpull.reference import Reference
+from fastpull.registry import auth
+from fastpull.registry.client import RegistryClient
+from fastpull.registry.credentials import CredentialStore
+from fastpull.registry.manifest import (
     MAX_CONFIG_SIZE,
     OCI_INDEX,
     ImageIndex,
@@ -29,18 +32,16 @@ from .manifest import (
     select_platforms,
     to_oci,
 )
-from .reference import Reference
-from .registry import RegistryClient
-from .settings import Settings
-from .store import (
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import Response, Transport
+from fastpull.store.layout import (
     CONTAINERD_NAME_ANNOTATION,
     REPO_DIGEST_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,
     Store,
     resolve_store_path,
 )
-from .transport import Response, Transport
-from .types import Descriptor, Digest, Platform, PlatformSelection
+from fastpull.types import Descriptor, Digest, Platform, PlatformSelection
 
 # An index may point at another index; deeper nesting than this is refused.
 MAX_INDEX_DEPTH = 3

@@ -36,8 +36,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from .errors import InvalidReference
-from .types import SUPPORTED_ALGORITHMS, Digest, InvalidDigest
+from fastpull.errors import InvalidReference
+from fastpull.types import SUPPORTED_ALGORITHMS, Digest, InvalidDigest
 
 DEFAULT_REGISTRY = "docker.io"
 """The registry of names that do not name one (Docker Hub)."""

@@ -2,7 +2,7 @@
 
 Checking runs under :meth:`Store.shared_use` (beside pulls, never beside gc): every file in
 ``blobs/`` is hashed again, on a thread pool as wide as the machine (the native SHA-256/512
-releases the GIL), and every index.json entry is walked (see :mod:`fastpull.inventory`)
+releases the GIL), and every index.json entry is walked (see :mod:`fastpull.store.inventory`)
 through the blobs that hashed right only, so a damaged manifest is never believed.
 
 Repairing then deletes every blob whose content is wrong (taking the store exclusively, so no
@@ -19,16 +19,22 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cancel, events, hashing
-from .errors import FastpullError, Interrupted, ManifestError
-from .inventory import CONFIG, Closure, Need, display_name, walk
-from .maintenance import DEFAULT_TIMEOUT, StoredImage, closure_of, load_images, read_manifest
-from .manifest import MAX_CONFIG_SIZE, parse_config
-from .puller import Puller
-from .reference import Reference
-from .settings import Settings
-from .store import Store, StoredBlob
-from .types import Digest
+from fastpull import cancel, events, hashing
+from fastpull.errors import FastpullError, Interrupted, ManifestError
+from fastpull.puller import Puller
+from fastpull.reference import Reference
+from fastpull.registry.manifest import MAX_CONFIG_SIZE, parse_config
+from fastpull.registry.settings import Settings
+from fastpull.store.inventory import CONFIG, Closure, Need, display_name, walk
+from fastpull.store.layout import Store, StoredBlob
+from fastpull.store.maintenance import (
+    DEFAULT_TIMEOUT,
+    StoredImage,
+    closure_of,
+    load_images,
+    read_manifest,
+)
+from fastpull.types import Digest
 
 # Hashed between checks for Ctrl-C: a few tenths of a second of work.
 _SLICE = 64 << 20

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ManifestError, UsageError
+from fastpull.errors import ManifestError, UsageError
 
 # image-spec descriptor.md: algorithm-component(separator algorithm-component)* ":" encoded
 _DIGEST_GRAMMAR = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")

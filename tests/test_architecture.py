@@ -1,27 +1,25 @@
 """The import boundaries of ``fastpull/`` and its public surface, checked from the source.
 
-Every module's imports of other fastpull modules (at any depth, including imports inside
-functions) must be in :data:`ALLOWED`, which follows the data flow of
-``/work/shared/design.md``::
+The packages are the layers of ``shared/design.md``'s data flow, and a package imports only
+from the packages before it in this list (never from one after it)::
 
-    foundation   errors, types, cancel, events, hashing   (anyone may import these)
-    1 name       reference
-    2 talk       credentials, auth, transport, settings
-    3 what       manifest (pure), batchfile (pure), registry
-    4 fetch      scheduler (pure), journal, worker
-    5 keep       diskqueue, verify, store, inventory (pure), then download (the engine over 4, 5)
-    6 top        puller, bulk, progress, listing, maintenance, storecheck, cli, __init__, __main__
+    core       errors, types, cancel, events, hashing, reference   (anyone may import these)
+    registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
+    store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
+    engine/    scheduler, worker, verify, download                     -- how bytes move
+    top        puller, bulk, batchfile, storecheck                     -- one image, a batch
+    cli/       commands, progress, listing                             -- the face
 
-A module imports only from its own layer or the ones above it in this list, and nothing
-imports the CLI except ``__main__``. Two deliberate readings of the design:
+Within a layer, every module's imports of other fastpull modules (at any depth, including
+imports inside functions) must be in :data:`ALLOWED`, so every new dependency is a visible,
+reviewed change (as ggcr's ``depcheck_test.go`` does it). Deliberate readings of the design:
 
-- ``hashing`` counts as foundation: it imports nothing of fastpull but its own extension and
-  computes digests of bytes it is given, so ``manifest`` may check a digest with it;
-- ``registry`` may use ``manifest``'s pure helpers (the Accept list, digest checks): the
-  I/O edge depends on the pure core, never the other way round.
-
-A new module must be added to the table before it can import anything, so every new
-dependency is a visible, reviewed change (as ggcr's ``depcheck_test.go`` does it).
+- ``hashing`` is core: it imports nothing of fastpull but its own extension and computes
+  digests of bytes it is given, so ``registry.manifest`` may check a digest with it;
+- ``store`` may use ``registry.manifest``'s pure parsers (an image's closure is read from its
+  manifests) but nothing of the registry that does I/O;
+- ``storecheck`` (``fastpull verify --repair``) sits beside ``puller``, not in ``store/``:
+  repairing an image means pulling it again.
 """
 
 from __future__ import annotations
@@ -41,77 +39,125 @@ PACKAGE_NAME = "__init__"
 # Compiled, so it has no source to read; it imports nothing of fastpull.
 EXTENSION = "_native"
 
-_FOUNDATION = frozenset({"errors", "types", "cancel", "events", "hashing"})
+# Layers in order; a module may import modules of its own layer (as ALLOWED says) and of
+# earlier layers.
+LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("core", frozenset({"errors", "types", "cancel", "events", "hashing", "reference", EXTENSION})),
+    ("registry", frozenset({"registry"})),
+    ("store", frozenset({"store"})),
+    ("engine", frozenset({"engine"})),
+    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", PACKAGE_NAME})),
+    ("cli", frozenset({"cli", "__main__"})),
+)
+
+_CORE = frozenset({"errors", "types", "cancel", "events", "hashing"})
 
 ALLOWED: Mapping[str, frozenset[str]] = {
-    # foundation
+    # core
     "errors": frozenset(),
     "types": frozenset({"errors"}),
     "cancel": frozenset({"errors"}),
     "events": frozenset({"types"}),
     "hashing": frozenset({EXTENSION}),
-    # 1. name
     "reference": frozenset({"errors", "types"}),
-    # 2. who to talk to, and how
-    "credentials": frozenset({"errors", "types"}),
-    "auth": frozenset({"errors", "types"}),
-    "transport": frozenset({"cancel", "errors"}),
-    "settings": frozenset({"errors", "reference", "transport"}),
-    # 3. what to fetch
-    "manifest": frozenset({"errors", "hashing", "types"}),
+    # registry/: who to talk to, and how
+    "registry": frozenset(),
+    "registry.credentials": frozenset({"errors", "types"}),
+    "registry.auth": frozenset({"errors", "types"}),
+    "registry.transport": frozenset({"cancel", "errors"}),
+    "registry.settings": frozenset({"errors", "reference", "registry.transport"}),
+    "registry.manifest": frozenset({"errors", "hashing", "types"}),
+    "registry.client": _CORE
+    | {"reference", "registry.auth", "registry.credentials", "registry.manifest"}
+    | {"registry.settings", "registry.transport"},
+    # store/: where bytes rest
+    "store": frozenset(),
+    "store.diskqueue": frozenset(),
+    "store.journal": frozenset({"types"}),
+    "store.layout": frozenset({"cancel", "errors", "hashing", "types"})
+    | {"store.diskqueue", "store.journal"},
+    "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
+    "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
+    | {"store.inventory", "store.layout"},
+    # engine/: how bytes move
+    "engine": frozenset(),
+    "engine.scheduler": frozenset({"errors", "types"}),
+    "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
+    "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
+    "engine.download": _CORE
+    | {"registry.transport", "store.diskqueue", "store.journal", "store.layout"}
+    | {"engine.scheduler", "engine.verify", "engine.worker"},
+    # top: one image, a batch
     "batchfile": frozenset({"errors", "reference", "types"}),
-    "registry": _FOUNDATION
-    | {"auth", "credentials", "manifest", "reference", "settings", "transport"},
-    # 4. how to fetch it
-    "scheduler": frozenset({"errors", "types"}),
-    "journal": frozenset({"types"}),
-    "worker": frozenset({"errors", "journal", "transport"}),
-    # 5. trust it, keep it
-    "diskqueue": frozenset(),
-    "verify": frozenset({"diskqueue", "errors", "hashing", "types"}),
-    "store": frozenset({"cancel", "diskqueue", "errors", "hashing", "journal", "types"}),
-    "inventory": frozenset({"errors", "manifest", "reference", "types"}),
-    "download": _FOUNDATION
-    | {"diskqueue", "journal", "scheduler", "store", "transport", "verify", "worker"},
-    # 6. orchestration and user interface
-    "puller": _FOUNDATION
-    | {"auth", "credentials", "download", "manifest", "reference", "registry", "settings"}
-    | {"store", "transport"},
-    "bulk": _FOUNDATION
-    | {"batchfile", "credentials", "download", "puller", "reference", "settings", "store"},
-    "progress": frozenset({"events"}),
-    "listing": frozenset({"errors", "manifest", "reference", "store"}),
-    "maintenance": frozenset({"errors", "inventory", "manifest", "reference", "store", "types"}),
-    "storecheck": _FOUNDATION
-    | {"inventory", "maintenance", "manifest", "puller", "reference", "settings", "store"},
-    "cli": _FOUNDATION
-    | {PACKAGE_NAME, "batchfile", "bulk", "credentials", "listing", "progress", "puller"}
-    | {"maintenance", "reference", "registry", "settings", "storecheck", "store", "transport"},
+    "puller": _CORE
+    | {"reference", "registry.auth", "registry.client", "registry.credentials"}
+    | {"registry.manifest", "registry.settings", "registry.transport"}
+    | {"store.layout", "engine.download"},
+    "bulk": _CORE
+    | {"batchfile", "reference", "registry.credentials", "registry.settings", "store.layout"}
+    | {"engine.download", "puller"},
+    "storecheck": _CORE
+    | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
+    | {"store.layout", "store.maintenance", "puller"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
-    "__main__": frozenset({"cli"}),
+    # cli/: the face
+    "cli": frozenset(),
+    "cli.progress": frozenset({"events"}),
+    "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
+    "cli.commands": _CORE
+    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
+    | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
+    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress"},
+    "__main__": frozenset({"cli.commands"}),
 }
 
 # Modules that touch the network or the store. The pure core must not reach them, not even
 # through another module.
 IO_MODULES = frozenset(
-    {"transport", "registry", "journal", "worker", "diskqueue", "download", "store", "puller"}
-    | {"bulk"}
+    {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
+    | {"store.layout", "engine.worker", "engine.download", "puller", "bulk"}
 )
 PURE_MODULES = (
     "errors",
     "types",
     "reference",
-    "auth",
-    "manifest",
-    "scheduler",
     "events",
-    "inventory",
+    "registry.auth",
+    "registry.manifest",
+    "store.inventory",
+    "engine.scheduler",
     "batchfile",
 )
 
 
+def _layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    for index, (_, members) in enumerate(LAYERS):
+        if top in members or module in members:
+            return index
+    raise AssertionError(f"fastpull/{module} belongs to no layer")
+
+
 def _source_modules() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(PACKAGE.glob("*.py"))}
+    """Every module by dotted name below the package (``engine.download``); a subpackage's
+    ``__init__`` is named for the subpackage (``engine``)."""
+    modules: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if len(parts) > 1 and parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _resolve(dotted: str, known: frozenset[str]) -> str:
+    """The longest known module ``dotted`` names (``store.layout.Store`` → ``store.layout``)."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in known:
+            return candidate
+    return PACKAGE_NAME
 
 
 def _imported_modules(tree: ast.AST, known: frozenset[str]) -> Iterator[str]:
@@ -119,24 +165,20 @@ def _imported_modules(tree: ast.AST, known: frozenset[str]) -> Iterator[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "fastpull":
-                    yield parts[1] if len(parts) > 1 else PACKAGE_NAME
+                head, _, rest = alias.name.partition(".")
+                if head == "fastpull":
+                    yield _resolve(rest, known) if rest else PACKAGE_NAME
         elif isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                raise AssertionError(f"line {node.lineno}: fastpull is flat, '..' is wrong")
-            if node.level == 1:
-                module = node.module
-            elif node.module is not None and node.module.split(".")[0] == "fastpull":
-                module = node.module.partition(".")[2] or None
-            else:
+            if node.level:
+                raise AssertionError(f"line {node.lineno}: import fastpull modules absolutely")
+            head, _, rest = (node.module or "").partition(".")
+            if head != "fastpull":
                 continue
-            if module is not None:
-                yield module.split(".")[0]
-                continue
-            # ``from . import x``: a submodule, or a name defined by the package itself.
             for alias in node.names:
-                yield alias.name if alias.name in known else PACKAGE_NAME
+                # ``from fastpull.store import layout`` imports a module; ``from
+                # fastpull.store.layout import Store`` a name of one.
+                full = f"{rest}.{alias.name}" if rest else alias.name
+                yield _resolve(full, known)
 
 
 def _import_graph() -> dict[str, frozenset[str]]:
@@ -165,21 +207,33 @@ def _reachable(start: str, graph: Mapping[str, frozenset[str]] = GRAPH) -> set[s
 def test_the_scanner_sees_every_import_form() -> None:
     source = """
 import fastpull
-import fastpull.store
+import fastpull.store.layout
 from fastpull import errors
 from fastpull.types import Digest
-from . import events, __version__
-from .manifest import ACCEPT
+from fastpull import events, __version__
+from fastpull.registry.manifest import ACCEPT
+from fastpull.engine import verify
 import os
 
 
 def later():
-    from .registry import RegistryClient
-    import fastpull.transport as transport
+    from fastpull.registry.client import RegistryClient
+    import fastpull.registry.transport as transport
 """
-    known = frozenset({"store", "errors", "types", "events", "manifest", "registry", "transport"})
+    known = frozenset(
+        {"store.layout", "errors", "types", "events", "registry.manifest", "registry.client"}
+        | {"registry.transport", "engine.verify", "registry", "store", "engine"}
+    )
     found = set(_imported_modules(ast.parse(source), known))
-    assert found == known | {PACKAGE_NAME}
+    expected = {"store.layout", "errors", "types", "events", "registry.manifest"}
+    assert found == expected | {"registry.client", "registry.transport", "engine.verify"} | {
+        PACKAGE_NAME
+    }
+
+
+def test_relative_imports_are_refused() -> None:
+    with pytest.raises(AssertionError, match="absolutely"):
+        list(_imported_modules(ast.parse("from .errors import X"), frozenset({"errors"})))
 
 
 def test_every_module_is_in_the_table_and_nothing_else() -> None:
@@ -192,9 +246,28 @@ def test_imports_stay_within_the_table(module: str) -> None:
     assert not unexpected, f"{module} must not import {sorted(unexpected)}"
 
 
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_the_table_only_looks_back_through_the_layers(module: str) -> None:
+    later = {t for t in ALLOWED[module] if _layer_of(t) > _layer_of(module)}
+    assert not later, f"{module} may not import later layers: {sorted(later)}"
+
+
+def test_every_package_is_a_layer() -> None:
+    packages = {name for name, path in _source_modules().items() if path.name == "__init__.py"}
+    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli"}
+    for package in packages - {PACKAGE_NAME}:
+        assert any(package in members for _, members in LAYERS)
+
+
+def test_subpackages_are_namespaces_only() -> None:
+    # Their __init__ files import nothing: importing one part never drags in its siblings.
+    for package in ("registry", "store", "engine", "cli"):
+        assert GRAPH[package] == frozenset()
+
+
 def test_nothing_but_the_entry_point_imports_the_cli() -> None:
-    importers = {name for name, targets in GRAPH.items() if "cli" in targets}
-    assert importers <= {"__main__"}
+    importers = {n for n, targets in GRAPH.items() if any(t.startswith("cli") for t in targets)}
+    assert importers <= {"__main__"} | {n for n in GRAPH if n.startswith("cli")}
 
 
 def test_errors_and_types_are_the_bottom() -> None:
@@ -213,11 +286,15 @@ def test_pure_modules_never_reach_io(module: str) -> None:
 
 
 def test_store_knows_nothing_of_the_network() -> None:
-    assert not GRAPH["store"] & {"transport", "registry", "worker", "download", "puller"}
+    for module in (m for m in GRAPH if m.split(".")[0] == "store"):
+        network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
+        assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
 
 
 def test_download_engine_does_not_reach_back_up() -> None:
-    assert not GRAPH["download"] & {"registry", "puller", "cli", "listing", "progress"}
+    reached = _reachable("engine.download")
+    assert not {t for t in reached if _layer_of(t) > _layer_of("engine.download")}
+    assert "registry.client" not in reached
 
 
 def test_there_are_no_import_cycles() -> None:
@@ -243,7 +320,7 @@ def _names_exported_by_package() -> set[str]:
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     names: set[str] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastpull"):
             names.update(alias.asname or alias.name for alias in node.names)
         elif isinstance(node, ast.Assign) and node in tree.body:
             names.update(t.id for t in node.targets if isinstance(t, ast.Name))

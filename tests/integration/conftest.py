@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from fastpull.cli import main
+from fastpull.cli.commands import main
 from tests.support.faultproxy import FaultProxy
 from tests.support.faultserver import FaultServer
 

@@ -19,8 +19,8 @@ import fastpull
 from fastpull.errors import ProtocolError, Unauthorized
 from fastpull.puller import Puller
 from fastpull.reference import Reference
-from fastpull.settings import Settings
-from fastpull.store import Store
+from fastpull.registry.settings import Settings
+from fastpull.store.layout import Store
 from tests.integration.conftest import entry_for
 from tests.support.images import make_image, make_layer
 from tests.support.registry import RegistryServer

@@ -253,7 +253,7 @@ def test_multi_platform_pull_stores_the_index(
 
 _HOLD_INGEST = """
 import os, pathlib, sys, time
-from fastpull.store import Store
+from fastpull.store.layout import Store
 from fastpull.types import Digest
 
 store, digest, size, data, ready, go = sys.argv[1:]

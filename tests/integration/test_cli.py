@@ -17,8 +17,8 @@ import pytest
 
 import fastpull
 from fastpull import hashing
-from fastpull.store import REF_NAME_ANNOTATION
-from fastpull.transport import RetryPolicy
+from fastpull.registry.transport import RetryPolicy
+from fastpull.store.layout import REF_NAME_ANNOTATION
 from tests.integration.conftest import blob, index_entries, one_line
 from tests.support.images import MiB, make_image, make_index, make_layer
 
@@ -40,7 +40,7 @@ class HideNative(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, HideNative())
-from fastpull.cli import main
+from fastpull.cli.commands import main
 
 sys.exit(main(sys.argv[1:]))
 """
@@ -53,7 +53,7 @@ import pathlib
 import sys
 import time
 
-from fastpull.cli import main
+from fastpull.cli.commands import main
 
 ready, go, *references = sys.argv[1:]
 pathlib.Path(ready).touch()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fastpull.manifest import MAX_MANIFEST_SIZE
+from fastpull.registry.manifest import MAX_MANIFEST_SIZE
 from tests.integration.conftest import (
     CliResult,
     Start,

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 import fastpull
-from fastpull.download import BlobStats
+from fastpull.engine.download import BlobStats
 from fastpull.puller import PullResult
 from tests.integration.conftest import (
     Start,

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from fastpull.manifest import MAX_MANIFEST_SIZE
+from fastpull.registry.manifest import MAX_MANIFEST_SIZE
 from tests.integration.conftest import Start, assert_store_consistent, blob, env_store, one_line
 from tests.support.faultserver import Flood, Redirect, Respond, Serve
 from tests.support.images import (

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from fastpull.transport import MAX_REDIRECTS, RetryPolicy, Transport
+from fastpull.registry.transport import MAX_REDIRECTS, RetryPolicy, Transport
 from tests.integration.conftest import (
     CliResult,
     Proxy,

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from fastpull.progress import human_size
-from fastpull.store import Store
-from fastpull.transport import RetryPolicy
+from fastpull.cli.progress import human_size
+from fastpull.registry.transport import RetryPolicy
+from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest
 from tests.integration.conftest import blob, entry_for, index_entries
 from tests.support.images import Image, make_image, make_index, make_layer, sha256_digest
@@ -27,7 +27,7 @@ _HOLDER = """
 import os
 import sys
 
-from fastpull.store import Store
+from fastpull.store.layout import Store
 from fastpull.types import Digest
 
 store = Store.open(sys.argv[2])

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from fastpull.store import Store
+from fastpull.store.layout import Store
 from tests.integration.conftest import (
     Start,
     assert_store_consistent,

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import trustme
 
-from fastpull.credentials import Credentials
 from fastpull.errors import ConnectionFailed, TLSFailure
-from fastpull.registry import RegistryClient
-from fastpull.settings import Settings
-from fastpull.transport import Response, RetryPolicy, TLSConfig, Transport
+from fastpull.registry.client import RegistryClient
+from fastpull.registry.credentials import Credentials
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import Response, RetryPolicy, TLSConfig, Transport
 from tests.integration.conftest import blob, entry_for, one_line
 from tests.support.images import make_image, make_layer
 

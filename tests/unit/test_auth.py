@@ -1,4 +1,4 @@
-"""Tests for fastpull.auth: challenge parsing, token requests, realm checks, token cache."""
+"""Tests for fastpull.registry.auth: challenges, token requests, realm checks, token cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpull.auth import (
+from fastpull.errors import ProtocolError
+from fastpull.registry.auth import (
     MAX_TOKEN_RESPONSE,
     Challenge,
     Token,
@@ -25,8 +26,7 @@ from fastpull.auth import (
     token_request,
     validate_realm,
 )
-from fastpull.credentials import Credentials
-from fastpull.errors import ProtocolError
+from fastpull.registry.credentials import Credentials
 
 HUB_HEADER = (
     'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'

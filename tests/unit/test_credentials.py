@@ -1,4 +1,4 @@
-"""Tests for fastpull.credentials: docker config.json lookup, helpers, login storage."""
+"""Tests for fastpull.registry.credentials: docker config.json lookup, helpers, login storage."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from fastpull.credentials import (
+from fastpull.errors import ConfigError, CredentialError
+from fastpull.registry.credentials import (
     DOCKER_HUB_KEY,
     Credentials,
     CredentialStore,
     config_key,
     docker_config_dir,
 )
-from fastpull.errors import ConfigError, CredentialError
 
 SECRET = "s3cr3t-Pa55:word"
 TOKEN = "identity-token-0123456789"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fastpull.diskqueue import DiskQueue
 from fastpull.errors import StoreError
+from fastpull.store.diskqueue import DiskQueue
 
 
 def test_work_runs_in_the_order_it_was_queued(tmp_path: Path) -> None:

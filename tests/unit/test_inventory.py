@@ -1,4 +1,4 @@
-"""Tests for fastpull.inventory: closures of images, rmi's matching rule, df's arithmetic."""
+"""Tests for fastpull.store.inventory: closures of images, rmi's matching rule, df's arithmetic."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastpull.errors import ManifestError
-from fastpull.inventory import (
+from fastpull.reference import Reference
+from fastpull.store.inventory import (
     CONFIG,
     INDEX,
     LAYER,
@@ -27,7 +28,6 @@ from fastpull.inventory import (
     unreferenced,
     walk,
 )
-from fastpull.reference import Reference
 from fastpull.types import Descriptor, Digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -12,7 +12,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpull.journal import Extent, Journal, checksum_range, parse
+from fastpull.store.journal import Extent, Journal, checksum_range, parse
 from fastpull.types import Digest
 
 DIGEST = Digest.parse("sha256:" + "ab" * 32)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpull.errors import FastpullError, ManifestError, PlatformNotFound, UnsupportedManifest
-from fastpull.manifest import (
+from fastpull.registry.manifest import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_CONFIG,

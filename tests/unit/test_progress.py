@@ -7,7 +7,7 @@ import io
 import orjson
 
 from fastpull import events
-from fastpull.progress import (
+from fastpull.cli.progress import (
     BatchLineRenderer,
     BatchTerminalRenderer,
     JSONRenderer,

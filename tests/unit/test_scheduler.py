@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpull.scheduler import MIB, Chunk, Outcome, Policy, Scheduler
+from fastpull.engine.scheduler import MIB, Chunk, Outcome, Policy, Scheduler
 
 
 def _drain(s: Scheduler, now: float = 0.0) -> list[Chunk]:

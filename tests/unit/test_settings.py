@@ -8,7 +8,7 @@ import pytest
 
 from fastpull.errors import ConfigError, UsageError
 from fastpull.reference import is_loopback_registry, split_registry
-from fastpull.settings import Settings
+from fastpull.registry.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for fastpull.store: the OCI image layout, on real files in temporary directories."""
+"""Tests for fastpull.store.layout: the OCI image layout, on real files in temporary directories."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import pytest
 import xxhash
 
 from fastpull.errors import DigestMismatch, StoreError
-from fastpull.journal import Extent
-from fastpull.store import REF_NAME_ANNOTATION, Store, resolve_store_path
+from fastpull.store.journal import Extent
+from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
 from fastpull.types import Descriptor, Digest
 from tests.support.tools import require_tool
 

@@ -11,7 +11,7 @@ import pytest
 
 from fastpull.errors import StoreError
 from fastpull.puller import Puller
-from fastpull.store import Store
+from fastpull.store.layout import Store
 from fastpull.types import Digest
 
 

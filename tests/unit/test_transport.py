@@ -20,7 +20,7 @@ from fastpull.errors import (
     Unauthorized,
     redact_url,
 )
-from fastpull.transport import (
+from fastpull.registry.transport import (
     Response,
     RetryPolicy,
     curl_error,

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpull import hashing, verify
+from fastpull import hashing
+from fastpull.engine import verify
+from fastpull.engine.verify import STEP, Verifier
 from fastpull.errors import StoreError
 from fastpull.types import Digest
-from fastpull.verify import STEP, Verifier
 
 BACKENDS = hashing.AVAILABLE_BACKENDS
 REFERENCE = {

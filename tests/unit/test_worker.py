@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastpull.engine.worker import Fetch, WorkerLoop, _Transfer
 from fastpull.errors import ProtocolError
-from fastpull.transport import TLSConfig
-from fastpull.worker import Fetch, WorkerLoop, _Transfer
+from fastpull.registry.transport import TLSConfig
 
 SENTINEL = 0xA5
 

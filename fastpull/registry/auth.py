@@ -21,8 +21,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from .errors import ProtocolError, redact_url
-from .types import Credentials
+from fastpull.errors import ProtocolError, redact_url
+from fastpull.types import Credentials
 
 # Callers read at most this much of a token response; larger ones are refused here too.
 MAX_TOKEN_RESPONSE = 1 << 20

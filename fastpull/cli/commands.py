@@ -15,11 +15,12 @@ from pathlib import Path
 import click
 import orjson
 
-from . import __version__, cancel, events, hashing, storecheck
-from .batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
-from .bulk import BatchResult, pull_batch
-from .credentials import Credentials, CredentialStore
-from .errors import (
+from fastpull import __version__, cancel, events, hashing, storecheck
+from fastpull.batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
+from fastpull.bulk import BatchResult, pull_batch
+from fastpull.cli.listing import human_duration, image_rows
+from fastpull.cli.progress import human_size, renderer_for, summary_table
+from fastpull.errors import (
     BatchFailed,
     BatchFileError,
     FastpullError,
@@ -27,16 +28,15 @@ from .errors import (
     StoreDamaged,
     UsageError,
 )
-from .listing import human_duration, image_rows
-from .maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
-from .progress import human_size, renderer_for, summary_table
-from .puller import Puller, PullResult
-from .reference import Reference
-from .registry import DOCKER_HUB, RegistryClient
-from .settings import Settings
-from .store import Store, resolve_store_path
-from .transport import Transport
-from .types import Platform, PlatformSelection
+from fastpull.puller import Puller, PullResult
+from fastpull.reference import Reference
+from fastpull.registry.client import DOCKER_HUB, RegistryClient
+from fastpull.registry.credentials import Credentials, CredentialStore
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import Transport
+from fastpull.store.layout import Store, resolve_store_path
+from fastpull.store.maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
+from fastpull.types import Platform, PlatformSelection
 
 _STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
 

@@ -41,33 +41,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Protocol
 
-from . import cancel, events
-from .diskqueue import DiskQueue
-from .errors import (
-    DigestMismatch,
-    FastpullError,
-    Interrupted,
-    ProtocolError,
-    StoreError,
-    Unauthorized,
-)
-from .journal import Extent
-from .scheduler import Chunk, Outcome, Policy, Scheduler
-from .store import Ingest, Store
-from .transport import (
-    MAX_REDIRECTS,
-    RETRYABLE_STATUS,
-    Response,
-    RetryPolicy,
-    TLSConfig,
-    http_error,
-    next_hop,
-    origin,
-    parse_retry_after,
-)
-from .types import Descriptor, Digest
-from .verify import Verifier
-from .worker import (
+from fastpull import cancel, events
+from fastpull.engine.scheduler import Chunk, Outcome, Policy, Scheduler
+from fastpull.engine.verify import Verifier
+from fastpull.engine.worker import (
     Accepted,
     Cancel,
     Command,
@@ -81,6 +58,29 @@ from .worker import (
     WorkerLoop,
     command_line,
 )
+from fastpull.errors import (
+    DigestMismatch,
+    FastpullError,
+    Interrupted,
+    ProtocolError,
+    StoreError,
+    Unauthorized,
+)
+from fastpull.registry.transport import (
+    MAX_REDIRECTS,
+    RETRYABLE_STATUS,
+    Response,
+    RetryPolicy,
+    TLSConfig,
+    http_error,
+    next_hop,
+    origin,
+    parse_retry_after,
+)
+from fastpull.store.diskqueue import DiskQueue
+from fastpull.store.journal import Extent
+from fastpull.store.layout import Ingest, Store
+from fastpull.types import Descriptor, Digest
 
 # Below this many bytes in total, starting worker processes costs more than it saves.
 INLINE_BELOW = 64 << 20
@@ -191,7 +191,7 @@ class _Pool:
         self._conns: list[Connection] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         try:
             for _ in range(count):

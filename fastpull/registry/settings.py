@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from .errors import ConfigError, UsageError
-from .reference import is_loopback_registry, split_registry
-from .transport import TLSConfig
+from fastpull.errors import ConfigError, UsageError
+from fastpull.reference import is_loopback_registry, split_registry
+from fastpull.registry.transport import TLSConfig
 
 _CONFIG_KEYS = {
     "insecure-registries",

@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 import xxhash
 
-from .types import Digest
+from fastpull.types import Digest
 
 VERSION = 1
 # A journal holds a few lines per chunk; anything bigger is not one of ours.

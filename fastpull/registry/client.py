@@ -23,8 +23,7 @@ from urllib.parse import quote, urljoin
 
 import orjson
 
-from . import auth
-from .errors import (
+from fastpull.errors import (
     ConnectionFailed,
     FastpullError,
     ManifestError,
@@ -34,11 +33,12 @@ from .errors import (
     Unauthorized,
     redact_url,
 )
-from .manifest import ACCEPT, MAX_MANIFEST_SIZE, check_digest, digest_of
-from .reference import split_registry
-from .settings import Settings
-from .transport import MAX_SMALL_BODY, Response, Transport, http_error, origin
-from .types import Credentials, Digest
+from fastpull.reference import split_registry
+from fastpull.registry import auth
+from fastpull.registry.manifest import ACCEPT, MAX_MANIFEST_SIZE, check_digest, digest_of
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import MAX_SMALL_BODY, Response, Transport, http_error, origin
+from fastpull.types import Credentials, Digest
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"

@@ -17,9 +17,9 @@ from typing import Any
 
 import orjson
 
-from .errors import ManifestError, PlatformNotFound, UnsupportedManifest
-from .hashing import new_hasher
-from .types import Descriptor, Digest, Platform, PlatformSelection
+from fastpull.errors import ManifestError, PlatformNotFound, UnsupportedManifest
+from fastpull.hashing import new_hasher
+from fastpull.types import Descriptor, Digest, Platform, PlatformSelection
 
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 8 << 20

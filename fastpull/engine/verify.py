@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .diskqueue import release_pages
-from .errors import StoreError
-from .hashing import Hasher, hash_fd_range, new_hasher
-from .types import Digest
+from fastpull.errors import StoreError
+from fastpull.hashing import Hasher, hash_fd_range, new_hasher
+from fastpull.store.diskqueue import release_pages
+from fastpull.types import Digest
 
 # Hash at most this much per call (about 10 ms), so the engine's loop answers its workers
 # promptly: a connection whose chunk ended waits for the loop to hand it the next one.

@@ -50,12 +50,12 @@ from typing import Any
 
 import orjson
 
-from . import cancel
-from .diskqueue import release_pages
-from .errors import DigestMismatch, ManifestError, StoreError
-from .hashing import new_hasher
-from .journal import Extent, Journal
-from .types import SUPPORTED_ALGORITHMS, Descriptor, Digest, InvalidDigest
+from fastpull import cancel
+from fastpull.errors import DigestMismatch, ManifestError, StoreError
+from fastpull.hashing import new_hasher
+from fastpull.store.diskqueue import release_pages
+from fastpull.store.journal import Extent, Journal
+from fastpull.types import SUPPORTED_ALGORITHMS, Descriptor, Digest, InvalidDigest
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 # What fastpull adds to each index.json entry besides the reference name.
@@ -754,7 +754,7 @@ class Ingest:
 
     Files, all named ``ingest/<alg>-<hex>.*``: ``.lock`` (flock'ed while entered, deleted
     on exit), ``.data`` (the bytes, at their offsets) and ``.journal`` (which ranges of
-    ``.data`` are finished, see :mod:`fastpull.journal`). After entering, ``present``
+    ``.data`` are finished, see :mod:`fastpull.store.journal`). After entering, ``present``
     tells whether the blob was already stored; otherwise :attr:`resumed` lists the ranges
     an earlier, interrupted download left that still match their checksums, and the
     caller fetches only the rest. An ingest left without :meth:`commit` keeps its data and

@@ -24,8 +24,8 @@ from urllib.parse import urljoin, urlsplit
 import orjson
 import pycurl
 
-from . import cancel
-from .errors import (
+from fastpull import cancel
+from fastpull.errors import (
     ConnectionFailed,
     Denied,
     FastpullError,

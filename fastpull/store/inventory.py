@@ -17,10 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidReference, ManifestError
-from .manifest import INDEX_TYPES, MANIFEST_TYPES, ImageIndex, parse_document
-from .reference import Reference
-from .types import Descriptor, Digest
+from fastpull.errors import InvalidReference, ManifestError
+from fastpull.reference import Reference
+from fastpull.registry.manifest import INDEX_TYPES, MANIFEST_TYPES, ImageIndex, parse_document
+from fastpull.types import Descriptor, Digest
 
 # An index inside an index inside an index is already unusual; past this, refuse.
 MAX_DEPTH = 4

@@ -6,16 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .errors import FastpullError, InvalidReference
-from .manifest import (
+from fastpull.errors import FastpullError, InvalidReference
+from fastpull.reference import Reference
+from fastpull.registry.manifest import (
     MAX_CONFIG_SIZE,
     MAX_MANIFEST_SIZE,
     ImageManifest,
     parse_config,
     parse_document,
 )
-from .reference import Reference
-from .store import REF_NAME_ANNOTATION, REPO_DIGEST_ANNOTATION, Store
+from fastpull.store.layout import REF_NAME_ANNOTATION, REPO_DIGEST_ANNOTATION, Store
 
 
 @dataclass(frozen=True)

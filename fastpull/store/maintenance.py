@@ -3,7 +3,7 @@
 Blobs are deleted only under :meth:`Store.exclusive_use`, which waits for running pulls (they
 hold the store shared from start to finish), so a blob a pull has just committed and is about
 to name in index.json is never taken for garbage. Deleting also needs every image's closure
-(see :mod:`fastpull.inventory`): when an entry cannot be walked, gc refuses and rmi keeps the
+(see :mod:`fastpull.store.inventory`): when an entry cannot be walked, gc refuses and rmi keeps the
 blobs, rather than delete what a damaged image may still need.
 """
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .errors import InvalidReference, ManifestError, StoreDamaged
-from .inventory import (
+from fastpull.errors import InvalidReference, ManifestError, StoreDamaged
+from fastpull.reference import Reference
+from fastpull.registry.manifest import MAX_MANIFEST_SIZE
+from fastpull.store.inventory import (
     CONFIG,
     LAYER,
     Closure,
@@ -24,15 +26,13 @@ from .inventory import (
     unreferenced,
     walk,
 )
-from .manifest import MAX_MANIFEST_SIZE
-from .reference import Reference
-from .store import (
+from fastpull.store.layout import (
     REF_NAME_ANNOTATION,
     REPO_DIGEST_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,
     Store,
 )
-from .types import Descriptor, Digest
+from fastpull.types import Descriptor, Digest
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds gc and rmi wait for running pulls before giving up."""

@@ -19,7 +19,7 @@ from typing import TextIO
 
 import orjson
 
-from . import events
+from fastpull import events
 
 _UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
 Clock = Callable[[], float]

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, CredentialError
-from .types import Credentials
+from fastpull.errors import ConfigError, CredentialError
+from fastpull.types import Credentials
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 # Every name Docker Hub goes by; keys for any of them find Hub credentials.

@@ -27,9 +27,9 @@ from multiprocessing.connection import Connection
 import pycurl
 import xxhash
 
-from .errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
-from .journal import new_checksum
-from .transport import TLSConfig, configure_easy, curl_error, parse_header_line
+from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
+from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
+from fastpull.store.journal import new_checksum
 
 # libcurl's receive buffer per transfer: large reads mean few Python callbacks and few
 # pwrite calls (512 KiB → 4 MiB took the engine from ~2.2 to ~1.7 CPU s/GB on loopback).
@@ -407,6 +407,6 @@ def command_line(fd: int) -> list[str]:
     """How the engine starts a worker: a fresh interpreter serving the socket ``fd``."""
     code = (
         "import sys; from multiprocessing.connection import Connection; "
-        "from fastpull.worker import worker_main; worker_main(Connection(int(sys.argv[1])))"
+        "from fastpull.engine.worker import worker_main; worker_main(Connection(int(sys.argv[1])))"
     )
     return [sys.executable, "-c", code, str(fd)]
