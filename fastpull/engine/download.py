@@ -38,7 +38,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Protocol
 
 from fastpull import cancel, events
@@ -190,9 +189,6 @@ class _Pool:
         self._inline = WorkerLoop() if count == 0 else None
         self._conns: list[Connection] = []
         self._procs: list[subprocess.Popen[bytes]] = []
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         try:
             for _ in range(count):
                 mine, theirs = socket.socketpair()
@@ -201,7 +197,6 @@ class _Pool:
                         command_line(theirs.fileno()),
                         pass_fds=[theirs.fileno()],
                         stdin=subprocess.DEVNULL,
-                        env=env,
                         # Out of the terminal's process group: Ctrl-C is the parent's to
                         # handle; workers stop when told, or when the parent's socket closes.
                         start_new_session=True,

@@ -2,9 +2,10 @@
 writing with ``pwrite`` straight into its blob's ingest file.
 
 Workers get plain data (URL, headers, path, byte range) and answer with plain data, so
-they can run in another process (started with ``spawn``: libcurl, OpenSSL and threads do
-not survive ``fork``) or inline in the parent for small jobs. The loop follows pycurl's
-``retriever-multi`` shape: add handles, ``perform``, ``info_read``, ``select``.
+they can run in another process (a fresh interpreter, see :func:`command_line`: libcurl,
+OpenSSL and threads do not survive ``fork``) or inline in the parent for small jobs. The
+loop follows pycurl's ``retriever-multi`` shape: add handles, ``perform``, ``info_read``,
+``select``.
 
 Invariants the engine relies on:
 - bytes are written only from a 206 whose ``Content-Range`` is exactly the range asked
@@ -16,6 +17,7 @@ Invariants the engine relies on:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import select
 import signal
@@ -23,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pycurl
 import xxhash
@@ -404,9 +407,36 @@ def worker_main(conn: Connection) -> None:
 
 
 def command_line(fd: int) -> list[str]:
-    """How the engine starts a worker: a fresh interpreter serving the socket ``fd``."""
+    """How the engine starts a worker: a fresh, isolated interpreter serving socket ``fd``.
+
+    ``-I`` keeps the current directory, ``PYTHON*`` variables and the user's site directory
+    off the worker's ``sys.path``, so a ``pycurl.py`` (or a ``fastpull/`` folder) in the
+    directory a user pulls from is never executed. The directories this process loaded
+    fastpull and the worker's dependencies from are handed over explicitly instead, which
+    keeps venv, ``pip --user`` and editable installs working.
+    """
     code = (
-        "import sys; from multiprocessing.connection import Connection; "
-        "from fastpull.engine.worker import worker_main; worker_main(Connection(int(sys.argv[1])))"
+        "import sys; sys.path[:0] = sys.argv[2:]; "
+        "from multiprocessing.connection import Connection; "
+        "from fastpull.engine.worker import worker_main; "
+        "worker_main(Connection(int(sys.argv[1])))"
     )
-    return [sys.executable, "-c", code, str(fd)]
+    return [sys.executable, "-I", "-c", code, str(fd), *import_roots()]
+
+
+# What a worker imports beyond the standard library and fastpull itself.
+_WORKER_IMPORTS = ("fastpull", "pycurl", "xxhash", "orjson", "blake3")
+
+
+def import_roots() -> list[str]:
+    """The ``sys.path`` entries this process found fastpull and the worker's dependencies
+    in, fastpull's first, each once."""
+    roots: list[str] = []
+    for name in _WORKER_IMPORTS:
+        module = importlib.import_module(name)
+        origin = Path(module.__file__ or "").resolve()
+        # A package's entry is the directory holding the package; a module's, its own.
+        root = str(origin.parents[1] if hasattr(module, "__path__") else origin.parent)
+        if root not in roots:
+            roots.append(root)
+    return roots

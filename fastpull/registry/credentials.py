@@ -347,7 +347,7 @@ class CredentialStore:
         self, name: str, origin: str, action: str, stdin: bytes
     ) -> subprocess.CompletedProcess[bytes]:
         program = _HELPER_PREFIX + name
-        executable = shutil.which(program)
+        executable = shutil.which(program, path=_absolute_search_path())
         if executable is None:
             raise CredentialError(
                 f"credential helper {program} not found in PATH "
@@ -427,3 +427,11 @@ __all__ = [
     "config_key",
     "docker_config_dir",
 ]
+
+
+def _absolute_search_path() -> str:
+    """``PATH`` without its relative entries (``.``, empty ones): a helper is never run from
+    whatever directory the user happens to be in (Go's ``os/exec``, and so docker, refuse
+    such a match the same way)."""
+    entries = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return os.pathsep.join(entry for entry in entries if os.path.isabs(entry))
