@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastpull import cancel, events
 from fastpull.batchfile import BatchEntry
@@ -37,6 +37,9 @@ from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.settings import Settings
 from fastpull.store.layout import Store, resolve_store_path
 from fastpull.types import Descriptor, Digest, PlatformSelection
+
+if TYPE_CHECKING:
+    from fastpull.cluster.client import Cluster, ClusterFetcher
 
 RESOLVE_CONCURRENCY = 8
 _POLL_SECONDS = 0.2
@@ -101,6 +104,8 @@ class BatchResult:
     outcomes: tuple[ImageOutcome, ...]
     seconds: float
     bytes_downloaded: int
+    # With a cluster: the Dask worker that moved each downloaded blob.
+    moved_by: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[ImageOutcome]:
@@ -117,7 +122,7 @@ class BatchResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--report`` document."""
-        return {
+        document: dict[str, Any] = {
             "images": [o.to_json() for o in self.outcomes],
             "summary": {
                 "images": len(self.outcomes),
@@ -126,6 +131,12 @@ class BatchResult:
                 "seconds": round(self.seconds, 3),
             },
         }
+        if self.moved_by:
+            document["blobs"] = [
+                {"digest": digest, "worker": worker}
+                for digest, worker in sorted(self.moved_by.items())
+            ]
+        return document
 
 
 @dataclass(frozen=True)
@@ -168,11 +179,13 @@ def pull_batch(
     fail_fast: bool = False,
     credentials: CredentialStore | None = None,
     on_event: events.Listener = events.ignore,
+    cluster: Cluster | None = None,
 ) -> BatchResult:
     """Pull every entry; entries with their own ``store`` run as a batch of their own.
 
     ``platforms`` applies to entries that do not name theirs. Never raises for one
-    image's failure (see the module docstring); raises Interrupted on Ctrl-C.
+    image's failure (see the module docstring); raises Interrupted on Ctrl-C. With a
+    ``cluster``, the blobs are fetched by its workers into the same store path.
     """
     started = time.monotonic()
     stores: dict[Path, list[int]] = {}
@@ -181,20 +194,22 @@ def pull_batch(
         stores.setdefault(path, []).append(position)
     slots: list[list[ImageOutcome]] = [[] for _ in entries]
     downloaded = 0
+    moved_by: dict[str, str] = {}
     stop = False
     for path, positions in stores.items():
         group = [entries[p] for p in positions]
         if stop:
             outcomes = [[_skipped(_item(e))] for e in group]
         else:
-            run = _Run(path, settings, platforms, fail_fast, credentials, on_event)
+            run = _Run(path, settings, platforms, fail_fast, credentials, on_event, cluster)
             outcomes = run.pull(group)
             downloaded += run.bytes_downloaded
+            moved_by.update(run.moved_by)
             stop = fail_fast and any(not o.ok for found in outcomes for o in found)
         for position, found in zip(positions, outcomes, strict=True):
             slots[position] = found
     outcomes_flat = tuple(o for found in slots for o in found)
-    result = BatchResult(outcomes_flat, time.monotonic() - started, downloaded)
+    result = BatchResult(outcomes_flat, time.monotonic() - started, downloaded, moved_by)
     on_event(
         events.BatchFinished(
             len(result.outcomes), len(result.failed), result.bytes_downloaded, result.seconds
@@ -218,8 +233,11 @@ class _Run:
         fail_fast: bool,
         credentials: CredentialStore | None,
         emit: events.Listener,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store_path = store_path
+        self.cluster = cluster
+        self.moved_by: dict[str, str] = {}
         self.settings = settings
         self.platforms = platforms
         self.fail_fast = fail_fast
@@ -366,7 +384,12 @@ class _Run:
         busy = {d.digest for d in missing if self.store.ingest_busy(d.digest)}
         stats: dict[Digest, BlobStats] = {}
         failures: dict[int, FastpullError] = {}
-        engine = main.downloader(self.emit)
+        remote = (
+            None
+            if self.cluster is None
+            else self.cluster.fetcher(self.store_path, self.settings, self.emit)
+        )
+        engine = remote or main.downloader(self.emit)
         credited: set[Digest] = set()
         for round_blobs in (
             [d for d in missing if d.digest not in busy],
@@ -374,6 +397,8 @@ class _Run:
         ):
             waiting = {s: p for s, p in plans.items() if outcomes[s] is None and s not in failures}
             self._fetch(engine, round_blobs, sources, waiting, stats, failures)
+            if remote is not None:
+                self.moved_by.update((str(d), w) for d, w in remote.moved_by.items())
             for slot, plan in waiting.items():
                 if slot in failures:
                     outcomes[slot] = self._report(_failed(items[slot], failures[slot]))
@@ -384,7 +409,7 @@ class _Run:
 
     def _fetch(
         self,
-        engine: Downloader,
+        engine: Downloader | ClusterFetcher,
         blobs: list[Descriptor],
         sources: dict[Digest, BlobSource],
         plans: dict[int, ImagePlan],

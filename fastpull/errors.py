@@ -25,6 +25,7 @@ The tree::
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
     │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
     │   └── NoSuchImage                exit 4  no image in the store has that reference
+    ├── ClusterError                   exit 5  the Dask cluster is unreachable or unfit
     ├── BatchFailed                    the failed images' exit code (1 if they differ)
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
@@ -181,6 +182,12 @@ class NoSuchImage(StoreError):
     """A reference that names no image in the store (``rmi``)."""
 
     exit_code = 4
+
+
+class ClusterError(FastpullError):
+    """The Dask cluster cannot be reached, runs another fastpull, or lost a task."""
+
+    exit_code = 5
 
 
 class BatchFailed(FastpullError):

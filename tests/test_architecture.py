@@ -46,7 +46,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("registry", frozenset({"registry"})),
     ("store", frozenset({"store"})),
     ("engine", frozenset({"engine"})),
-    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", PACKAGE_NAME})),
+    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", "cluster", PACKAGE_NAME})),
     ("cli", frozenset({"cli", "__main__"})),
 )
 
@@ -95,7 +95,16 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store.layout", "engine.download"},
     "bulk": _CORE
     | {"batchfile", "reference", "registry.credentials", "registry.settings", "store.layout"}
-    | {"engine.download", "puller"},
+    | {"engine.download", "puller", "cluster.client"},
+    # cluster/: a batch over Dask; the engine never knows it runs on a cluster
+    "cluster": frozenset(),
+    "cluster.plan": frozenset({"types"}),
+    "cluster.tasks": _CORE
+    | {"cluster.plan", "engine.download", "puller", "registry.client", "registry.settings"}
+    | {"registry.transport", "store.layout"},
+    "cluster.client": _CORE
+    | {PACKAGE_NAME, "cluster.plan", "cluster.tasks", "engine.download", "puller"}
+    | {"registry.settings"},
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
     | {"store.layout", "store.maintenance", "puller"},
@@ -107,7 +116,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cli.commands": _CORE
     | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
-    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress"},
+    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress", "cluster.client"},
     "__main__": frozenset({"cli.commands"}),
 }
 
@@ -127,6 +136,7 @@ PURE_MODULES = (
     "store.inventory",
     "engine.scheduler",
     "batchfile",
+    "cluster.plan",
 )
 
 
@@ -254,14 +264,14 @@ def test_the_table_only_looks_back_through_the_layers(module: str) -> None:
 
 def test_every_package_is_a_layer() -> None:
     packages = {name for name, path in _source_modules().items() if path.name == "__init__.py"}
-    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli"}
+    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli", "cluster"}
     for package in packages - {PACKAGE_NAME}:
         assert any(package in members for _, members in LAYERS)
 
 
 def test_subpackages_are_namespaces_only() -> None:
     # Their __init__ files import nothing: importing one part never drags in its siblings.
-    for package in ("registry", "store", "engine", "cli"):
+    for package in ("registry", "store", "engine", "cli", "cluster"):
         assert GRAPH[package] == frozenset()
 
 

@@ -6,11 +6,13 @@ Errors are turned into one line on stderr and an exit code here and nowhere else
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform as _platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import orjson
@@ -37,6 +39,9 @@ from fastpull.registry.transport import Transport
 from fastpull.store.layout import Store, resolve_store_path
 from fastpull.store.maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
 from fastpull.types import Platform, PlatformSelection
+
+if TYPE_CHECKING:
+    from fastpull.cluster.client import Cluster
 
 _STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
 
@@ -131,6 +136,13 @@ def cli() -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="With -f: write every image's status, bytes and seconds as JSON.",
 )
+@click.option(
+    "--cluster",
+    "cluster_address",
+    metavar="ADDRESS",
+    help="With -f: fetch on a Dask cluster (tcp:// or tls:// scheduler; "
+    "default $FASTPULL_CLUSTER) into a store every worker mounts at the same path.",
+)
 def pull(
     name: str | None,
     batch_files: tuple[str, ...],
@@ -147,13 +159,14 @@ def pull(
     stats_file: str | None,
     fail_fast: bool,
     report_file: str | None,
+    cluster_address: str | None,
 ) -> None:
     """Download an image (NAME[:TAG|@DIGEST]), or every image of batch files (-f FILE),
     into the local OCI layout store."""
     if name is None and not batch_files:
         raise UsageError("Missing argument 'NAME' (or -f FILE)")
-    if (fail_fast or report_file) and not batch_files:
-        raise UsageError("--fail-fast and --report go with -f FILE")
+    if (fail_fast or report_file or cluster_address) and not batch_files:
+        raise UsageError("--fail-fast, --report and --cluster go with -f FILE")
     for option, path in (("--stats", stats_file), ("--report", report_file)):
         _check_output_path(option, path)
     ref = Reference.parse(name) if name is not None else None
@@ -179,9 +192,15 @@ def pull(
                 0, BatchEntry(ref, "command line", None, all_tags, default_tag=default_tag)
             )
         render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
-        with cancel.handled(ignore_after_stop=True):
+        address = cluster_address or os.environ.get("FASTPULL_CLUSTER") or None
+        with cancel.handled(ignore_after_stop=True), _cluster(address) as cluster:
             batch = pull_batch(
-                entries, settings=settings, platforms=target, fail_fast=fail_fast, on_event=render
+                entries,
+                settings=settings,
+                platforms=target,
+                fail_fast=fail_fast,
+                on_event=render,
+                cluster=cluster,
             )
         _finish_batch(batch, quiet or json_output, report_file, stats_file)
         return
@@ -201,6 +220,18 @@ def pull(
             results = [puller.pull(ref, default_tag=tag_was_defaulted(name, ref))]
     if stats_file:
         _write_stats(stats_file, results)
+
+
+@contextlib.contextmanager
+def _cluster(address: str | None) -> Iterator[Cluster | None]:
+    """The Dask cluster a batch runs on, connected and checked before anything downloads."""
+    if address is None:
+        yield None
+        return
+    from fastpull.cluster.client import Cluster
+
+    with Cluster(address) as cluster:
+        yield cluster
 
 
 def _read_batch(path: str) -> str:
