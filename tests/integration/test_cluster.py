@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
@@ -295,3 +296,34 @@ def test_ctrl_c_on_the_client_stops_the_tasks_and_the_next_run_completes(
         assert done.returncode == 0, done.stderr
     assert len(index_entries(store)) == 1
     assert _fastpull("verify", "--store", str(store)).returncode == 0
+
+
+def test_credentials_reach_the_workers_but_no_log_or_output(
+    token_registry: Any, repo: str, dask_cluster: DaskCluster, docker_config: Any, tmp_path: Path
+) -> None:
+    layer = make_layer(2 * MiB, seed=670)
+    token_registry.pusher.push_image(repo, "1", make_image([layer]))
+    docker_config.add_auth(
+        token_registry.host, username=token_registry.username, password=token_registry.password
+    )
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{token_registry.host}/{repo}:1\n")
+    report = tmp_path / "report.json"
+
+    done = _fastpull(
+        "pull", "-f", str(listing), "--cluster", dask_cluster.address,
+        "--store", str(tmp_path / "store"), "--ca-cert", str(token_registry.ca_path),
+        "--report", str(report),
+    )  # fmt: skip
+
+    # The workers had to authenticate to fetch the layer: the token server saw them.
+    assert done.returncode == 0, done.stderr
+    secrets = {token_registry.password}
+    secrets |= {
+        base64.b64encode(f"{token_registry.username}:{s}".encode()).decode() for s in secrets
+    }
+    logs = {name: dask_cluster.log(name) for name in ("scheduler", "w1", "w2")}
+    written = {"stdout": done.stdout, "stderr": done.stderr, "report": report.read_text(), **logs}
+    for where, text in written.items():
+        for secret in secrets:
+            assert secret not in text, f"a credential appears in {where}"

@@ -77,3 +77,18 @@ def test_every_blob_lands_in_exactly_one_task_within_the_budget(
         assert task.size <= budget or len(task.blobs) == 1
     assert [t.size for t in tasks] == sorted((t.size for t in tasks), reverse=True)
     assert [t.number for t in tasks] == list(range(len(tasks)))
+
+
+def test_a_task_spec_never_shows_its_credentials() -> None:
+    # Dask logs a failed task's arguments with repr().
+    from fastpull.cluster.tasks import TaskSpec
+    from fastpull.registry.settings import Settings
+    from fastpull.types import Credentials
+
+    creds = Credentials("alice", "pa55-word-xyz", "refresh-abc", "bearer-def")
+    spec = TaskSpec("job", 0, "/srv/store", Settings(), (_blob(1, "a"),), (("r.example", creds),))
+
+    shown = repr(spec) + str(spec)
+    assert "alice" in shown
+    for secret in ("pa55-word-xyz", "refresh-abc", "bearer-def"):
+        assert secret not in shown
