@@ -690,6 +690,7 @@ class _Job:
                 f"declares: the server has nothing at byte {report.position} "
                 f"(HTTP 416)",
                 expected=str(blob.digest),
+                expected_size=blob.size,
             )
         elif status in RETRYABLE_STATUS:
             wait = parse_retry_after(headers.get("retry-after"))
@@ -728,7 +729,9 @@ class _Job:
                 raise DigestMismatch(
                     f"blob {blob.digest}: downloaded content has digest "
                     f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}; refused after "
-                    f"{blob.digest_attempts} attempts"
+                    f"{blob.digest_attempts} attempts",
+                    expected=str(blob.digest),
+                    actual=f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}",
                 )
             blob.digest_attempts += 1
             blob.ingest.restart()
