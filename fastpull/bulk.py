@@ -403,7 +403,7 @@ class _Run:
                 raise error
 
         try:
-            self._record(engine.fetch(blobs, sources, on_failure=give_up), stats)
+            self._record(engine.fetch(blobs, sources, on_failure=give_up).blobs, stats)
         except FastpullError as exc:
             if not lost or not _isolated(exc):
                 raise

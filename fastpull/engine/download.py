@@ -133,6 +133,22 @@ class BlobStats:
     retries: int = 0
     resumed: int = 0
 
+    @classmethod
+    def already_stored(cls, digest: Digest, size: int) -> BlobStats:
+        """A blob that was in the store before this pull: nothing downloaded."""
+        return cls(
+            digest, size, downloaded=0, seconds=0.0, attempts=0, connections=0, already_present=True
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one engine run did: the numbers of every blob it stored or found stored, and
+    the worker processes it used (0: all transfers ran in the calling process)."""
+
+    blobs: tuple[BlobStats, ...]
+    workers: int = 0
+
 
 def default_workers(total_bytes: int) -> int:
     """Worker processes for a job: none (inline) for small jobs, else one per two cores
@@ -295,7 +311,6 @@ class Downloader:
         self.retry = retry or RetryPolicy(attempts=6)
         self.stall_seconds = stall_seconds
         self.emit = on_event
-        self.workers_used = 0
 
     def fetch(
         self,
@@ -303,7 +318,7 @@ class Downloader:
         source: BlobSource | Mapping[Digest, BlobSource],
         *,
         on_failure: FailureListener | None = None,
-    ) -> list[BlobStats]:
+    ) -> Fetched:
         """Download, verify and commit every blob; raise the first unrecoverable error.
 
         ``source`` serves every blob, or maps each digest to its own source (a batch
@@ -315,7 +330,7 @@ class Downloader:
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
         if not unique:
-            return results
+            return Fetched(())
         total = sum(d.size for d in unique)
         count = self.workers if self.workers is not None else default_workers(total)
         with contextlib.ExitStack() as stack:
@@ -336,11 +351,10 @@ class Downloader:
             stack.callback(disk.close)
             stack.callback(pool.close)
             if not todo:
-                return results
-            self.workers_used = count
+                return Fetched(tuple(results))
             job = _Job(self, todo, source, pool, disk, on_failure)
             results.extend(job.run())
-        return results
+        return Fetched(tuple(results), count)
 
     def _claim(
         self,
@@ -356,7 +370,7 @@ class Downloader:
             if ingest.present:
                 blob_stack.close()
                 self.emit(events.LayerEvent(descriptor.digest, events.ALREADY_EXISTS))
-                results.append(BlobStats(descriptor.digest, descriptor.size, 0, 0.0, 0, 0, True))
+                results.append(BlobStats.already_stored(descriptor.digest, descriptor.size))
                 return None
             ingest.preallocate()
         except BaseException:
