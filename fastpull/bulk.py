@@ -1,4 +1,8 @@
-"""Many images as one run (``fastpull pull -f FILE``).
+"""Many images as one run (``fastpull pull -f FILE``), and the images a command line names.
+
+Every image to pull comes as a :class:`~fastpull.batchfile.BatchEntry`. :func:`pull_each`
+pulls them one after the other as ``docker pull`` (and ``-a``) does; :func:`pull_batch`
+pulls them as one run:
 
 1. Expand: ``all_tags`` entries list their repository's tags (filtered by ``tags``).
 2. Resolve every image's manifests, a few at a time (:data:`RESOLVE_CONCURRENCY` threads,
@@ -11,14 +15,16 @@
    then the run waits on the lock, and finds the blob in the store instead of fetching it.
 4. Store each image whose blobs are all present (manifests, index, index.json entry).
 
-Failures stay with their image: a tag that does not exist, a denied repository, a blob
-that never matches its digest fail that image only, unless ``fail_fast``. The engine gives
-up on a bad blob alone (``Downloader.fetch``'s ``on_failure``) and goes on with the others;
-the images that need it fail. Only Ctrl-C / SIGTERM and the store itself stop everything.
+In a batch, failures stay with their image: a tag that does not exist, a denied
+repository, a blob that never matches its digest fail that image only, unless
+``fail_fast``. The engine gives up on a bad blob alone (``Downloader.fetch``'s
+``on_failure``) and goes on with the others; the images that need it fail. Only Ctrl-C /
+SIGTERM and the store itself stop everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -182,6 +188,14 @@ def selected_tags(entry: BatchEntry, all_tags: Sequence[str]) -> list[str]:
     return tags
 
 
+def _tags_of(entry: BatchEntry, puller: Puller) -> list[str | None]:
+    """The tags an ``all_tags`` entry selects; ``[None]`` (the entry's own image) for any
+    other entry."""
+    if not entry.all_tags:
+        return [None]
+    return list(selected_tags(entry, puller.tags(entry.reference)))
+
+
 def _isolated(exc: BaseException) -> bool:
     """Errors that fail one image; anything else (Ctrl-C, bugs) stops the batch."""
     return isinstance(exc, FastpullError) and not isinstance(exc, Interrupted)
@@ -233,6 +247,46 @@ def pull_batch(
         )
     )
     return result
+
+
+def pull_each(
+    entries: Sequence[BatchEntry],
+    *,
+    settings: Settings,
+    platforms: PlatformSelection | None = None,
+    credentials: CredentialStore | None = None,
+    on_event: events.Listener = events.ignore,
+) -> list[PullResult]:
+    """Pull the entries' images one after the other, as ``docker pull`` (and ``-a``) do:
+    each image with its own events from ``Pulling from`` to ``Status:``, and the first
+    failure raised as it is. Every entry is expanded (its tags listed) before the first
+    image is pulled."""
+    with contextlib.ExitStack() as stack:
+        pullers: dict[Path, Puller] = {}
+
+        def puller_for(entry: BatchEntry) -> Puller:
+            path = resolve_store_path(entry.store or settings.store)
+            if path not in pullers:
+                puller = Puller(
+                    Store.open(path),
+                    settings=settings,
+                    platform=platforms,
+                    credentials=credentials,
+                    on_event=on_event,
+                )
+                pullers[path] = stack.enter_context(puller)
+            return pullers[path]
+
+        todo = [
+            (puller, _Image.of(entry, position, tag))
+            for position, entry in enumerate(entries)
+            for puller in (puller_for(entry),)
+            for tag in _tags_of(entry, puller)
+        ]
+        return [
+            puller.pull(image.ref, default_tag=image.default_tag, platforms=image.platforms)
+            for puller, image in todo
+        ]
 
 
 def _report(emit: events.Listener, outcome: ImageOutcome) -> ImageOutcome:
@@ -318,11 +372,7 @@ class _Run:
         return images
 
     def _tags_of(self, entry: BatchEntry) -> list[str | None]:
-        """The tags an ``all_tags`` entry selects; ``[None]`` (the entry's own image) for
-        any other entry."""
-        if not entry.all_tags:
-            return [None]
-        return list(selected_tags(entry, self._thread_puller().tags(entry.reference)))
+        return _tags_of(entry, self._thread_puller())
 
     def _resolve(self, images: list[_Image]) -> None:
         todo = [image for image in images if image.outcome is None]
@@ -469,4 +519,4 @@ class _Run:
         return _report(self.emit, outcome)
 
 
-__all__ = ["BatchResult", "ImageOutcome", "pull_batch", "selected_tags"]
+__all__ = ["BatchResult", "ImageOutcome", "pull_batch", "pull_each", "selected_tags"]

@@ -221,9 +221,14 @@ class Puller:
         return self.client(ref.registry).list_tags(ref.repository)
 
     def pull(
-        self, ref: Reference, *, default_tag: bool = False, name: str | None = None
+        self,
+        ref: Reference,
+        *,
+        default_tag: bool = False,
+        name: str | None = None,
+        platforms: PlatformSelection | None = None,
     ) -> PullResult:
-        """Pull one image for the configured platform(s) into the store.
+        """Pull one image for ``platforms`` (default: the configured ones) into the store.
 
         ``name`` is the image's name in index.json (default: the reference itself);
         ``verify --repair`` pulls by digest an image that is named by its tag.
@@ -231,7 +236,7 @@ class Puller:
         selector = ref.digest or ref.tag or "latest"
         self.client(ref.registry)  # credentials and settings fail before any output
         self._emit(events.PullStarted(str(ref), str(selector), ref.repository, default_tag))
-        plan = self.resolve(ref, default_tag=default_tag)
+        plan = self.resolve(ref, default_tag=default_tag, platforms=platforms)
         fetched = self.fetch_blobs(plan)
         result = self.commit(plan, fetched.blobs, workers=fetched.workers, name=name)
         fresh = [
