@@ -8,7 +8,7 @@ from the packages before it in this list (never from one after it)::
     store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
     engine/    scheduler, worker, verify, download                     -- how bytes move
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
-    cli/       commands, progress, listing                             -- the face
+    cli/       commands, options, progress, listing                    -- the face
 
 Within a layer, every module's imports of other fastpull modules (at any depth, including
 imports inside functions) must be in :data:`ALLOWED`, so every new dependency is a visible,
@@ -112,11 +112,13 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     # cli/: the face
     "cli": frozenset(),
     "cli.progress": frozenset({"events"}),
+    "cli.options": frozenset({"registry.settings", "store.maintenance"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
     "cli.commands": _CORE
     | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
-    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress", "cluster.client"},
+    | {"store.layout", "store.maintenance", "cli.listing", "cli.options", "cli.progress"}
+    | {"cluster.client"},
     "__main__": frozenset({"cli.commands"}),
 }
 

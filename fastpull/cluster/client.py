@@ -15,6 +15,7 @@ cancelled Dask task keeps running otherwise), then cancels the futures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -29,7 +30,7 @@ from typing import Any
 from fastpull import __version__, cancel, events
 from fastpull.cluster.plan import MIN_TASK_BYTES, BlobRef, Task, split
 from fastpull.cluster.tasks import TaskResult, TaskSpec, progress_topic, run_task, stop_event
-from fastpull.engine.download import BlobSource, BlobStats
+from fastpull.engine.download import BlobSource, BlobStats, Fetched
 from fastpull.errors import ClusterError, FastpullError, Interrupted, UsageError
 from fastpull.puller import RepositoryBlobs
 from fastpull.registry.settings import Settings
@@ -163,7 +164,6 @@ class ClusterFetcher:
         self.store = store
         self.settings = settings
         self.emit = on_event
-        self.moved_by: dict[Digest, str] = {}
 
     def fetch(
         self,
@@ -171,11 +171,11 @@ class ClusterFetcher:
         source: BlobSource | Mapping[Digest, BlobSource],
         *,
         on_failure: Callable[[Digest, FastpullError], None] | None = None,
-    ) -> list[BlobStats]:
+    ) -> Fetched:
         """Fetch every blob on the cluster; as ``Downloader.fetch``."""
         refs, credentials = _blob_refs(blobs, source)
         if not refs:
-            return []
+            return Fetched(())
         tasks = split(refs, max(1, self.cluster.workers), min_task_bytes=TASK_BYTES)
         job = uuid.uuid4().hex[:12]
         progress: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
@@ -183,7 +183,7 @@ class ClusterFetcher:
         with _remote_errors(self.cluster.address):
             client.subscribe_topic(progress_topic(job), lambda event: progress.put(event[1]))
             try:
-                return self._run(job, tasks, credentials, progress, on_failure)
+                return Fetched(tuple(self._run(job, tasks, credentials, progress, on_failure)))
             finally:
                 with contextlib.suppress(Exception):
                     client.unsubscribe_topic(progress_topic(job))
@@ -246,9 +246,7 @@ class ClusterFetcher:
             if result.interrupted:
                 raise Interrupted("interrupted on the cluster")
             failures = list(result.failures)
-            stats = list(result.stats)
-            for s in stats:
-                self.moved_by[s.digest] = result.worker
+            stats = [dataclasses.replace(s, worker=result.worker) for s in result.stats]
         for digest, error in failures:
             if on_failure is None:
                 raise error

@@ -141,7 +141,8 @@ def _fetch(
             stall_seconds=settings.stall_timeout,
             on_event=forward,
         )
-        return engine.fetch([b.descriptor for b in spec.blobs], sources, on_failure=on_failure)
+        fetched = engine.fetch([b.descriptor for b in spec.blobs], sources, on_failure=on_failure)
+        return list(fetched.blobs)
 
 
 @dataclass

@@ -131,6 +131,24 @@ class BlobStats:
     chunks: int = 0
     retries: int = 0
     resumed: int = 0
+    # The cluster worker that moved the blob; empty when this process did.
+    worker: str = ""
+
+    @classmethod
+    def already_stored(cls, digest: Digest, size: int) -> BlobStats:
+        """A blob that was in the store before this pull: nothing downloaded."""
+        return cls(
+            digest, size, downloaded=0, seconds=0.0, attempts=0, connections=0, already_present=True
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one engine run did: the numbers of every blob it stored or found stored, and
+    the worker processes it used (0: all transfers ran in the calling process)."""
+
+    blobs: tuple[BlobStats, ...]
+    workers: int = 0
 
 
 def default_workers(total_bytes: int) -> int:
@@ -290,7 +308,6 @@ class Downloader:
         self.retry = retry or RetryPolicy(attempts=6)
         self.stall_seconds = stall_seconds
         self.emit = on_event
-        self.workers_used = 0
 
     def fetch(
         self,
@@ -298,7 +315,7 @@ class Downloader:
         source: BlobSource | Mapping[Digest, BlobSource],
         *,
         on_failure: FailureListener | None = None,
-    ) -> list[BlobStats]:
+    ) -> Fetched:
         """Download, verify and commit every blob; raise the first unrecoverable error.
 
         ``source`` serves every blob, or maps each digest to its own source (a batch
@@ -310,7 +327,7 @@ class Downloader:
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
         if not unique:
-            return results
+            return Fetched(())
         total = sum(d.size for d in unique)
         count = self.workers if self.workers is not None else default_workers(total)
         with contextlib.ExitStack() as stack:
@@ -331,11 +348,10 @@ class Downloader:
             stack.callback(disk.close)
             stack.callback(pool.close)
             if not todo:
-                return results
-            self.workers_used = count
+                return Fetched(tuple(results))
             job = _Job(self, todo, source, pool, disk, on_failure)
             results.extend(job.run())
-        return results
+        return Fetched(tuple(results), count)
 
     def _claim(
         self,
@@ -351,7 +367,7 @@ class Downloader:
             if ingest.present:
                 blob_stack.close()
                 self.emit(events.LayerEvent(descriptor.digest, events.ALREADY_EXISTS))
-                results.append(BlobStats(descriptor.digest, descriptor.size, 0, 0.0, 0, 0, True))
+                results.append(BlobStats.already_stored(descriptor.digest, descriptor.size))
                 return None
             ingest.preallocate()
         except BaseException:
@@ -685,6 +701,7 @@ class _Job:
                 f"declares: the server has nothing at byte {report.position} "
                 f"(HTTP 416)",
                 expected=str(blob.digest),
+                expected_size=blob.size,
             )
         elif status in RETRYABLE_STATUS:
             wait = parse_retry_after(headers.get("retry-after"))
@@ -723,7 +740,9 @@ class _Job:
                 raise DigestMismatch(
                     f"blob {blob.digest}: downloaded content has digest "
                     f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}; refused after "
-                    f"{blob.digest_attempts} attempts"
+                    f"{blob.digest_attempts} attempts",
+                    expected=str(blob.digest),
+                    actual=f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}",
                 )
             blob.digest_attempts += 1
             blob.ingest.restart()

@@ -904,6 +904,7 @@ class Ingest:
             raise DigestMismatch(
                 f"downloaded blob {self.digest} is {written} bytes, expected {self.size}",
                 expected=str(self.digest),
+                expected_size=self.size,
                 actual_size=written,
             )
         with _os_errors(root, f"commit blob {self.digest}"):
