@@ -25,8 +25,9 @@ from fastpull.puller import Puller
 from fastpull.reference import Reference
 from fastpull.registry.manifest import MAX_CONFIG_SIZE, parse_config
 from fastpull.registry.settings import Settings
+from fastpull.store.gc import StoredBlob, delete_blob, stored_blobs
 from fastpull.store.inventory import CONFIG, Closure, Need, display_name, walk
-from fastpull.store.layout import Store, StoredBlob
+from fastpull.store.layout import Store
 from fastpull.store.maintenance import (
     DEFAULT_TIMEOUT,
     StoredImage,
@@ -110,7 +111,7 @@ def _hash_all(store: Store, blobs: Sequence[StoredBlob], jobs: int) -> dict[Dige
 def verify(store: Store, *, jobs: int | None = None) -> Report:
     """Check every blob's content and every image's closure; nothing is changed."""
     with store.shared_use():
-        blobs, strays = store.stored_blobs()
+        blobs, strays = stored_blobs(store)
         images = load_images(store)
         hashes = _hash_all(store, blobs, jobs or os.cpu_count() or 1)
         return _judge(store, blobs, strays, images, hashes)
@@ -248,7 +249,7 @@ def delete_damaged(
     if report.damaged:
         with store.exclusive_use(timeout, on_wait):
             for blob in report.damaged:
-                if store.delete_blob(blob.digest, blob.stat) is not None:
+                if delete_blob(store, blob.digest, blob.stat) is not None:
                     deleted.append(blob.digest)
     return deleted
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fastpull.errors import InvalidReference, ManifestError, StoreDamaged
 from fastpull.reference import Reference
 from fastpull.registry.manifest import MAX_MANIFEST_SIZE
+from fastpull.store.gc import delete_blob, ingests, remove_ingest, stored_blobs
 from fastpull.store.inventory import (
     CONFIG,
     LAYER,
@@ -201,7 +202,7 @@ def _remove(store: Store, refs: Sequence[Reference], *, prune: bool) -> Removal:
     candidates = list(_deletion_order(c for c in removed_closures if c is not None))
     deleted, freed = [], 0
     for digest in unreferenced(candidates, remaining_closures):
-        size = store.delete_blob(digest)
+        size = delete_blob(store, digest)
         if size is not None:
             deleted.append(digest)
             freed += size
@@ -305,18 +306,18 @@ def _collect(store: Store, *, dry_run: bool) -> GarbageReport:
         assert closure is not None
         closures.append(closure)
     removed: list[Collected] = []
-    blobs, _ = store.stored_blobs()
+    blobs, _ = stored_blobs(store)
     sizes = {blob.digest: blob for blob in blobs}
     for digest in unreferenced(sizes, closures):
         blob = sizes[digest]
-        freed = blob.size if dry_run else store.delete_blob(digest, blob.stat)
+        freed = blob.size if dry_run else delete_blob(store, digest, blob.stat)
         if freed is not None:
             removed.append(Collected("blob", str(digest), freed))
     in_progress = []
-    for ingest in store.ingests():
+    for ingest in ingests(store):
         freed = None if ingest.live else ingest.size
         if freed is not None and not dry_run:
-            freed = store.remove_ingest(ingest.name)
+            freed = remove_ingest(store, ingest.name)
         if freed is None:
             in_progress.append(ingest.name)
         else:
@@ -348,10 +349,10 @@ def usage(store: Store) -> Usage:
         if reason is not None:
             warnings.append(f"cannot tell which blobs {image.label} uses: {reason}")
         needed.append(closure.digests if closure is not None else frozenset())
-    blobs, _ = store.stored_blobs()
+    blobs, _ = stored_blobs(store)
     stored = {blob.digest: blob.size for blob in blobs}
-    ingests = [(ingest.size, ingest.live) for ingest in store.ingests()]
-    return Usage(disk_usage(stored, needed, ingests), tuple(warnings))
+    downloads = [(ingest.size, ingest.live) for ingest in ingests(store)]
+    return Usage(disk_usage(stored, needed, downloads), tuple(warnings))
 
 
 __all__ = [

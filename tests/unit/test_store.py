@@ -1,4 +1,5 @@
-"""Tests for fastpull.store.layout: the OCI image layout, on real files in temporary directories."""
+"""Tests for fastpull.store.layout and fastpull.store.ingest: the OCI image layout and downloads
+into it, on real files in temporary directories."""
 
 from __future__ import annotations
 
@@ -585,7 +586,7 @@ def _contend(root: str, digest: Digest, rounds: int) -> int:
 
 def test_ingest_lock_is_exclusive_although_lock_files_are_deleted(store: Store) -> None:
     # Each holder deletes the lock file on exit while others wait on it; without the
-    # inode check in _lock, a waiter and a newcomer would both get in.
+    # inode check in locks.lock_file, a waiter and a newcomer would both get in.
     digest = digest_of(b"contended")
     with ProcessPoolExecutor(6, mp_context=SPAWN) as pool:
         overlaps = list(pool.map(_contend, [str(store.root)] * 6, [digest] * 6, [60] * 6))
