@@ -33,9 +33,11 @@ from fastpull.store.maintenance import (
     StoredImage,
     closure_of,
     load_images,
+    platforms_of,
     read_manifest,
+    whole_images,
 )
-from fastpull.types import Digest
+from fastpull.types import Digest, PlatformSelection
 
 # Hashed between checks for Ctrl-C: a few tenths of a second of work.
 _SLICE = 64 << 20
@@ -112,7 +114,7 @@ def verify(store: Store, *, jobs: int | None = None) -> Report:
     """Check every blob's content and every image's closure; nothing is changed."""
     with store.shared_use():
         blobs, strays = stored_blobs(store)
-        images = load_images(store)
+        images = whole_images(load_images(store))
         hashes = _hash_all(store, blobs, jobs or os.cpu_count() or 1)
         return _judge(store, blobs, strays, images, hashes)
 
@@ -293,10 +295,11 @@ def _restore(
     if _is_whole(store, image):
         return None
     pinned = Reference(named.registry, named.repository, None, image.repo_digest)
+    # A multi-platform image comes back with the platforms that had names of their own.
+    platforms = platforms_of(load_images(store), image)
+    platform = PlatformSelection.of(platforms) if platforms else image.descriptor.platform
     try:
-        with Puller(
-            store, settings=settings, platform=image.descriptor.platform, on_event=on_event
-        ) as puller:
+        with Puller(store, settings=settings, platform=platform, on_event=on_event) as puller:
             puller.pull(pinned, name=image.name)
     except Interrupted:
         raise

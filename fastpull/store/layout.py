@@ -43,7 +43,7 @@ import contextlib
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -55,7 +55,7 @@ from fastpull.hashing import new_hasher
 from fastpull.store.files import atomic_write, fsync_dir, os_errors, store_error, write_new_file
 from fastpull.store.ingest import Ingest, IngestPaths
 from fastpull.store.locks import is_locked, lock_file, lock_file_within
-from fastpull.types import Descriptor, Digest
+from fastpull.types import Descriptor, Digest, Platform
 
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 # What fastpull adds to each index.json entry besides the reference name.
@@ -64,6 +64,8 @@ CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
 # Set when a Docker-format manifest was stored converted to OCI: the digest the registry
 # served for it (kept in blobs/ too, so the original stays verifiable).
 SOURCE_MANIFEST_ANNOTATION = "io.fastpull.source-manifest"
+# On the entry of one platform of a multi-platform image: the name of the whole image's entry.
+PLATFORM_OF_ANNOTATION = "io.fastpull.platform-of"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 LAYOUT_VERSION = "1.0.0"
 
@@ -102,9 +104,39 @@ def resolve_store_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.path.abspath(os.path.expanduser(chosen)))
 
 
-def _ref_name(entry: Mapping[str, Any]) -> object:
+def platform_name(name: str, platform: Platform) -> str:
+    """The name one platform of the multi-platform image ``name`` is also stored under.
+
+    Its tag gets ``-<os>-<arch>[-<variant>]`` appended (``docker.io/library/app:1.0`` →
+    ``docker.io/library/app:1.0-linux-arm64``); a name by digest loses the digest, which is
+    the index's, and gets that suffix as its tag. umoci (``--image DIR:NAME``) cannot pick a
+    platform from an index ("tag is ambiguous") but unpacks such a name; the result is a
+    docker reference, and within the OCI ``ref.name`` grammar that skopeo checks. Characters
+    a registry may have put in a platform field that neither allows become ``_``.
+    """
+    base = name.split("@", 1)[0]
+    parts = (platform.os, platform.architecture, platform.variant)
+    suffix = "-".join(_name_part(part) for part in parts if part)
+    has_tag = ":" in base.rsplit("/", 1)[-1]
+    return f"{base}-{suffix}" if has_tag else f"{base}:{suffix}"
+
+
+def _name_part(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "unknown"
+
+
+def _annotation(entry: Mapping[str, Any], key: str) -> object:
     annotations = entry.get("annotations")
-    return annotations.get(REF_NAME_ANNOTATION) if isinstance(annotations, dict) else None
+    return annotations.get(key) if isinstance(annotations, dict) else None
+
+
+def _ref_name(entry: Mapping[str, Any]) -> object:
+    return _annotation(entry, REF_NAME_ANNOTATION)
+
+
+def _named(entry: Mapping[str, Any], ref_name: str) -> bool:
+    """Whether ``entry`` is named ``ref_name`` or is one of the platforms of that image."""
+    return ref_name in (_ref_name(entry), _annotation(entry, PLATFORM_OF_ANNOTATION))
 
 
 class Store:
@@ -340,6 +372,7 @@ class Store:
         descriptor: Descriptor,
         ref_name: str,
         annotations: Mapping[str, str] = _NO_ANNOTATIONS,
+        platforms: Sequence[Descriptor] = (),
     ) -> None:
         """Name the manifest ``descriptor`` ``ref_name`` in index.json, replacing that name.
 
@@ -347,38 +380,52 @@ class Store:
         normalized reference (``docker.io/library/debian:latest``); skopeo and umoci address
         it as ``oci:<root>:<ref_name>`` and ``<root>:<ref_name>``, but they reject names
         outside the OCI ref.name grammar (e.g. with ``__``), which fastpull still stores.
+
+        When ``descriptor`` is an index, ``platforms`` are the manifests of it that were
+        pulled: each also gets an entry of its own, named by :func:`platform_name`, so tools
+        that want one manifest can address it. The platform entries ``ref_name`` had before
+        go, in the same rewrite of index.json.
         """
-        if not self.has_blob(descriptor.digest, descriptor.size):
-            raise StoreError(
-                f"cannot name {ref_name} in store {self.root}: its manifest "
-                f"{descriptor.digest} ({descriptor.size} bytes) is not in the store",
-                store=str(self.root),
-            )
-        entry = descriptor.to_json()
-        entry["annotations"] = {
-            **descriptor.annotations,
-            **annotations,
-            REF_NAME_ANNOTATION: ref_name,
-        }
+        named = {ref_name: descriptor}
+        for manifest in platforms:
+            if manifest.platform is not None:
+                named.setdefault(platform_name(ref_name, manifest.platform), manifest)
+        for name, manifest in named.items():
+            if not self.has_blob(manifest.digest, manifest.size):
+                raise StoreError(
+                    f"cannot name {name} in store {self.root}: its manifest "
+                    f"{manifest.digest} ({manifest.size} bytes) is not in the store",
+                    store=str(self.root),
+                )
+        entries = [_entry(descriptor, {**annotations, REF_NAME_ANNOTATION: ref_name})]
+        for name, manifest in list(named.items())[1:]:
+            entries.append(_entry(manifest, _platform_annotations(annotations, ref_name, name)))
         with self._index_lock():
             index = self._read_index()
-            manifests = [e for e in index["manifests"] if _ref_name(e) != ref_name]
-            index["manifests"] = [*manifests, entry]
+            kept = [
+                e
+                for e in index["manifests"]
+                if not _named(e, ref_name) and not any(_ref_name(e) == n for n in named)
+            ]
+            index["manifests"] = [*kept, *entries]
             self._write_index(index)
 
     def remove_image(self, ref_name: str) -> Descriptor | None:
-        """Drop every index.json entry named ``ref_name``; return the last one, if parseable.
+        """Drop every index.json entry named ``ref_name``, and the entries of its platforms;
+        return the last one named ``ref_name``, if parseable.
 
         Blobs stay: other images may share them, and deleting unreferenced blobs is gc's job.
         """
         with self._index_lock():
             index = self._read_index()
-            kept = [e for e in index["manifests"] if _ref_name(e) != ref_name]
+            kept = [e for e in index["manifests"] if not _named(e, ref_name)]
             removed = [e for e in index["manifests"] if _ref_name(e) == ref_name]
-            if not removed:
+            if len(kept) == len(index["manifests"]):
                 return None
             index["manifests"] = kept
             self._write_index(index)
+        if not removed:
+            return None
         try:
             return Descriptor.from_json(removed[-1], f"index.json entry {ref_name!r}")
         except ManifestError:
@@ -476,10 +523,27 @@ class Store:
             atomic_write(self.root, "index.json", orjson.dumps(index) + b"\n", replace=True)
 
 
+def _entry(descriptor: Descriptor, annotations: Mapping[str, str]) -> dict[str, Any]:
+    entry = descriptor.to_json()
+    entry["annotations"] = {**descriptor.annotations, **annotations}
+    return entry
+
+
+def _platform_annotations(annotations: Mapping[str, str], image: str, name: str) -> dict[str, str]:
+    """A platform entry's annotations: the image's, but its own names and no source
+    manifest (that annotation names the original of the index, not of this manifest)."""
+    own = {k: v for k, v in annotations.items() if k != SOURCE_MANIFEST_ANNOTATION}
+    if CONTAINERD_NAME_ANNOTATION in own:
+        own[CONTAINERD_NAME_ANNOTATION] = name
+    return {**own, PLATFORM_OF_ANNOTATION: image, REF_NAME_ANNOTATION: name}
+
+
 __all__ = [
     "INDEX_MEDIA_TYPE",
     "LAYOUT_VERSION",
+    "PLATFORM_OF_ANNOTATION",
     "REF_NAME_ANNOTATION",
     "Store",
+    "platform_name",
     "resolve_store_path",
 ]
