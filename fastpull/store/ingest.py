@@ -104,11 +104,11 @@ class Ingest:
     """One blob being downloaded into ``ingest/``; made by :meth:`Store.ingest`.
 
     Entering takes the digest's ingest lock, waiting while another process holds it. After
-    entering, ``present``
-    tells whether the blob was already stored; otherwise :attr:`resumed` lists the ranges
-    an earlier, interrupted download left that still match their checksums, and the
-    caller fetches only the rest. An ingest left without :meth:`commit` keeps its data and
-    journal for the next run, unless :meth:`discard` threw them away.
+    entering, ``present`` tells whether the blob was already stored; otherwise
+    :attr:`resumed` lists the ranges an earlier, interrupted download left that still match
+    their checksums, and the caller fetches only the rest. An ingest left without
+    :meth:`commit` keeps its data and journal for the next run, unless :meth:`discard` threw
+    them away.
 
     One process must not enter two ingests of the same digest at once: flock would make it
     wait for itself forever, so that raises RuntimeError instead.

@@ -110,9 +110,10 @@ def platform_name(name: str, platform: Platform) -> str:
     Its tag gets ``-<os>-<arch>[-<variant>]`` appended (``docker.io/library/app:1.0`` →
     ``docker.io/library/app:1.0-linux-arm64``); a name by digest loses the digest, which is
     the index's, and gets that suffix as its tag. umoci (``--image DIR:NAME``) cannot pick a
-    platform from an index ("tag is ambiguous") but unpacks such a name; the result is a
-    docker reference, and within the OCI ``ref.name`` grammar that skopeo checks. Characters
-    a registry may have put in a platform field that neither allows become ``_``.
+    platform from an index ("tag is ambiguous") but unpacks such a name. The result keeps to
+    the OCI ``ref.name`` grammar that skopeo and umoci check, and is a docker reference too
+    unless the tag grows past 128 characters: characters a registry may have put in a
+    platform field that either forbids become ``_``.
     """
     base = name.split("@", 1)[0]
     parts = (platform.os, platform.architecture, platform.variant)

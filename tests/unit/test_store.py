@@ -28,6 +28,7 @@ import pytest
 import xxhash
 
 from fastpull.errors import DigestMismatch, StoreError
+from fastpull.store.ingest import IngestPaths, ingest_name
 from fastpull.store.journal import Extent
 from fastpull.store.layout import (
     PLATFORM_OF_ANNOTATION,
@@ -541,6 +542,34 @@ def test_nested_ingest_of_one_digest_fails_instead_of_hanging(store: Store) -> N
         store.ingest(digest, 5).__enter__()
     with store.ingest(digest, 5) as again:
         assert not again.present
+
+
+def test_ingest_busy_sees_a_download_in_progress_and_creates_nothing(store: Store) -> None:
+    digest = digest_of(b"busy")
+    paths = IngestPaths.of(store.root, digest)
+    assert not store.ingest_busy(digest)
+    assert not paths.lock.exists()
+    with store.ingest(digest, 4) as ing:
+        assert ing.path == paths.data and ing.journal_path == paths.journal
+        assert store.ingest_busy(digest)
+        assert not store.ingest_busy(digest_of(b"other"))
+    assert not store.ingest_busy(digest)
+    assert os.listdir(store.root / "ingest") == []
+
+
+def test_ingest_paths_name_one_digest_and_nothing_else(tmp_path: Path) -> None:
+    digest = digest_of(b"x")
+    paths = IngestPaths.of(tmp_path, digest)
+    assert paths == IngestPaths.named(tmp_path, f"sha256-{digest.hex}")
+    assert paths.lock == tmp_path / "ingest" / f"sha256-{digest.hex}.lock"
+    temp = paths.new_temp()
+    assert paths.owns(temp.name) and temp != paths.new_temp()
+    assert ingest_name(temp.name) == paths.name == ingest_name(paths.journal.name)
+    assert not paths.owns(f"sha256-{digest.hex}0.data")
+    assert ingest_name("unrelated") is None
+    for bad in ("../x", "sha256-XYZ", "sha256-ab/cd", ""):
+        with pytest.raises(ValueError, match="not an ingest name"):
+            IngestPaths.named(tmp_path, bad)
 
 
 def _hold_ingest(root: str, data: bytes, locked: Any) -> None:
