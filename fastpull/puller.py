@@ -318,15 +318,17 @@ class Puller:
             REPO_DIGEST_ANNOTATION: str(plan.repo_digest),
             CONTAINERD_NAME_ANNOTATION: name,
         }
+        # With an index, each platform also gets a name of its own (see Store.add_image).
+        platforms = [d for d, _ in stored] if plan.index is not None else []
         if plan.index is None:
             descriptor, source = stored[0]
             if source is not None:
                 annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
         else:
-            descriptor, source = self._store_index(plan.index, [d for d, _ in stored])
+            descriptor, source = self._store_index(plan.index, platforms)
             if source is not None:
                 annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
-        self.store.add_image(descriptor, name, annotations)
+        self.store.add_image(descriptor, name, annotations, platforms)
         wanted = {b.digest for b in plan.blobs}
         mine = [s for s in stats if s.digest in wanted]
         fresh = [s for s in mine if not s.already_present]

@@ -5,7 +5,8 @@ from the packages before it in this list (never from one after it)::
 
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
     registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
-    store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
+    store/     files, locks, journal, diskqueue, ingest, layout, gc,
+               inventory, maintenance                                  -- where bytes rest
     engine/    scheduler, worker, verify, download                     -- how bytes move
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
     cli/       commands, options, progress, listing                    -- the face
@@ -74,18 +75,23 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "store": frozenset(),
     "store.diskqueue": frozenset(),
     "store.journal": frozenset({"types"}),
-    "store.layout": frozenset({"cancel", "errors", "hashing", "types"})
-    | {"store.diskqueue", "store.journal"},
+    "store.files": frozenset({"errors"}),
+    "store.locks": frozenset({"cancel"}),
+    "store.ingest": frozenset({"errors", "types"})
+    | {"store.diskqueue", "store.files", "store.journal", "store.locks"},
+    "store.layout": frozenset({"errors", "hashing", "types"})
+    | {"store.files", "store.ingest", "store.locks"},
+    "store.gc": frozenset({"types", "store.files", "store.ingest", "store.layout", "store.locks"}),
     "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
     "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
-    | {"store.inventory", "store.layout"},
+    | {"store.gc", "store.inventory", "store.layout"},
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types"}),
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.download": _CORE
-    | {"registry.transport", "store.diskqueue", "store.journal", "store.layout"}
+    | {"registry.transport", "store.diskqueue", "store.ingest", "store.journal", "store.layout"}
     | {"engine.scheduler", "engine.verify", "engine.worker"},
     # top: one image, a batch
     "batchfile": frozenset({"errors", "reference", "types"}),
@@ -107,7 +113,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"registry.settings"},
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
-    | {"store.layout", "store.maintenance", "puller"},
+    | {"store.gc", "store.layout", "store.maintenance", "puller"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     # cli/: the face
     "cli": frozenset(),
@@ -126,7 +132,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 # through another module.
 IO_MODULES = frozenset(
     {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
-    | {"store.layout", "engine.worker", "engine.download", "puller", "bulk"}
+    | {"store.files", "store.locks", "store.ingest", "store.layout", "store.gc"}
+    | {"engine.worker", "engine.download", "puller", "bulk"}
 )
 PURE_MODULES = (
     "errors",

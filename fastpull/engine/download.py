@@ -77,8 +77,9 @@ from fastpull.registry.transport import (
     parse_retry_after,
 )
 from fastpull.store.diskqueue import DiskQueue
+from fastpull.store.ingest import Ingest
 from fastpull.store.journal import Extent
-from fastpull.store.layout import Ingest, Store
+from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest
 
 # Below this many bytes in total, starting worker processes costs more than it saves.
