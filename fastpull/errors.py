@@ -20,11 +20,13 @@ The tree::
     │       └── ResponseTooLarge       exit 5  a body over its cap (manifests: ManifestError)
     ├── ManifestError                  exit 6  a document that must not be used
     │   ├── UnsupportedManifest        exit 6  schema 1, unknown media type, unknown algorithm
-    │   └── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   ├── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   └── ArchiveError               exit 6  an image archive (load) that is malformed or unsafe
     ├── DigestMismatch                 exit 6  bytes do not match their digest; nothing was kept
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
     │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
     │   └── NoSuchImage                exit 4  no image in the store has that reference
+    ├── OutputFailed                   exit 1  an archive (save) could not be written out
     ├── BatchFailed                    the failed images' exit code (1 if they differ)
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
@@ -160,6 +162,12 @@ class PlatformNotFound(ManifestError):
     exit_code = 4
 
 
+class ArchiveError(ManifestError):
+    """A tar archive given to ``load`` that is truncated, malformed, unsafe (paths outside
+    the archive, links, devices) or inconsistent (blobs missing or not matching their
+    digests). Nothing of it was stored."""
+
+
 class DigestMismatch(FastpullError):
     """Content did not hash to its digest (or had the wrong size). Nothing was stored."""
 
@@ -181,6 +189,11 @@ class NoSuchImage(StoreError):
     """A reference that names no image in the store (``rmi``)."""
 
     exit_code = 4
+
+
+class OutputFailed(FastpullError):
+    """``save`` could not write the archive: full disk, closed pipe. A partial archive
+    file is removed."""
 
 
 class BatchFailed(FastpullError):

@@ -6,6 +6,7 @@ from the packages before it in this list (never from one after it)::
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
     registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
     store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
+    archive/   tarstream, documents, writer, reader                    -- images as one tar
     engine/    scheduler, worker, verify, download                     -- how bytes move
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
     cli/       commands, progress, listing                             -- the face
@@ -45,6 +46,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset({"errors", "types", "cancel", "events", "hashing", "reference", EXTENSION})),
     ("registry", frozenset({"registry"})),
     ("store", frozenset({"store"})),
+    ("archive", frozenset({"archive"})),
     ("engine", frozenset({"engine"})),
     ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", PACKAGE_NAME})),
     ("cli", frozenset({"cli", "__main__"})),
@@ -79,6 +81,13 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
     "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
     | {"store.inventory", "store.layout"},
+    # archive/: save and load image archives
+    "archive": frozenset(),
+    "archive.tarstream": frozenset({"errors"}),
+    "archive.documents": frozenset({"errors", "reference", "types", "registry.manifest"}),
+    "archive.writer": _CORE
+    | {"reference", "registry.manifest", "store.inventory", "store.layout", "store.maintenance"}
+    | {"archive.documents", "archive.tarstream"},
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types"}),
@@ -104,8 +113,10 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cli": frozenset(),
     "cli.progress": frozenset({"events"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
+    "cli.archive": frozenset({"cancel", "errors", "types", "batchfile", "reference"})
+    | {"registry.settings", "store.layout", "archive.writer"},
     "cli.commands": _CORE
-    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
+    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck", "cli.archive"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
     | {"store.layout", "store.maintenance", "cli.listing", "cli.progress"},
     "__main__": frozenset({"cli.commands"}),
@@ -254,14 +265,14 @@ def test_the_table_only_looks_back_through_the_layers(module: str) -> None:
 
 def test_every_package_is_a_layer() -> None:
     packages = {name for name, path in _source_modules().items() if path.name == "__init__.py"}
-    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli"}
+    assert packages - {PACKAGE_NAME} == {"registry", "store", "archive", "engine", "cli"}
     for package in packages - {PACKAGE_NAME}:
         assert any(package in members for _, members in LAYERS)
 
 
 def test_subpackages_are_namespaces_only() -> None:
     # Their __init__ files import nothing: importing one part never drags in its siblings.
-    for package in ("registry", "store", "engine", "cli"):
+    for package in ("registry", "store", "archive", "engine", "cli"):
         assert GRAPH[package] == frozenset()
 
 
@@ -287,6 +298,13 @@ def test_pure_modules_never_reach_io(module: str) -> None:
 
 def test_store_knows_nothing_of_the_network() -> None:
     for module in (m for m in GRAPH if m.split(".")[0] == "store"):
+        network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
+        assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
+
+
+def test_archives_know_nothing_of_the_network() -> None:
+    # save and load work from files alone: an air-gapped site has no registry to ask.
+    for module in (m for m in GRAPH if m.split(".")[0] == "archive"):
         network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
         assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
 

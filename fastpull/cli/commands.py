@@ -18,6 +18,7 @@ import orjson
 from fastpull import __version__, cancel, events, hashing, storecheck
 from fastpull.batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
 from fastpull.bulk import BatchResult, pull_batch
+from fastpull.cli import archive
 from fastpull.cli.listing import human_duration, image_rows
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
@@ -559,6 +560,10 @@ def version() -> None:
     click.echo(f"hashing: {hashing.BACKEND} ({hashing.BACKEND_DETAIL})")
     click.echo(f"libcurl: {pycurl.version}")
     click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
+
+
+for _command in archive.COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,78 @@
+"""``fastpull save`` and ``fastpull load``: image archives for container engines and
+air-gapped sites (see :mod:`fastpull.archive`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from fastpull import cancel
+from fastpull.archive.writer import SaveRequest
+from fastpull.archive.writer import save as save_archive
+from fastpull.batchfile import tag_was_defaulted
+from fastpull.errors import UsageError
+from fastpull.reference import Reference
+from fastpull.registry.settings import Settings
+from fastpull.store.layout import Store, resolve_store_path
+from fastpull.types import PlatformSelection
+
+_STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
+
+
+@click.command()
+@click.argument("names", metavar="NAME[:TAG]...", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE, not standard output."
+)
+@click.option(
+    "--platform",
+    "platform_text",
+    help="os/arch[/variant] of a multi-platform image (default: this machine), or all.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["docker", "oci"]),
+    default="docker",
+    show_default=True,
+    help="docker: OCI layout plus docker's manifest.json (what docker save writes); "
+    "oci: the OCI layout only.",
+)
+@click.option("--store", help=_STORE_HELP)
+def save(
+    names: tuple[str, ...],
+    output: str | None,
+    platform_text: str | None,
+    fmt: str,
+    store: str | None,
+) -> None:
+    """Save images of the store to a tar archive that docker, podman, containerd and skopeo
+    load (standard output by default). A NAME without a tag saves every tag of it."""
+    requests = []
+    for text in names:
+        ref = Reference.parse(text)
+        requests.append(SaveRequest(ref, every_tag=tag_was_defaulted(text, ref)))
+    platforms = PlatformSelection.parse(platform_text) if platform_text is not None else None
+    if output is None and sys.stdout.isatty():
+        raise UsageError("cowardly refusing to save to a terminal; use -o FILE or redirect")
+    the_store = Store.open(resolve_store_path(Settings.load(store=store).store), create=False)
+    with cancel.handled():
+        if output is not None:
+            save_archive(
+                the_store, requests, output=Path(output), platforms=platforms, oci_only=fmt == "oci"
+            )
+        else:
+            sys.stdout.flush()
+            save_archive(
+                the_store,
+                requests,
+                fd=sys.stdout.fileno(),
+                platforms=platforms,
+                oci_only=fmt == "oci",
+            )
+
+
+COMMANDS = (save,)
+"""The commands of this module, for the main group to add."""
