@@ -88,6 +88,9 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "archive.writer": _CORE
     | {"reference", "registry.manifest", "store.inventory", "store.layout", "store.maintenance"}
     | {"archive.documents", "archive.tarstream"},
+    "archive.reader": frozenset({"cancel", "errors", "hashing", "reference", "types"})
+    | {"registry.manifest", "store.inventory", "store.layout"}
+    | {"archive.documents", "archive.tarstream"},
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types"}),
@@ -114,7 +117,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cli.progress": frozenset({"events"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
     "cli.archive": frozenset({"cancel", "errors", "types", "batchfile", "reference"})
-    | {"registry.settings", "store.layout", "archive.writer"},
+    | {"registry.settings", "store.layout", "archive.reader", "archive.writer"},
     "cli.commands": _CORE
     | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck", "cli.archive"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from fastpull import cancel
+from fastpull.archive.reader import load as load_archive
 from fastpull.archive.writer import SaveRequest
 from fastpull.archive.writer import save as save_archive
 from fastpull.batchfile import tag_was_defaulted
@@ -74,5 +75,39 @@ def save(
             )
 
 
-COMMANDS = (save,)
+@click.command()
+@click.option(
+    "-i",
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False),
+    help="Read FILE, not standard input.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing.")
+@click.option("--store", help=_STORE_HELP)
+def load(input_path: str | None, quiet: bool, store: str | None) -> None:
+    """Load images from a tar archive (fastpull, docker or podman save, skopeo
+    docker-archive or oci-archive; gzip, bzip2 or xz compressed or not) into the store,
+    checking every digest first."""
+    if input_path is None and sys.stdin.isatty():
+        raise UsageError("requested load from standard input, but it is a terminal; use -i FILE")
+    the_store = Store.open(resolve_store_path(Settings.load(store=store).store))
+    with cancel.handled():
+        if input_path is None:
+            result = load_archive(the_store, sys.stdin.buffer)
+        else:
+            try:
+                stream = open(input_path, "rb")  # noqa: SIM115 - closed below, after the load
+            except OSError as exc:
+                raise UsageError(f"cannot read {input_path}: {exc.strerror}") from None
+            with stream:
+                result = load_archive(the_store, stream)
+    for problem in result.unnamed:
+        click.echo(f"warning: {problem}; not loaded", err=True)
+    if not quiet:
+        for name in result.names:
+            click.echo(f"Loaded image: {name.familiar}")
+
+
+COMMANDS = (save, load)
 """The commands of this module, for the main group to add."""

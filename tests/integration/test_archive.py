@@ -204,3 +204,50 @@ def test_save_refuses_a_terminal_and_removes_a_partial_file(
     streamed.write_bytes(piped.stdout)
     assert cli("save", "-o", str(tmp_path / "file.tar"), ref).code == 0
     assert streamed.read_bytes() == (tmp_path / "file.tar").read_bytes()
+
+
+def _image_rows(cli: Any, store: Path) -> list[dict[str, Any]]:
+    listed = cli("images", "--format", "json", "--store", str(store))
+    assert listed.code == 0, listed.err
+    rows = [json.loads(line) for line in listed.lines]
+    for row in rows:
+        row.pop("CreatedAt")
+    return rows
+
+
+def test_round_trip_into_an_empty_store(registry: Any, repo: str, cli: Any, tmp_path: Path) -> None:
+    ref_one, _, ref_two, _ = push_pair(registry, repo)
+    arm_amd = make_index(
+        [
+            make_image([make_layer({"m": b"amd\n"}, seed=330)]),
+            make_image([make_layer({"m": b"arm\n"}, seed=331)], architecture="arm64"),
+        ]
+    )
+    registry.pusher.push_index(repo, "multi", arm_amd)
+    ref_multi = f"{registry.host}/{repo}:multi"
+    assert cli("pull", ref_one).code == 0
+    assert cli("pull", ref_two).code == 0
+    assert cli("pull", "--platform", "all", ref_multi).code == 0
+    archive = tmp_path / "all.tar"
+    saved = cli("save", "--platform", "all", "-o", str(archive), ref_one, ref_two, ref_multi)
+    assert saved.code == 0, saved.err
+
+    target = tmp_path / "loaded"
+    loaded = cli("load", "-i", str(archive), "--store", str(target))
+    assert loaded.code == 0, loaded.err
+    familiar = sorted(line.removeprefix("Loaded image: ") for line in loaded.lines)
+    assert familiar == sorted(f"{registry.host}/{repo}:{t}" for t in ("one", "two", "multi"))
+    verified = cli("verify", "--store", str(target))
+    assert verified.code == 0, verified.out + verified.err
+    assert _image_rows(cli, target) == _image_rows(cli, env_store())
+    for ref in (ref_one, ref_two, ref_multi):
+        assert entry_for(target, ref) == entry_for(env_store(), ref)
+    assert not list((target / "ingest").iterdir())
+
+    # Loading again changes nothing; a gzip-compressed archive loads the same.
+    compressed = tmp_path / "all.tar.gz"
+    subprocess.run(["gzip", "-k", str(archive)], check=True)
+    assert compressed.exists()
+    before = (target / "index.json").read_bytes()
+    assert cli("load", "-i", str(compressed), "--store", str(target)).code == 0
+    assert json.loads((target / "index.json").read_bytes()) == json.loads(before)
