@@ -251,3 +251,48 @@ def test_round_trip_into_an_empty_store(registry: Any, repo: str, cli: Any, tmp_
     before = (target / "index.json").read_bytes()
     assert cli("load", "-i", str(compressed), "--store", str(target)).code == 0
     assert json.loads((target / "index.json").read_bytes()) == json.loads(before)
+
+
+# Runs fastpull, then reports the process's own high-water mark (VmHWM belongs to the
+# process image since exec; ru_maxrss would include the forked test process).
+_MEASURED = """
+import re, sys
+from fastpull.cli.commands import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print(re.search(r"VmHWM:\\s+(\\d+) kB", status)[1], file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _peak_rss_mib(args: list[str]) -> float:
+    """Run ``fastpull ARGS`` to completion; its peak resident memory in MiB."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stderr.split()[-1]) / 1024
+
+
+def test_save_and_load_memory_does_not_grow_with_the_image(
+    registry: Any, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    # 128 MiB in one layer; both commands stay far below it (the interpreter alone is ~35).
+    layer = make_layer(128 << 20, seed=340, compression="none", workdir=tmp_path)
+    registry.pusher.push_image(repo, "big", make_image([layer]))
+    ref = f"{registry.host}/{repo}:big"
+    assert cli("pull", ref).code == 0
+    archive = tmp_path / "big.tar"
+    saving = _peak_rss_mib(["save", "-o", str(archive), ref])
+    assert saving < 64
+    assert archive.stat().st_size > 128 << 20
+    loaded = tmp_path / "loaded"
+    loading = _peak_rss_mib(["load", "-i", str(archive), "--store", str(loaded)])
+    assert loading < 64
+    assert (loaded / "blobs/sha256" / layer.digest[7:]).stat().st_size == layer.size
