@@ -13,6 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.integration.conftest import blob, entry_for, env_store, one_line
 from tests.support.images import Image, make_image, make_index, make_layer
 
@@ -35,22 +37,25 @@ def read_json(archive: Path, name: str) -> Any:
     return json.loads(read_member(archive, name))
 
 
-def push_pair(registry: Any, repo: str) -> tuple[str, Image, str, Image]:
-    """Two images sharing a base layer; returns (ref, image) for each."""
+@pytest.fixture
+def pair(registry: Any, repo: str, cli: Any) -> tuple[str, Image, str, Image]:
+    """Two images sharing a base layer (one OCI, one Docker format), pulled into the store:
+    (ref, image) of each."""
     base = make_layer({"etc/os-release": b"ID=archive\n"}, seed=300)
     one = make_image([base, make_layer({"one.txt": b"one\n"}, seed=301)])
     two = make_image([base, make_layer({"two.txt": b"two\n"}, seed=302)], format="docker")
     registry.pusher.push_image(repo, "one", one)
     registry.pusher.push_image(repo, "two", two)
-    return f"{registry.host}/{repo}:one", one, f"{registry.host}/{repo}:two", two
+    refs = f"{registry.host}/{repo}:one", f"{registry.host}/{repo}:two"
+    for ref in refs:
+        assert cli("pull", ref).code == 0
+    return refs[0], one, refs[1], two
 
 
 def test_save_writes_docker_25_layout_deterministically(
-    registry: Any, repo: str, cli: Any, tmp_path: Path
+    registry: Any, repo: str, cli: Any, tmp_path: Path, pair: tuple[str, Image, str, Image]
 ) -> None:
-    ref_one, one, ref_two, two = push_pair(registry, repo)
-    assert cli("pull", ref_one).code == 0
-    assert cli("pull", ref_two).code == 0
+    ref_one, one, ref_two, two = pair
     store = env_store()
     archive = tmp_path / "both.tar"
     result = cli("save", "-o", str(archive), ref_one, ref_two)
@@ -101,11 +106,9 @@ def test_save_writes_docker_25_layout_deterministically(
 
 
 def test_save_oci_format_and_bare_name_saves_every_tag(
-    registry: Any, repo: str, cli: Any, tmp_path: Path
+    registry: Any, repo: str, cli: Any, tmp_path: Path, pair: tuple[str, Image, str, Image]
 ) -> None:
-    ref_one, _, ref_two, _ = push_pair(registry, repo)
-    assert cli("pull", ref_one).code == 0
-    assert cli("pull", ref_two).code == 0
+    ref_one, _, ref_two, _ = pair
     archive = tmp_path / "oci.tar"
     assert cli("save", "--format", "oci", "-o", str(archive), f"{registry.host}/{repo}").code == 0
     names = set(members(archive))
@@ -215,8 +218,10 @@ def _image_rows(cli: Any, store: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def test_round_trip_into_an_empty_store(registry: Any, repo: str, cli: Any, tmp_path: Path) -> None:
-    ref_one, _, ref_two, _ = push_pair(registry, repo)
+def test_round_trip_into_an_empty_store(
+    registry: Any, repo: str, cli: Any, tmp_path: Path, pair: tuple[str, Image, str, Image]
+) -> None:
+    ref_one, _, ref_two, _ = pair
     arm_amd = make_index(
         [
             make_image([make_layer({"m": b"amd\n"}, seed=330)]),
@@ -225,8 +230,6 @@ def test_round_trip_into_an_empty_store(registry: Any, repo: str, cli: Any, tmp_
     )
     registry.pusher.push_index(repo, "multi", arm_amd)
     ref_multi = f"{registry.host}/{repo}:multi"
-    assert cli("pull", ref_one).code == 0
-    assert cli("pull", ref_two).code == 0
     assert cli("pull", "--platform", "all", ref_multi).code == 0
     archive = tmp_path / "all.tar"
     saved = cli("save", "--platform", "all", "-o", str(archive), ref_one, ref_two, ref_multi)

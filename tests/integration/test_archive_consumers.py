@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import entry_for, env_store
 from tests.support.images import Image, make_image, make_index, make_layer
+from tests.support.registry import terminate
 from tests.support.tools import require_tool
 
 
@@ -187,12 +188,7 @@ def _containerd(home: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield str(socket)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
         log.close()
 
 
