@@ -162,11 +162,13 @@ def test_save_refuses_missing_image_and_missing_platform(
     assert item["Config"].endswith(amd.config_digest.split(":")[1])
 
 
-def _run_save(args: list[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
+def _run_fastpull(args: list[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return subprocess.run(
-        [sys.executable, "-m", "fastpull", "save", *args], env=env, timeout=60, **options
-    )
+    return subprocess.run([sys.executable, "-m", "fastpull", *args], env=env, timeout=60, **options)
+
+
+def _run_save(args: list[str], **options: Any) -> subprocess.CompletedProcess[bytes]:
+    return _run_fastpull(["save", *args], **options)
 
 
 def test_save_refuses_a_terminal_and_removes_a_partial_file(
@@ -184,6 +186,14 @@ def test_save_refuses_a_terminal_and_removes_a_partial_file(
         os.close(leader)
     assert done.returncode == 2
     assert b"refusing to save to a terminal" in done.stderr
+    leader, follower = pty.openpty()
+    try:
+        done = _run_fastpull(["load"], stdin=follower, capture_output=True)
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert done.returncode == 2
+    assert b"is a terminal" in done.stderr
 
     def small_files() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -207,6 +217,11 @@ def test_save_refuses_a_terminal_and_removes_a_partial_file(
     streamed.write_bytes(piped.stdout)
     assert cli("save", "-o", str(tmp_path / "file.tar"), ref).code == 0
     assert streamed.read_bytes() == (tmp_path / "file.tar").read_bytes()
+    # What a pipe carries loads from standard input.
+    target = tmp_path / "piped-store"
+    done = _run_fastpull(["load", "--store", str(target)], input=piped.stdout, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == f"Loaded image: {ref}\n"
 
 
 def _image_rows(cli: Any, store: Path) -> list[dict[str, Any]]:

@@ -216,3 +216,21 @@ def test_truncated_and_overlong_members_are_refused(
     overlong = header + b"A" * 1024 + data
     result = _load(cli, tmp_path, overlong)
     _assert_refused(result, docker_config.store, "invalid tar header")
+
+
+def test_links_inside_the_archive_are_followed(
+    cli: Any, tmp_path: Path, docker_config: Any
+) -> None:
+    # docker save before 25 writes a layer repeated in an image once, and links the rest
+    # to it (`<id>/layer.tar -> ../<other id>/layer.tar`); such a link stays inside.
+    layer = make_layer({"same": b"same\n"}, seed=402)
+    image = make_image([layer, layer])
+    members = docker_members(image, ["one/layer.tar", "two/layer.tar"])
+    members = [m for m in members if m[0] != "two/layer.tar"]
+    data = tar_of(members, _symlink("two/layer.tar", "../one/layer.tar"))
+    result = _load(cli, tmp_path, data)
+    assert result.code == 0, result.err
+    assert cli("verify").code == 0
+    (entry,) = index_entries(docker_config.store)
+    manifest = json.loads((docker_config.store / "blobs/sha256" / entry["digest"][7:]).read_bytes())
+    assert [la["digest"] for la in manifest["layers"]] == [layer.diff_id, layer.diff_id]
