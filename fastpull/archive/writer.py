@@ -76,7 +76,6 @@ class ArchivePlan:
 
     blobs: tuple[tuple[Digest, int], ...]
     files: tuple[tuple[str, bytes], ...]
-    names: tuple[Reference, ...]
 
     def members(self) -> list[tuple[str, Digest | bytes, int]]:
         """(name, blob digest or file content, size) of every member, sorted by name."""
@@ -85,13 +84,6 @@ class ArchivePlan:
         ]
         found += [(name, data, len(data)) for name, data in self.files]
         return sorted(found, key=lambda m: m[0])
-
-    @property
-    def size(self) -> int:
-        """The archive's length in bytes."""
-        return sum(512 + size + len(padding(size)) for _, _, size in self.members()) + len(
-            END_OF_ARCHIVE
-        )
 
 
 def select_images(store: Store, requests: Sequence[SaveRequest]) -> list[StoredImage]:
@@ -248,13 +240,12 @@ def plan_archive(
         repositories = documents.repositories(docker)
         if repositories is not None:
             files.append((documents.REPOSITORIES, repositories))
-    return ArchivePlan(tuple(sorted(blobs.items())), tuple(files), tuple(e.name for e in entries))
+    return ArchivePlan(tuple(sorted(blobs.items())), tuple(files))
 
 
-def write_archive(store: Store, plan: ArchivePlan, fd: int) -> int:
-    """Write the archive to ``fd``; return its size. A blob that changed size since it was
-    planned raises StoreDamaged (the archive written so far is then incomplete)."""
-    written = 0
+def write_archive(store: Store, plan: ArchivePlan, fd: int) -> None:
+    """Write the archive to ``fd``. A blob that changed size since it was planned raises
+    StoreDamaged (the archive written so far is then incomplete)."""
     for name, content, size in plan.members():
         _write_all(fd, member_header(name, size))
         if isinstance(content, Digest):
@@ -262,9 +253,7 @@ def write_archive(store: Store, plan: ArchivePlan, fd: int) -> int:
         else:
             _write_all(fd, content)
         _write_all(fd, padding(size))
-        written += 512 + size + len(padding(size))
     _write_all(fd, END_OF_ARCHIVE)
-    return written + len(END_OF_ARCHIVE)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -374,7 +363,9 @@ def save(
                 raise ValueError("save needs an output path or a file descriptor")
         except OutputFailed as exc:
             where = str(output) if output is not None else "standard output"
-            removed = "; the partial archive was removed" if output is not None else ""
+            # A regular file was written as a temp file, which _destination removed.
+            in_place = output is None or (output.exists() and not output.is_file())
+            removed = "" if in_place else "; the partial archive was removed"
             raise OutputFailed(
                 f"cannot write the archive to {where}: {exc}{removed}", errno=exc.errno
             ) from exc

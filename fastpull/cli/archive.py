@@ -59,20 +59,17 @@ def save(
     if output is None and sys.stdout.isatty():
         raise UsageError("cowardly refusing to save to a terminal; use -o FILE or redirect")
     the_store = Store.open(resolve_store_path(Settings.load(store=store).store), create=False)
+    if output is None:
+        sys.stdout.flush()  # the archive goes to the descriptor, past Python's buffer
     with cancel.handled():
-        if output is not None:
-            save_archive(
-                the_store, requests, output=Path(output), platforms=platforms, oci_only=fmt == "oci"
-            )
-        else:
-            sys.stdout.flush()
-            save_archive(
-                the_store,
-                requests,
-                fd=sys.stdout.fileno(),
-                platforms=platforms,
-                oci_only=fmt == "oci",
-            )
+        save_archive(
+            the_store,
+            requests,
+            output=Path(output) if output is not None else None,
+            fd=sys.stdout.fileno() if output is None else None,
+            platforms=platforms,
+            oci_only=fmt == "oci",
+        )
 
 
 @click.command()
