@@ -20,12 +20,14 @@ The tree::
     │       └── ResponseTooLarge       exit 5  a body over its cap (manifests: ManifestError)
     ├── ManifestError                  exit 6  a document that must not be used
     │   ├── UnsupportedManifest        exit 6  schema 1, unknown media type, unknown algorithm
-    │   └── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   ├── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   └── ArchiveError               exit 6  an image archive (load) that is malformed or unsafe
     ├── DigestMismatch                 exit 6  bytes do not match their digest; nothing was kept
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
     │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
     │   └── NoSuchImage                exit 4  no image in the store has that reference
     ├── ClusterError                   exit 5  the Dask cluster is unreachable or unfit
+    ├── OutputFailed                   exit 1  an archive (save) could not be written out
     ├── BatchFailed                    the failed images' exit code (1 if they differ)
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
@@ -34,10 +36,10 @@ message declare it as keyword-only fields: :class:`RegistryError` (``host``, the
 ``status``, and ``diagnostics``: the registry's codes and messages as :class:`Diagnostic`
 values, from the distribution spec's error body), :class:`ResponseTooLarge` (``limit``),
 :class:`DigestMismatch` (``expected``, ``actual``, ``expected_size``, ``actual_size``),
-:class:`StoreError` (``store``, ``errno``), and :class:`BatchFailed` and
-:class:`Interrupted` (their own ``exit_code``). Every error pickles (worker processes send
-them to the parent), keeping its message and fields. Messages never contain credentials:
-code that builds them passes URLs through :func:`redact_url`.
+:class:`StoreError` (``store``, ``errno``), :class:`OutputFailed` (``errno``), and
+:class:`BatchFailed` and :class:`Interrupted` (their own ``exit_code``). Every error pickles
+(worker processes send them to the parent), keeping its message and fields. Messages never
+contain credentials: code that builds them passes URLs through :func:`redact_url`.
 """
 
 from __future__ import annotations
@@ -223,6 +225,12 @@ class PlatformNotFound(ManifestError):
     exit_code = 4
 
 
+class ArchiveError(ManifestError):
+    """A tar archive given to ``load`` that is truncated, malformed, unsafe (paths outside
+    the archive, links, devices) or inconsistent (blobs missing or not matching their
+    digests). Nothing of it was stored."""
+
+
 class DigestMismatch(FastpullError):
     """Content did not hash to its digest (or had the wrong size). Nothing was stored.
 
@@ -278,6 +286,15 @@ class ClusterError(FastpullError):
     """The Dask cluster cannot be reached, runs another fastpull, or lost a task."""
 
     exit_code = 5
+
+
+class OutputFailed(FastpullError):
+    """``save`` could not write the archive: full disk, closed pipe. A partial archive
+    file is removed. ``errno`` is the OS error number behind it."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class BatchFailed(FastpullError):

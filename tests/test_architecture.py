@@ -7,6 +7,7 @@ from the packages before it in this list (never from one after it)::
     registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
                inventory, maintenance                                  -- where bytes rest
+    archive/   tarstream, documents, writer, reader                    -- images as one tar
     engine/    scheduler, worker, verify, download                     -- how bytes move
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
     cli/       commands, options, progress, listing                    -- the face
@@ -46,6 +47,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset({"errors", "types", "cancel", "events", "hashing", "reference", EXTENSION})),
     ("registry", frozenset({"registry"})),
     ("store", frozenset({"store"})),
+    ("archive", frozenset({"archive"})),
     ("engine", frozenset({"engine"})),
     ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", "cluster", PACKAGE_NAME})),
     ("cli", frozenset({"cli", "__main__"})),
@@ -85,6 +87,16 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
     "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
     | {"store.gc", "store.inventory", "store.layout"},
+    # archive/: save and load image archives
+    "archive": frozenset(),
+    "archive.tarstream": frozenset({"errors"}),
+    "archive.documents": frozenset({"errors", "reference", "types", "registry.manifest"}),
+    "archive.writer": _CORE
+    | {"reference", "registry.manifest", "store.inventory", "store.layout", "store.maintenance"}
+    | {"archive.documents", "archive.tarstream"},
+    "archive.reader": frozenset({"cancel", "errors", "hashing", "reference", "types"})
+    | {"registry.manifest", "store.inventory", "store.layout"}
+    | {"archive.documents", "archive.tarstream"},
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types"}),
@@ -120,8 +132,10 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cli.progress": frozenset({"events"}),
     "cli.options": frozenset({"registry.settings", "store.maintenance"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
+    "cli.archive": frozenset({"cancel", "errors", "types", "batchfile", "reference"})
+    | {"store.layout", "archive.reader", "archive.writer", "cli.options"},
     "cli.commands": _CORE
-    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
+    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck", "cli.archive"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
     | {"store.layout", "store.maintenance", "cli.listing", "cli.options", "cli.progress"}
     | {"cluster.client"},
@@ -273,14 +287,21 @@ def test_the_table_only_looks_back_through_the_layers(module: str) -> None:
 
 def test_every_package_is_a_layer() -> None:
     packages = {name for name, path in _source_modules().items() if path.name == "__init__.py"}
-    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli", "cluster"}
+    assert packages - {PACKAGE_NAME} == {
+        "registry",
+        "store",
+        "archive",
+        "engine",
+        "cli",
+        "cluster",
+    }
     for package in packages - {PACKAGE_NAME}:
         assert any(package in members for _, members in LAYERS)
 
 
 def test_subpackages_are_namespaces_only() -> None:
     # Their __init__ files import nothing: importing one part never drags in its siblings.
-    for package in ("registry", "store", "engine", "cli", "cluster"):
+    for package in ("registry", "store", "archive", "engine", "cli", "cluster"):
         assert GRAPH[package] == frozenset()
 
 
@@ -306,6 +327,13 @@ def test_pure_modules_never_reach_io(module: str) -> None:
 
 def test_store_knows_nothing_of_the_network() -> None:
     for module in (m for m in GRAPH if m.split(".")[0] == "store"):
+        network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
+        assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
+
+
+def test_archives_know_nothing_of_the_network() -> None:
+    # save and load work from files alone: an air-gapped site has no registry to ask.
+    for module in (m for m in GRAPH if m.split(".")[0] == "archive"):
         network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
         assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
 

@@ -20,6 +20,7 @@ import click
 import orjson
 
 from fastpull import __version__, cancel, events, hashing
+from fastpull.cli import archive
 from fastpull.cli.options import SettingsOptions, settings_options, timeout_option
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
@@ -532,6 +533,10 @@ def version() -> None:
     click.echo(f"hashing: {hashing.BACKEND} ({hashing.BACKEND_DETAIL})")
     click.echo(f"libcurl: {pycurl.version}")
     click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
+
+
+for _command in archive.COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,6 +300,17 @@ class Store:
                 temp.unlink(missing_ok=True)
         return True
 
+    def adopt_blob(self, path: Path, digest: Digest) -> None:
+        """Move ``path``, a file under ``ingest/`` whose content the caller has just hashed
+        to ``digest``, into ``blobs/`` (fsynced first). ``load`` commits archive members so."""
+        with os_errors(self.root, f"commit blob {digest}"):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.publish(path, digest)
+
     def publish(self, source: Path, digest: Digest) -> None:
         """Rename a verified, fsynced file into ``blobs/`` and make the rename durable."""
         target = self.blob_path(digest)

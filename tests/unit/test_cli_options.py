@@ -41,7 +41,7 @@ def test_each_shared_option_reads_the_same_in_every_command() -> None:
             if flag in SHARED:
                 shape = (option.help, option.metavar, option.multiple, repr(option.type))
                 seen.setdefault(flag, {})[name] = shape
-    assert set(seen["--store"]) == {"pull", "images", "verify", "rmi", "gc", "df"}
+    assert set(seen["--store"]) == {"pull", "images", "verify", "rmi", "gc", "df", "save", "load"}
     assert set(seen["--insecure-registry"]) == {"pull", "verify", "login"}
     assert set(seen["--ca-cert"]) == {"pull", "verify", "login"}
     for flag, by_command in seen.items():
