@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,10 +209,46 @@ def test_a_node_running_another_fastpull_is_named_before_anything_is_fetched(
     assert registry.requests(mark) == []
 
 
-def _slow_first_blob(proxy: FaultProxy, repo: str, digest: str) -> None:
-    # The first request for the blob sends 64 KiB, then one byte a second: its task is
-    # mid-blob for as long as the test needs.
-    proxy.add(Rule(Trickle(after=64 * 1024), path=blob_path(repo, digest), times=1))
+@dataclass
+class _SlowPull:
+    """A batch of one image whose blob's first request trickles, so the task fetching it is
+    mid-blob for as long as a test needs; the client runs in the background."""
+
+    proxy: FaultProxy
+    cluster: DaskCluster
+    path: str
+    layer: Any
+    store: Path
+    args: list[str]
+    client: subprocess.Popen[str]
+
+
+@contextlib.contextmanager
+def _slow_pull(registry: Any, repo: str, tmp_path: Path, seed: int) -> Iterator[_SlowPull]:
+    layer = make_layer(6 * MiB, seed=seed)
+    registry.pusher.push_image(f"{repo}/big", "1", make_image([layer]))
+    with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
+        path = blob_path(f"{repo}/big", layer.digest)
+        # 64 KiB at once, then one byte a second.
+        proxy.add(Rule(Trickle(after=64 * 1024), path=path, times=1))
+        listing = tmp_path / "images.txt"
+        listing.write_text(f"{proxy.host}/{repo}/big:1\n")
+        store = tmp_path / "store"
+        args = ["pull", "-f", str(listing), "--store", str(store), "--cluster", cluster.address]
+        client = subprocess.Popen(
+            [sys.executable, "-m", "fastpull", *args, "--stall-timeout", "120"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_until(lambda: proxy.requests_for(path), "w1 to start on the blob")
+            yield _SlowPull(proxy, cluster, path, layer, store, args, client)
+        finally:
+            if client.poll() is None:
+                client.kill()
+            client.communicate()
 
 
 def _wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
@@ -225,77 +263,45 @@ def _wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
 def test_killing_a_worker_mid_blob_loses_only_that_task_and_the_batch_completes(
     registry: Any, repo: str, tmp_path: Path
 ) -> None:
-    layer = make_layer(6 * MiB, seed=650)
-    registry.pusher.push_image(f"{repo}/big", "1", make_image([layer]))
-    with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
-        _slow_first_blob(proxy, f"{repo}/big", layer.digest)
-        listing = tmp_path / "images.txt"
-        listing.write_text(f"{proxy.host}/{repo}/big:1\n")
-        store = tmp_path / "store"
-        args = ["pull", "-f", str(listing), "--store", str(store), "--cluster", cluster.address]
-        client = subprocess.Popen(
-            [sys.executable, "-m", "fastpull", *args, "--stall-timeout", "120"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        path = blob_path(f"{repo}/big", layer.digest)
-        _wait_until(lambda: proxy.requests_for(path), "w1 to start on the blob")
-        cluster.add_worker("w2")
-        killed = cluster.kill_worker("w1")
-        _, err = client.communicate(timeout=_RUN_TIMEOUT)
+    with _slow_pull(registry, repo, tmp_path, seed=650) as run:
+        run.cluster.add_worker("w2")
+        killed = run.cluster.kill_worker("w1")
+        _, err = run.client.communicate(timeout=_RUN_TIMEOUT)
 
-        assert client.returncode == 0, err + cluster.log("scheduler")
+        assert run.client.returncode == 0, err + run.cluster.log("scheduler")
         # Nothing w1 started (its nanny, its engine's worker processes) outlived it.
         _wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in killed), "orphans")
-        requests = proxy.requests_for(path)
+        requests = run.proxy.requests_for(run.path)
         assert len(requests) >= 2
         # What w1 was receiving when it died was never journaled; everything else it had
         # written was, and is not fetched again.
-        assert proxy.bytes_sent(path) <= layer.size + requests[0].body_sent
-    assert len(index_entries(store)) == 1
-    assert_store_consistent(store)
-    assert _fastpull("verify", "--store", str(store)).returncode == 0
+        assert run.proxy.bytes_sent(run.path) <= run.layer.size + requests[0].body_sent
+    assert len(index_entries(run.store)) == 1
+    assert_store_consistent(run.store)
+    assert _fastpull("verify", "--store", str(run.store)).returncode == 0
 
 
 def test_ctrl_c_on_the_client_stops_the_tasks_and_the_next_run_completes(
     registry: Any, repo: str, tmp_path: Path
 ) -> None:
-    layer = make_layer(6 * MiB, seed=660)
-    registry.pusher.push_image(f"{repo}/big", "1", make_image([layer]))
-    with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
-        _slow_first_blob(proxy, f"{repo}/big", layer.digest)
-        listing = tmp_path / "images.txt"
-        listing.write_text(f"{proxy.host}/{repo}/big:1\n")
-        store = tmp_path / "store"
-        args = ["pull", "-f", str(listing), "--store", str(store), "--cluster", cluster.address]
-        client = subprocess.Popen(
-            [sys.executable, "-m", "fastpull", *args, "--stall-timeout", "120"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        path = blob_path(f"{repo}/big", layer.digest)
-        _wait_until(lambda: proxy.requests_for(path), "w1 to start on the blob")
+    with _slow_pull(registry, repo, tmp_path, seed=660) as run:
         started = time.monotonic()
-        client.send_signal(signal.SIGINT)
-        _, err = client.communicate(timeout=60)
+        run.client.send_signal(signal.SIGINT)
+        _, err = run.client.communicate(timeout=60)
 
-        assert client.returncode == 130, err
+        assert run.client.returncode == 130, err
         assert "interrupted" in one_line(err)
         assert time.monotonic() - started < 30
         # The task on w1 stopped too: it hung up on the answer it was still receiving.
-        _wait_until(lambda: proxy.requests_for(path)[0].hung_up, "the task to stop", 20)
-        assert_store_consistent(store, killed=True)
-        assert index_entries(store) == []
+        _wait_until(lambda: run.proxy.requests_for(run.path)[0].hung_up, "the task to stop", 20)
+        assert_store_consistent(run.store, killed=True)
+        assert index_entries(run.store) == []
 
-        done = _fastpull(*args)
+        done = _fastpull(*run.args)
 
         assert done.returncode == 0, done.stderr
-    assert len(index_entries(store)) == 1
-    assert _fastpull("verify", "--store", str(store)).returncode == 0
+    assert len(index_entries(run.store)) == 1
+    assert _fastpull("verify", "--store", str(run.store)).returncode == 0
 
 
 def test_credentials_reach_the_workers_but_no_log_or_output(
