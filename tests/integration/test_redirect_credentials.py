@@ -64,6 +64,18 @@ def _own_credentials(registry: Any, repo: str) -> str:
     return f"Bearer {token}"
 
 
+def _front_and_elsewhere(
+    registry: Any, repo: str, proxies: Proxy, docker_config: Any
+) -> tuple[FaultProxy, FaultProxy]:
+    """The proxy fastpull pulls through, logged in as the registry's user, and the other
+    origin, which reaches the registry with credentials of its own."""
+    front = proxies(registry)
+    own = _own_credentials(registry, repo)
+    elsewhere = proxies(registry, upstream_headers={"Authorization": own})
+    docker_config.add_auth(front.host, username=registry.username, password=registry.password)
+    return front, elsewhere
+
+
 def _trust(registry: Any) -> tuple[str, ...]:
     """Options that make fastpull trust the registry's CA (and its token realm's)."""
     return ("--ca-cert", str(registry.ca_path)) if registry.ca_path else ()
@@ -116,15 +128,11 @@ def test_a_redirect_to_another_origin_goes_without_the_credentials(
     store: Path,
 ) -> None:
     image = _push(secured, repo, seed=700)
-    front = proxies(secured)
-    elsewhere = proxies(
-        secured, upstream_headers={"Authorization": _own_credentials(secured, repo)}
-    )
+    front, elsewhere = _front_and_elsewhere(secured, repo, proxies, docker_config)
     own = f"/v2/{repo}/manifests/1" if what == "manifest" else f"/v2/{repo}/tags/list"
     # Only requests that carry credentials: those are the ones that could leak them.
     front.on(re.escape(own), Redirect(f"{elsewhere.url}{own}"), authorized=True, times=None)
     user, password = secured.username, secured.password
-    docker_config.add_auth(front.host, username=user, password=password)
     ref = f"{front.host}/{repo}:1"
 
     if what == "manifest":
@@ -213,14 +221,10 @@ def test_a_tag_list_link_to_another_host_is_not_followed(
     store: Path,
 ) -> None:
     _push(secured, repo, seed=702)
-    front = proxies(secured)
-    elsewhere = proxies(
-        secured, upstream_headers={"Authorization": _own_credentials(secured, repo)}
-    )
+    front, elsewhere = _front_and_elsewhere(secured, repo, proxies, docker_config)
     tags = f"/v2/{repo}/tags/list"
     link = f'<{elsewhere.url}{tags}?n=1&last=1>; rel="next"'
     front.on(re.escape(tags), SetHeaders({"Link": link}), times=None)
-    docker_config.add_auth(front.host, username=secured.username, password=secured.password)
 
     result = pull(*_trust(secured), "--all-tags", f"{front.host}/{repo}")
 
