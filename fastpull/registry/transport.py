@@ -382,8 +382,9 @@ class Transport:
         """Send with retries (network errors, 408/429/5xx) and safe redirect following.
 
         Credentials (``Authorization``) are only kept while the redirect stays on the
-        original origin. The final response is returned whatever its status, except that
-        429 and 5xx still failing after all attempts raise.
+        original origin; a redirect that would carry a request body (an OAuth form with a
+        refresh token) to another origin is refused. The final response is returned
+        whatever its status, except that 429 and 5xx still failing after all attempts raise.
         """
         attempt = 0
         current = url
@@ -403,11 +404,16 @@ class Transport:
                 if hops > MAX_REDIRECTS:
                     raise ProtocolError(f"too many redirects from {redact_url(url)}")
                 target = next_hop(current, response.header("location"))
-                if origin(target) != origin(current):
-                    hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
-                current = target
                 if response.status == 303:
                     method, body = "GET", None
+                if origin(target) != origin(current):
+                    if body:
+                        raise ProtocolError(
+                            f"{redact_url(current)} redirected a {method} to another origin "
+                            f"({redact_url(target)}); refused, its body would go along"
+                        )
+                    hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
+                current = target
                 continue
             if response.status in RETRYABLE_STATUS:
                 if attempt < self.retry.attempts:

@@ -69,7 +69,7 @@ def _accepted_by_the_rules(status: int, ranged: bool, header: str | None, fetch:
     return header.startswith(prefix) and header.rpartition("/")[2] in ("*", str(fetch.total))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(data=st.data(), span=requests(), status=st.sampled_from([200, 206, 416, 500]))
 def test_bytes_land_only_where_and_when_the_answer_says(
     loop: WorkerLoop, data: st.DataObject, span: tuple[int, int, int, int], status: int
