@@ -4,11 +4,11 @@ The packages are the layers of ``shared/design.md``'s data flow, and a package i
 from the packages before it in this list (never from one after it)::
 
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
-    registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
+    registry/  transport, auth, credentials, settings, manifest, client, upload -- who, how
     store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
     engine/    scheduler, worker, verify, download                     -- how bytes move
-    top        puller, bulk, batchfile, storecheck                     -- one image, a batch
-    cli/       commands, progress, listing                             -- the face
+    top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
+    cli/       commands, mirror, progress, listing                     -- the face
 
 Within a layer, every module's imports of other fastpull modules (at any depth, including
 imports inside functions) must be in :data:`ALLOWED`, so every new dependency is a visible,
@@ -46,7 +46,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("registry", frozenset({"registry"})),
     ("store", frozenset({"store"})),
     ("engine", frozenset({"engine"})),
-    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", PACKAGE_NAME})),
+    (
+        "top",
+        frozenset({"puller", "bulk", "batchfile", "storecheck", "pusher", "mirror", PACKAGE_NAME}),
+    ),
     ("cli", frozenset({"cli", "__main__"})),
 )
 
@@ -70,6 +73,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry.client": _CORE
     | {"reference", "registry.auth", "registry.credentials", "registry.manifest"}
     | {"registry.settings", "registry.transport"},
+    "registry.upload": frozenset({"cancel", "errors", "types"})
+    | {"registry.auth", "registry.client", "registry.manifest", "registry.transport"},
     # store/: where bytes rest
     "store": frozenset(),
     "store.diskqueue": frozenset(),
@@ -99,6 +104,12 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
     | {"store.layout", "store.maintenance", "puller"},
+    "pusher": _CORE
+    | {"reference", "registry.client", "registry.credentials", "registry.manifest"}
+    | {"registry.settings", "registry.transport", "registry.upload", "store.layout"},
+    "mirror": _CORE
+    | {"batchfile", "bulk", "puller", "pusher", "reference", "registry.credentials"}
+    | {"registry.settings", "registry.upload", "store.layout", "store.maintenance"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     # cli/: the face
     "cli": frozenset(),
@@ -107,15 +118,19 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cli.commands": _CORE
     | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
-    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress"},
+    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress", "cli.mirror"},
+    "cli.mirror": _CORE
+    | {"batchfile", "mirror", "pusher", "reference", "registry.settings"}
+    | {"store.layout", "store.maintenance", "cli.progress"},
     "__main__": frozenset({"cli.commands"}),
 }
 
 # Modules that touch the network or the store. The pure core must not reach them, not even
 # through another module.
 IO_MODULES = frozenset(
-    {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
-    | {"store.layout", "engine.worker", "engine.download", "puller", "bulk"}
+    {"registry.transport", "registry.client", "registry.upload", "store.journal"}
+    | {"store.diskqueue", "store.layout", "engine.worker", "engine.download"}
+    | {"puller", "bulk", "pusher", "mirror"}
 )
 PURE_MODULES = (
     "errors",

@@ -19,6 +19,7 @@ from fastpull import __version__, cancel, events, hashing, storecheck
 from fastpull.batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
 from fastpull.bulk import BatchResult, pull_batch
 from fastpull.cli.listing import human_duration, image_rows
+from fastpull.cli.mirror import copy, push
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
     BatchFailed,
@@ -70,6 +71,9 @@ def _waiting_message(store: Store, timeout: float) -> Callable[[], None]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Pull container images from OCI / Docker registries at line rate."""
+
+
+cli.add_command(push), cli.add_command(copy)
 
 
 @cli.command()

@@ -1,0 +1,266 @@
+"""``fastpull push`` and ``fastpull copy``: images from the store, or from another
+registry through the store, into a registry. Thin: parse options, call the library, print.
+
+Errors reach :func:`fastpull.cli.commands.main`, which prints them as one line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+import orjson
+
+from fastpull import cancel, events
+from fastpull.batchfile import check_all_tags, parse_batch, tag_was_defaulted
+from fastpull.cli.progress import renderer_for, summary_table
+from fastpull.errors import BatchFailed, FastpullError, NoSuchImage, UsageError
+from fastpull.mirror import Copier, CopyBatchResult, copy_batch
+from fastpull.pusher import Pusher
+from fastpull.reference import Reference
+from fastpull.registry.settings import Settings
+from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
+from fastpull.store.maintenance import remove_images
+from fastpull.types import PlatformSelection
+
+_STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
+
+
+def _common(f: Callable[..., None]) -> Callable[..., None]:
+    """Options push and copy share: output, store, registries, upload parallelism."""
+    options = [
+        click.option("-q", "--quiet", is_flag=True, help="Print only the pushed reference."),
+        click.option("--json", "json_output", is_flag=True, help="One JSON event per line."),
+        click.option("--store", help=_STORE_HELP),
+        click.option(
+            "--insecure-registry",
+            "insecure",
+            multiple=True,
+            metavar="HOST[:PORT]",
+            help="Allow plain HTTP / unverified TLS for this registry (repeatable).",
+        ),
+        click.option(
+            "--ca-cert", type=click.Path(dir_okay=False), help="Extra CA certificate (PEM)."
+        ),
+        click.option(
+            "--jobs",
+            type=click.IntRange(1, 64),
+            help="Blob uploads at once, across all images (default 8).",
+        ),
+        click.option(
+            "--chunk-size",
+            type=click.IntRange(1 << 20, None),
+            metavar="BYTES",
+            help="Upload blobs larger than this in PATCH chunks (default: one PUT per blob).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command()
+@click.argument("name")
+@click.argument("dest", required=False)
+@click.option("-a", "--all-tags", is_flag=True, help="Push every tag of the repository.")
+@_common
+def push(
+    name: str,
+    dest: str | None,
+    all_tags: bool,
+    quiet: bool,
+    json_output: bool,
+    store: str | None,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    jobs: int | None,
+    chunk_size: int | None,
+) -> None:
+    """Upload an image of the store (NAME[:TAG|@DIGEST]) to its registry, or under the
+    name DEST (like docker tag + docker push)."""
+    ref = Reference.parse(name)
+    target = Reference.parse(dest) if dest else None
+    if all_tags:
+        check_all_tags(name, ref)
+        if dest is not None:
+            check_all_tags(dest, target)  # type: ignore[arg-type]
+    settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert, store=store)
+    the_store = Store.open(resolve_store_path(settings.store), create=False)
+    render = renderer_for(quiet=quiet, json_output=json_output)
+    sources = _tags_of(the_store, ref) if all_tags else [ref]
+    with (
+        cancel.handled(ignore_after_stop=True),
+        Pusher(
+            the_store, settings=settings, jobs=jobs, chunk_size=chunk_size, on_event=render
+        ) as pusher,
+    ):
+        for source in sources:
+            destination = target or source
+            if all_tags and source.tag:
+                destination = destination.with_tag(source.tag)
+            pusher.push(source, destination)
+
+
+def _tags_of(store: Store, ref: Reference) -> list[Reference]:
+    """Every tagged image of ``ref``'s repository in the store, in index.json order."""
+    found = []
+    for image in store.images():
+        try:
+            other = Reference.parse(image.annotations.get(REF_NAME_ANNOTATION, ""))
+        except FastpullError:
+            continue
+        if other.name == ref.name and other.tag and other.digest is None:
+            found.append(other)
+    if not found:
+        raise NoSuchImage(f"An image does not exist locally with the name: {ref.familiar_name}")
+    return found
+
+
+@click.command()
+@click.argument("source", required=False)
+@click.argument("dest", required=False)
+@click.option(
+    "-f",
+    "--file",
+    "batch_files",
+    multiple=True,
+    type=click.File("r", encoding="utf-8"),
+    metavar="FILE",
+    help="Copy every image a batch file lists (repeatable; - for stdin).",
+)
+@click.option("--to", metavar="REGISTRY[/PREFIX]", help="With -f: where the images go.")
+@click.option(
+    "--platform",
+    "platform_text",
+    help="os/arch[/variant], a comma list, or all (default: this host); "
+    "with several the image index is pushed too.",
+)
+@click.option("--no-keep", is_flag=True, help="Remove what the copy added to the store.")
+@click.option("--fail-fast", is_flag=True, help="With -f: stop at the first image that fails.")
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(dir_okay=False),
+    help="Write every image's status, bytes and seconds as JSON.",
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 64),
+    help="Download transfers at once, across all blobs and chunks (default 16).",
+)
+@click.option("--workers", type=click.IntRange(0, 16), help="Download processes.")
+@_common
+def copy(
+    source: str | None,
+    dest: str | None,
+    batch_files: tuple[TextIO, ...],
+    to: str | None,
+    platform_text: str | None,
+    no_keep: bool,
+    fail_fast: bool,
+    report_file: str | None,
+    connections: int | None,
+    workers: int | None,
+    quiet: bool,
+    json_output: bool,
+    store: str | None,
+    insecure: tuple[str, ...],
+    ca_cert: str | None,
+    jobs: int | None,
+    chunk_size: int | None,
+) -> None:
+    """Copy an image from one registry to another (SOURCE DEST), or every image of batch
+    files (-f FILE --to REGISTRY[/PREFIX]), through the store."""
+    if batch_files and (source or dest):
+        raise UsageError("give SOURCE DEST, or -f FILE with --to, not both")
+    if not batch_files and not (source and dest):
+        raise UsageError("Missing argument 'SOURCE DEST' (or -f FILE --to REGISTRY)")
+    if report_file:
+        _check_writable(report_file)
+    settings = Settings.load(
+        insecure_registries=insecure,
+        ca_cert=ca_cert,
+        store=store,
+        connections=connections,
+        workers=workers,
+    )
+    platforms = PlatformSelection.parse(platform_text) if platform_text is not None else None
+    if batch_files:
+        entries = [e for f in batch_files for e in parse_batch(f.read(), f.name)]
+        render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
+        with cancel.handled(ignore_after_stop=True):
+            batch = copy_batch(
+                entries,
+                to=to,
+                settings=settings,
+                platforms=platforms,
+                jobs=jobs,
+                chunk_size=chunk_size,
+                keep=not no_keep,
+                fail_fast=fail_fast,
+                on_event=render,
+            )
+        _finish_batch(batch, quiet or json_output, report_file)
+        return
+    assert source is not None and dest is not None
+    src, target = Reference.parse(source), Reference.parse(dest)
+    the_store = Store.open(resolve_store_path(settings.store))
+    existed = the_store.find_image(str(src)) is not None
+    render = renderer_for(quiet=quiet, json_output=json_output)
+    with cancel.handled(ignore_after_stop=True):
+        with Copier(
+            the_store,
+            settings=settings,
+            platforms=platforms,
+            jobs=jobs,
+            chunk_size=chunk_size,
+            on_event=render,
+        ) as copier:
+            result = copier.copy(src, target, default_tag=tag_was_defaulted(source, src))
+        if no_keep and not existed:
+            remove_images(the_store, [src], prune=True)
+    if report_file:
+        document = {
+            "image": str(src),
+            "destination": result.reference,
+            "digest": str(result.digest),
+            "bytes_uploaded": result.bytes_sent,
+            "blobs_mounted": result.mounted,
+            "seconds": round(result.seconds, 3),
+        }
+        _write_json(report_file, document)
+
+
+def _finish_batch(batch: CopyBatchResult, machine_output: bool, report_file: str | None) -> None:
+    """The summary table, ``--report`` and the exit status of a batch copy."""
+    if not machine_output:
+        click.echo()
+        for line in summary_table([o.event() for o in batch.outcomes]):
+            click.echo(line)
+    if report_file:
+        _write_json(report_file, batch.to_json())
+    failed = [o for o in batch.failed if o.status == events.FAILED]
+    for outcome in failed:
+        click.echo(f"Error: {outcome.source}: {outcome.error}", err=True)
+    if batch.failed:
+        raise BatchFailed(
+            f"{len(failed)} of {len(batch.outcomes)} images failed", exit_code=batch.exit_code
+        )
+
+
+def _check_writable(path: str) -> None:
+    """``--report`` must be writable before the copy starts, not after it."""
+    folder = Path(path).parent
+    if Path(path).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"--report {path}: cannot write a file there")
+
+
+def _write_json(path: str, document: Any) -> None:
+    with open(path, "wb") as out:
+        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+
+
+__all__ = ["copy", "push"]
