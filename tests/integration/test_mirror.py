@@ -3,16 +3,20 @@ docker-registry): what moves, what is mounted, what the destination ends up hold
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
 from tests.conftest import _serve
-from tests.support.images import Image, make_image, make_layer
+from tests.integration.conftest import blob, entry_for, env_store, one_line
+from tests.support.faultproxy import CutUpload
+from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.registry import LoggedRequest, RegistryServer
 
 
@@ -94,3 +98,187 @@ def test_push_prints_docker_lines_then_a_second_push_moves_no_blob(
         assert f"{_short(layer.digest)}: Layer already exists" in again.lines
     assert _uploads(dest_registry.requests(mark)) == []
     assert [r.method for r in dest_registry.requests(mark) if "/blobs/uploads/" in r.path] == []
+
+
+def _put_digests(requests: list[LoggedRequest]) -> list[str]:
+    """The digest of every upload the registry completed (its final PUT)."""
+    return [
+        unquote(r.path.split("digest=", 1)[1].split("&", 1)[0])
+        for r in _uploads(requests)
+        if r.method == "PUT" and r.status == 201
+    ]
+
+
+def test_a_second_image_sharing_layers_is_mounted_not_uploaded(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    base = make_layer(200_000, seed=511)
+    first = make_image([base, make_layer(1000, seed=512)])
+    second = make_image([base, make_layer(1000, seed=513)])
+    one = _pulled(cli, registry, repo, "one", first)
+    two = _pulled(cli, registry, repo, "two", second)
+    assert cli("push", one, f"{dest_registry.host}/{repo}/a:1").code == 0
+
+    mark = dest_registry.mark()
+    result = cli("push", two, f"{dest_registry.host}/{repo}/b:1")
+
+    assert result.code == 0, result.err
+    assert f"{_short(base.digest)}: Mounted from {repo}/a" in result.lines
+    logged = dest_registry.requests(mark)
+    assert base.digest not in _put_digests(logged)
+    assert [unquote(r.path) for r in _mounts(logged)] == [
+        f"/v2/{repo}/b/blobs/uploads/?mount={base.digest}&from={repo}/a"
+    ]
+    assert _raw_manifest(dest_registry, f"{repo}/b", "1") == second.manifest_bytes
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker"])
+def test_multi_platform_copy_is_byte_for_byte_at_the_destination(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, fmt: str
+) -> None:
+    base = make_layer(50_000, seed=520, format=fmt)
+    amd = make_image([base, make_layer(100, seed=521, format=fmt)], format=fmt)
+    arm = make_image(
+        [base, make_layer(200, seed=522, format=fmt)], architecture="arm64", format=fmt
+    )
+    index = make_index([amd, arm], format=fmt)
+    registry.pusher.push_index(repo, "multi", index)
+
+    result = cli(
+        "copy",
+        "--platform",
+        "all",
+        f"{registry.host}/{repo}:multi",
+        f"{dest_registry.host}/{repo}:multi",
+    )
+
+    assert result.code == 0, result.err
+    size = len(index.manifest_bytes)
+    assert result.lines[-1] == f"multi: digest: {index.manifest_digest} size: {size}"
+    assert _raw_manifest(dest_registry, repo, "multi") == index.manifest_bytes
+    for image in (amd, arm):
+        raw = _raw_manifest(dest_registry, repo, image.manifest_digest)
+        assert raw == image.manifest_bytes
+
+
+def test_copying_some_platforms_pushes_the_index_the_store_made(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    amd = make_image([make_layer(100, seed=531)])
+    arm = make_image([make_layer(200, seed=532)], architecture="arm64")
+    s390 = make_image([make_layer(300, seed=533)], architecture="s390x")
+    registry.pusher.push_index(repo, "3", make_index([amd, arm, s390]))
+    source = f"{registry.host}/{repo}:3"
+
+    result = cli(
+        "copy", "--platform", "linux/amd64,linux/arm64", source, f"{dest_registry.host}/{repo}:2"
+    )
+
+    assert result.code == 0, result.err
+    stored = entry_for(env_store(), source)
+    pushed = _raw_manifest(dest_registry, repo, "2")
+    assert pushed == blob(env_store(), stored["digest"]).read_bytes()
+    listed = [m["digest"] for m in json.loads(pushed)["manifests"]]
+    assert listed == [amd.manifest_digest, arm.manifest_digest]
+
+
+def test_an_upload_broken_off_mid_blob_is_sent_again_and_nothing_else(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, proxies: Any
+) -> None:
+    layers = [make_layer(400_000, seed=541), make_layer(300_000, seed=542)]
+    image = make_image(layers)
+    ref = _pulled(cli, registry, repo, "1", image)
+    proxy = proxies(dest_registry)
+    proxy.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=100_000), method="PUT")
+
+    result = cli("push", ref, f"{proxy.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    puts = proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT")
+    cut = puts[0]
+    assert isinstance(cut.action, CutUpload) and cut.body_received == 100_000
+    broken = unquote(cut.target.split("digest=", 1)[1])
+    sizes = {b.digest: len(b.data) for b in image.referenced_blobs()}
+    sent = [int(r.header("Content-Length") or 0) for r in puts]
+    assert sum(sent) == sum(sizes.values()) + sizes[broken]
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+
+
+def test_chunked_upload_patches_in_order_from_the_latest_location(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    layer = make_layer(2_500_000, seed=545)
+    image = make_image([layer])
+    ref = _pulled(cli, registry, repo, "1", image)
+
+    mark = dest_registry.mark()
+    result = cli("push", "--chunk-size", str(1 << 20), ref, f"{dest_registry.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    patches = [r for r in _uploads(dest_registry.requests(mark)) if r.method == "PATCH"]
+    assert [r.status for r in patches] == [202, 202, 202]
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+
+
+def test_push_to_basic_auth_registry_with_login(
+    registry: Any, basic_registry: RegistryServer, repo: str, cli: Any, docker_config: Any
+) -> None:
+    image = make_image([make_layer(5000, seed=551)])
+    ref = _pulled(cli, registry, repo, "1", image)
+    dest = f"{basic_registry.host}/{repo}:1"
+
+    anonymous = cli("push", ref, dest)
+    assert anonymous.code == 3
+    assert "authentication required" in one_line(anonymous.err)
+    assert f"fastpull login {basic_registry.host}" in anonymous.err
+
+    docker_config.add_auth(
+        basic_registry.host, username=basic_registry.username, password=basic_registry.password
+    )
+    result = cli("push", ref, dest)
+    assert result.code == 0, result.err
+    assert basic_registry.pusher.blob_exists(repo, image.layers[0].digest)
+
+
+def test_push_to_token_registry_asks_push_scopes_and_mounts_with_source_pull(
+    registry: Any, token_registry: RegistryServer, repo: str, cli: Any, docker_config: Any
+) -> None:
+    layer = make_layer(5000, seed=561)
+    first = make_image([layer])
+    second = make_image([layer, make_layer(100, seed=562)])
+    one = _pulled(cli, registry, repo, "1", first)
+    two = _pulled(cli, registry, repo, "2", second)
+    docker_config.add_auth(
+        token_registry.host, username=token_registry.username, password=token_registry.password
+    )
+    ca = str(token_registry.ca_path)
+    assert cli("push", "--ca-cert", ca, one, f"{token_registry.host}/{repo}/a:1").code == 0
+
+    result = cli("push", "--ca-cert", ca, two, f"{token_registry.host}/{repo}/b:1")
+
+    assert result.code == 0, result.err
+    assert f"{_short(layer.digest)}: Mounted from {repo}/a" in result.lines
+    scopes = {s for r in token_registry.token_server.requests for s in r.scopes}
+    assert f"repository:{repo}/b:pull,push" in scopes
+    assert f"repository:{repo}/a:pull" in scopes
+
+
+def test_denied_push_is_exit_3_with_one_line(
+    registry: Any, token_registry: RegistryServer, repo: str, cli: Any, docker_config: Any
+) -> None:
+    image = make_image([make_layer(3000, seed=571)])
+    ref = _pulled(cli, registry, repo, "1", image)
+    assert token_registry.token_server is not None
+    token_registry.token_server.policy.acl = {token_registry.username: {"*": ["pull"]}}
+    docker_config.add_auth(
+        token_registry.host, username=token_registry.username, password=token_registry.password
+    )
+
+    result = cli(
+        "push", "--ca-cert", str(token_registry.ca_path), ref, f"{token_registry.host}/{repo}:1"
+    )
+
+    assert result.code == 3
+    assert one_line(result.err) == (
+        f"Error: denied: requested access to the resource is denied (push to {repo})"
+    )

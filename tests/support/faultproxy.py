@@ -7,7 +7,7 @@ per test, change what happens to chosen requests:
 
 * the request: :class:`DropRange` (forward it without ``Range``, so a 206 becomes a 200),
   :class:`ExpireToken` (a bearer token works once; later requests reach the registry without
-  it and get its own 401);
+  it and get its own 401), :class:`CutUpload` (an upload body broken off after N bytes);
 * the answer instead of the registry's: :class:`Status` (500, 502, 503, 429, with or without
   ``Retry-After``), :class:`Redirect` (elsewhere, to ``http://``, or back to the proxy: a loop);
 * the registry's answer, altered: :class:`Reset` (RST after N body bytes), :class:`Truncate`
@@ -72,6 +72,16 @@ class DropRange:
 class ExpireToken:
     """A bearer token is good for one request: a token seen before is stripped, so the
     registry itself answers 401 with its challenge, as for an expired token."""
+
+
+@dataclass(frozen=True)
+class CutUpload:
+    """Read ``after`` bytes of the request body, then reset the connection; with ``stall``,
+    first wait (reading nothing more) until the proxy stops or the answer's time bound runs
+    out. Nothing reaches the registry: an upload broken off mid-body."""
+
+    after: int = 0
+    stall: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,7 @@ class SetHeaders:
 
 Action = (
     Forward
+    | CutUpload
     | DropRange
     | ExpireToken
     | Status
@@ -197,7 +208,8 @@ class ProxiedRequest(RequestRecord):
 
     ``hung_up`` tells that the client closed the connection while a stalled or trickled
     answer was still going (it gave up), rather than the proxy ending it; ``received`` is
-    when the request arrived (``time.monotonic()``)."""
+    when the request arrived (``time.monotonic()``); ``body_received`` the request body
+    bytes the proxy read."""
 
     method: str
     target: str
@@ -207,6 +219,7 @@ class ProxiedRequest(RequestRecord):
     body_sent: int = 0
     hung_up: bool = False
     received: float = field(default_factory=time.monotonic)
+    body_received: int = 0
 
 
 def manifest_path(repository: str, reference: str) -> str:
@@ -315,12 +328,18 @@ class FaultProxy(LoopbackService):
         method = handler.command
         headers = tuple(handler.headers.items())
         length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else None
         record = ProxiedRequest(method, handler.path, headers, Forward())
         record.action = self._choose(method, record.path)
         with self._lock:
             self._requests.append(record)
+        cut = record.action if isinstance(record.action, CutUpload) else None
+        body = handler.rfile.read(min(length, cut.after) if cut else length) if length else None
+        record.body_received = len(body or b"")
         try:
+            if cut is not None:
+                if cut.stall:
+                    self._stopping.wait(self.max_response_seconds)
+                self._break(handler, record, Reset(), time.monotonic())
             self._answer(handler, record, body)
         except (_Dropped, ConnectionError, TimeoutError, ssl.SSLError):
             handler.close_connection = True
