@@ -6,15 +6,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
 
 from tests.conftest import _serve
-from tests.integration.conftest import blob, entry_for, env_store, one_line
+from tests.integration.conftest import (
+    assert_store_consistent,
+    blob,
+    entry_for,
+    env_store,
+    one_line,
+    start_fastpull,
+)
 from tests.support.faultproxy import CutUpload
 from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.registry import LoggedRequest, RegistryServer
@@ -282,3 +293,103 @@ def test_denied_push_is_exit_3_with_one_line(
     assert one_line(result.err) == (
         f"Error: denied: requested access to the resource is denied (push to {repo})"
     )
+
+
+def test_batch_copy_fails_the_missing_image_alone_and_mounts_what_images_share(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    base = make_layer(100_000, seed=581)
+    first = make_image([base, make_layer(1000, seed=582)])
+    second = make_image([base, make_layer(1000, seed=583)])
+    registry.pusher.push_image(f"{repo}/a", "1", first)
+    registry.pusher.push_image(f"{repo}/b", "1", second)
+    batch = tmp_path / "batch.json"
+    batch.write_text(
+        json.dumps(
+            [
+                f"{registry.host}/{repo}/a:1",
+                f"{registry.host}/{repo}/missing:1",
+                {"image": f"{registry.host}/{repo}/b:1", "to": f"{dest_registry.host}/elsewhere"},
+            ]
+        )
+    )
+    report = tmp_path / "report.json"
+
+    mark = dest_registry.mark()
+    result = cli(
+        "copy", "-f", str(batch), "--to", f"{dest_registry.host}/mirror", "--report", str(report)
+    )
+
+    assert result.code == 4, result.err
+    assert "Traceback" not in result.err
+    assert result.err.splitlines() == [
+        f"Error: {registry.host}/{repo}/missing:1: manifest for "
+        f"{registry.host}/{repo}/missing:1 not found: manifest unknown",
+        "Error: 1 of 3 images failed",
+    ]
+    document = json.loads(report.read_text())
+    statuses = [(i["image"], i["status"]) for i in document["images"]]
+    assert statuses == [
+        (f"{registry.host}/{repo}/a:1", "copied"),
+        (f"{registry.host}/{repo}/missing:1", "failed"),
+        (f"{registry.host}/{repo}/b:1", "copied"),
+    ]
+    assert [i["destination"] for i in document["images"]][::2] == [
+        f"{dest_registry.host}/mirror/{repo}/a:1",
+        f"{dest_registry.host}/elsewhere:1",
+    ]
+    assert any(line.startswith("IMAGE") for line in result.lines)
+    assert _raw_manifest(dest_registry, f"mirror/{repo}/a", "1") == first.manifest_bytes
+    assert _raw_manifest(dest_registry, "elsewhere", "1") == second.manifest_bytes
+    # The shared layer went up once; the other image mounted it.
+    logged = dest_registry.requests(mark)
+    assert _put_digests(logged).count(base.digest) == 1
+    assert document["summary"]["blobs_mounted"] == 1
+    unique = {b.digest: len(b.data) for i in (first, second) for b in i.referenced_blobs()}
+    assert document["summary"]["bytes_uploaded"] == sum(unique.values())
+
+
+def test_ctrl_c_during_a_copy_leaves_the_store_consistent_and_the_next_copy_completes(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    proxies: Any,
+    docker_config: Any,
+) -> None:
+    layers = [make_layer(300_000, seed=591), make_layer(200_000, seed=592)]
+    image = make_image(layers)
+    registry.pusher.push_image(repo, "1", image)
+    proxy = proxies(dest_registry)
+    # Every upload hangs mid-body, so the copy is surely uploading when Ctrl-C comes.
+    proxy.on(
+        r"/v2/.+/blobs/uploads/.+", CutUpload(after=50_000, stall=True), method="PUT", times=None
+    )
+    source = f"{registry.host}/{repo}:1"
+    proc = start_fastpull("copy", source, f"{proxy.host}/{repo}:1")
+    try:
+        deadline = time.monotonic() + 30
+        while not proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT"):
+            assert time.monotonic() < deadline, "no upload was ever started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert code == 130, err
+    assert err.startswith("Error: interrupted") and err.count("\n") == 1, err
+    assert_store_consistent(docker_config.store)
+
+    again = subprocess.run(
+        [sys.executable, "-m", "fastpull", "copy", source, f"{dest_registry.host}/{repo}:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert again.returncode == 0, again.stderr
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+    assert_store_consistent(docker_config.store)
