@@ -52,8 +52,7 @@ def destination(source: Reference, to: str) -> Reference:
     target = Reference.parse(f"{prefix}/{source.repository}")
     if target.registry != prefix.split("/", 1)[0]:
         raise UsageError(f"--to {to}: expected REGISTRY[/PREFIX], such as localhost:5000/mirror")
-    tagged = target.with_tag(source.tag) if source.tag else target
-    return tagged.with_digest(source.digest) if source.digest else tagged
+    return replace(target, tag=source.tag, digest=source.digest)
 
 
 def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> Reference:
@@ -63,8 +62,7 @@ def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> R
         target = Reference.parse(entry.to)
         if _names_tag(entry.to) and not entry.all_tags:
             return target
-        tagged = target.with_tag(source.tag) if source.tag else target
-        return tagged.with_digest(source.digest) if source.digest else tagged
+        return replace(target, tag=source.tag, digest=source.digest)
     if to is None:
         raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
     return destination(source, to)
