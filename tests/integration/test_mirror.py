@@ -393,3 +393,45 @@ def test_ctrl_c_during_a_copy_leaves_the_store_consistent_and_the_next_copy_comp
     assert again.returncode == 0, again.stderr
     assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
     assert_store_consistent(docker_config.store)
+
+
+def test_copy_no_keep_removes_what_it_added_and_keeps_what_was_there(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    kept = make_image([make_layer(1000, seed=601)])
+    dropped = make_image([make_layer(1000, seed=602)])
+    already = _pulled(cli, registry, repo, "kept", kept)
+    registry.pusher.push_image(repo, "dropped", dropped)
+    fresh = f"{registry.host}/{repo}:dropped"
+
+    for source, tag in ((already, "kept"), (fresh, "dropped")):
+        result = cli("copy", "--no-keep", source, f"{dest_registry.host}/{repo}:{tag}")
+        assert result.code == 0, result.err
+
+    names = [e["annotations"]["org.opencontainers.image.ref.name"] for e in _entries()]
+    assert names == [already]
+    assert blob(env_store(), kept.layers[0].digest).exists()
+    assert not blob(env_store(), dropped.layers[0].digest).exists()
+    assert not blob(env_store(), dropped.manifest_digest).exists()
+    assert _raw_manifest(dest_registry, repo, "dropped") == dropped.manifest_bytes
+
+
+def _entries() -> list[dict[str, Any]]:
+    return json.loads((env_store() / "index.json").read_text())["manifests"]
+
+
+def test_push_all_tags_pushes_every_tag_the_store_holds(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    images = {tag: make_image([make_layer(500, seed=610 + i)]) for i, tag in enumerate("ab")}
+    for tag, image in images.items():
+        _pulled(cli, registry, repo, tag, image)
+
+    result = cli("push", "--all-tags", f"{registry.host}/{repo}", f"{dest_registry.host}/{repo}")
+
+    assert result.code == 0, result.err
+    for tag, image in images.items():
+        assert _raw_manifest(dest_registry, repo, tag) == image.manifest_bytes
+    refused = cli("push", "--all-tags", f"{registry.host}/{repo}:a")
+    assert refused.code == 2
+    assert "tag can't be used with --all-tags" in one_line(refused.err)
