@@ -39,6 +39,8 @@ from fastpull.store.layout import Store, resolve_store_path
 from fastpull.types import Descriptor, Digest, PlatformSelection
 
 RESOLVE_CONCURRENCY = 8
+# Told each image's plan (with the batch entry's origin) before the blobs download.
+Resolved = Callable[[str, ImagePlan], None]
 _POLL_SECONDS = 0.2
 _T = TypeVar("_T")
 _U = TypeVar("_U")
@@ -168,11 +170,14 @@ def pull_batch(
     fail_fast: bool = False,
     credentials: CredentialStore | None = None,
     on_event: events.Listener = events.ignore,
+    on_resolved: Resolved | None = None,
 ) -> BatchResult:
     """Pull every entry; entries with their own ``store`` run as a batch of their own.
 
-    ``platforms`` applies to entries that do not name theirs. Never raises for one
-    image's failure (see the module docstring); raises Interrupted on Ctrl-C.
+    ``platforms`` applies to entries that do not name theirs. ``on_resolved(origin,
+    plan)`` is told each image's plan before its blobs download (``copy -f`` starts
+    uploads from it). Never raises for one image's failure (see the module docstring);
+    raises Interrupted on Ctrl-C.
     """
     started = time.monotonic()
     stores: dict[Path, list[int]] = {}
@@ -187,7 +192,7 @@ def pull_batch(
         if stop:
             outcomes = [[_skipped(_item(e))] for e in group]
         else:
-            run = _Run(path, settings, platforms, fail_fast, credentials, on_event)
+            run = _Run(path, settings, platforms, fail_fast, credentials, on_event, on_resolved)
             outcomes = run.pull(group)
             downloaded += run.bytes_downloaded
             stop = fail_fast and any(not o.ok for found in outcomes for o in found)
@@ -218,6 +223,7 @@ class _Run:
         fail_fast: bool,
         credentials: CredentialStore | None,
         emit: events.Listener,
+        on_resolved: Resolved | None = None,
     ) -> None:
         self.store_path = store_path
         self.settings = settings
@@ -225,6 +231,7 @@ class _Run:
         self.fail_fast = fail_fast
         self.credentials = credentials
         self.emit = emit
+        self.on_resolved = on_resolved
         self.stopped = False
         self.bytes_downloaded = 0
         self._local = threading.local()
@@ -266,6 +273,8 @@ class _Run:
             for slot, plan in enumerate(self._concurrently(self._resolve, items)):
                 if isinstance(plan, ImagePlan):
                     plans[slot] = plan
+                    if self.on_resolved is not None:
+                        self.on_resolved(items[slot].origin, plan)
                 elif plan is not None:
                     outcomes[slot] = self._report(_failed(items[slot], plan))
         if self.stopped:

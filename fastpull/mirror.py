@@ -7,10 +7,10 @@ run while the rest is still downloading. The image is then stored as a pull stor
 its manifests are pushed once all its blobs are at the destination.
 
 A batch (:func:`copy_batch`) is a batch pull (``bulk.pull_batch``: one engine run for the
-union of the blobs, failures kept to their image) followed by the pushes of every stored
-image at once, sharing one upload pool and what it learns about which repository holds
-which blob. Its uploads start when the whole batch is downloaded: overlapping them with
-the download would need the batch's plan from inside the engine run.
+union of the blobs, failures kept to their image) whose blobs are uploaded the same way, to
+every destination that needs them, as the engine commits them; then the manifests of every
+stored image are pushed, several images at once, over one pool of upload threads that
+shares what it learns about which repository holds which blob.
 
 Blobs go through the store, so an interrupted copy resumes, and a second copy to another
 registry downloads nothing. With ``keep=False`` the images a run added to the store are
@@ -20,8 +20,10 @@ most one run's images (one image, or one batch) at a time.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,8 +31,8 @@ from typing import Any
 from fastpull import cancel, events
 from fastpull.batchfile import BatchEntry
 from fastpull.bulk import ImageOutcome, pull_batch
-from fastpull.errors import FastpullError, Interrupted, UsageError
-from fastpull.puller import Puller, RepositoryBlobs
+from fastpull.errors import FastpullError, Interrupted, NoSuchImage, UsageError
+from fastpull.puller import ImagePlan, Puller, RepositoryBlobs
 from fastpull.pusher import Pusher, PushResult, plan_push
 from fastpull.reference import Reference
 from fastpull.registry.credentials import CredentialStore
@@ -38,7 +40,7 @@ from fastpull.registry.settings import Settings
 from fastpull.registry.upload import EXISTS, MOUNTED, PUSHED, BlobResult
 from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
 from fastpull.store.maintenance import remove_images
-from fastpull.types import Digest, PlatformSelection
+from fastpull.types import Descriptor, Digest, PlatformSelection
 
 # Images pushed at once in a batch (their blobs share the pusher's upload threads).
 IMAGE_CONCURRENCY = 8
@@ -165,6 +167,84 @@ class CopyBatchResult:
         }
 
 
+class StreamedUploads:
+    """Blob uploads started as soon as the store has each blob: for every blob not stored
+    yet, the destinations waiting for it. Safe to use from several threads."""
+
+    def __init__(self, pusher: Pusher) -> None:
+        self.pusher = pusher
+        self._lock = threading.Lock()
+        self._waiting: dict[Digest, list[tuple[Reference, Descriptor, bool]]] = {}
+        self._started: dict[tuple[str, Digest], Future[BlobResult]] = {}
+
+    def want(self, dest: Reference, blobs: Iterable[Descriptor], layers: frozenset[Digest]) -> None:
+        """``dest`` needs ``blobs``: upload those the store has now, the others once it does."""
+        for blob in blobs:
+            if self.pusher.store.has_blob(blob.digest, blob.size):
+                self._start(dest, blob, blob.digest in layers)
+            else:
+                with self._lock:
+                    self._waiting.setdefault(blob.digest, []).append(
+                        (dest, blob, blob.digest in layers)
+                    )
+
+    def stored(self, digest: Digest) -> None:
+        """The store has ``digest`` now: start its uploads."""
+        with self._lock:
+            waiting = self._waiting.pop(digest, [])
+        for dest, blob, layer in waiting:
+            self._start(dest, blob, layer)
+
+    def listener(self, emit: events.Listener) -> events.Listener:
+        """An engine listener: events go to ``emit``; a committed blob starts its uploads."""
+
+        def listen(event: events.Event) -> None:
+            emit(event)
+            if isinstance(event, events.LayerEvent) and event.state in _STORED:
+                self.stored(event.digest)
+
+        return listen
+
+    def futures(
+        self, dest: Reference, blobs: Iterable[Descriptor], layers: frozenset[Digest]
+    ) -> dict[Digest, Future[BlobResult]]:
+        """The uploads of ``blobs`` to ``dest``, starting those not started yet."""
+        return {b.digest: self._start(dest, b, b.digest in layers) for b in blobs}
+
+    def cancel(self) -> None:
+        """Drop the uploads that have not begun."""
+        with self._lock:
+            started = list(self._started.values())
+        for future in started:
+            future.cancel()
+
+    def _start(self, dest: Reference, blob: Descriptor, layer: bool) -> Future[BlobResult]:
+        key = (dest.name, blob.digest)
+        with self._lock:
+            future = self._started.get(key)
+            if future is None:
+                future = self._started[key] = self.pusher.upload_blob(dest, blob, layer)
+            return future
+
+
+_STORED = (events.DOWNLOAD_COMPLETE, events.ALREADY_EXISTS)
+
+
+def push_stored(
+    pusher: Pusher, uploads: StreamedUploads, source: Reference, dest: Reference, started: float
+) -> PushResult:
+    """Push the store's image ``source`` to ``dest``, reusing uploads already started.
+
+    Unlike ``fastpull push DEST``, the store does not name the image ``dest``: a copy
+    leaves the store as a pull would."""
+    entry = pusher.store.find_image(str(source))
+    if entry is None:
+        raise NoSuchImage(f"{source.familiar} is not in the store any more")
+    plan = plan_push(pusher.store, entry, source.familiar)
+    pusher.emit(events.PushStarted(dest.name))
+    return pusher.finish(dest, plan, uploads.futures(dest, plan.blobs, plan.layer_digests), started)
+
+
 class Copier:
     """Copies single images through one store, downloads and uploads overlapping."""
 
@@ -219,53 +299,27 @@ class Copier:
         started = time.monotonic()
         puller, pusher = self.puller, self.pusher
         pusher.auth(dest.registry)
-        puller.client(source.registry)
+        client = puller.client(source.registry)
         selector = source.digest or source.tag or "latest"
-        emit = pusher.emit
-        emit(events.PullStarted(str(source), str(selector), source.repository, default_tag))
+        pusher.emit(events.PullStarted(str(source), str(selector), source.repository, default_tag))
         plan = puller.resolve(source, default_tag=default_tag)
-        emit(events.PushStarted(dest.name))
-        wanted = {b.digest: b for b in plan.blobs}
         layers = plan.layer_digests
-        uploads: dict[Digest, Future[BlobResult]] = {}
+        uploads = StreamedUploads(pusher)
+        uploads.want(dest, plan.blobs, layers)
+        missing = [b for b in plan.blobs if not self.store.has_blob(b.digest, b.size)]
 
-        def start(digest: Digest) -> None:
-            if digest in wanted and digest not in uploads:
-                uploads[digest] = pusher.upload_blob(dest, wanted[digest], digest in layers)
+        def layer_events(event: events.Event) -> None:
+            if not isinstance(event, events.LayerEvent) or event.digest in layers:
+                pusher.emit(event)
 
-        def listen(event: events.Event) -> None:
-            if isinstance(event, events.LayerEvent):
-                if event.digest in layers:
-                    emit(event)
-                if event.state in (events.DOWNLOAD_COMPLETE, events.ALREADY_EXISTS):
-                    start(event.digest)
-
-        missing = []
-        for blob in plan.blobs:
-            if self.store.has_blob(blob.digest, blob.size):
-                start(blob.digest)
-            else:
-                missing.append(blob)
         try:
-            source_blobs = RepositoryBlobs(puller.client(source.registry), source.repository)
-            stats = puller.downloader(listen).fetch(missing, source_blobs)
+            engine = puller.downloader(uploads.listener(layer_events))
+            stats = engine.fetch(missing, RepositoryBlobs(client, source.repository))
             puller.commit(plan, stats)
         except BaseException:
-            for future in uploads.values():
-                future.cancel()
+            uploads.cancel()
             raise
-        entry = self.store.find_image(str(source))
-        if entry is None:
-            raise FastpullError(f"{source.familiar} vanished from the store while copying")
-        push_plan = plan_push(self.store, entry, source.familiar)
-        for blob in push_plan.blobs:
-            if blob.digest not in uploads:
-                uploads[blob.digest] = pusher.upload_blob(
-                    dest, blob, blob.digest in push_plan.layer_digests
-                )
-        mine = {b.digest: uploads[b.digest] for b in push_plan.blobs}
-        result = pusher.finish(dest, push_plan, mine, started)
-        return replace(result, seconds=time.monotonic() - started)
+        return push_stored(pusher, uploads, source, dest, started)
 
 
 def copy_batch(
@@ -290,47 +344,8 @@ def copy_batch(
             raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
         if entry.store is not None:
             raise UsageError(f"{entry.origin}: 'store' is not used by copy (see --store)")
-    store_path = resolve_store_path(settings.store)
-    store = Store.open(store_path)
+    store = Store.open(resolve_store_path(settings.store))
     before = {str(ref) for ref in _stored_names(store)}
-
-    def pull_events(event: events.Event) -> None:
-        # The pull's own per-image lines would read as if the copy were done.
-        if not isinstance(event, events.ImageDone | events.BatchFinished):
-            on_event(event)
-
-    pulled = pull_batch(
-        entries,
-        settings=settings,
-        platforms=platforms,
-        fail_fast=fail_fast,
-        credentials=credentials,
-        on_event=pull_events,
-    )
-    outcomes: list[CopyOutcome | None] = [None] * len(pulled.outcomes)
-    work: list[tuple[int, ImageOutcome, Reference, Reference]] = []
-    for slot, pull_outcome in enumerate(pulled.outcomes):
-        source = Reference.parse(pull_outcome.reference)
-        entry = by_origin[pull_outcome.origin]
-        try:
-            dest = entry_destination(entry, source, to)
-        except FastpullError as exc:
-            outcomes[slot] = _failed(pull_outcome, str(source), exc)
-            continue
-        if not pull_outcome.ok:
-            failed = CopyOutcome(
-                str(source),
-                str(dest),
-                pull_outcome.origin,
-                pull_outcome.status,
-                pull_outcome.seconds,
-                error=pull_outcome.error,
-                exit_code=pull_outcome.exit_code,
-            )
-            outcomes[slot] = failed
-            on_event(failed.event())
-        else:
-            work.append((slot, pull_outcome, source, dest))
     with Pusher(
         store,
         settings=settings,
@@ -339,15 +354,43 @@ def copy_batch(
         chunk_size=chunk_size,
         on_event=on_event,
     ) as pusher:
-        _push_all(pusher, work, outcomes, fail_fast)
-    done = tuple(o for o in outcomes if o is not None)
+        uploads = StreamedUploads(pusher)
+
+        def resolved(origin: str, plan: ImagePlan) -> None:
+            with contextlib.suppress(FastpullError):  # reported once the pull is done
+                dest = entry_destination(by_origin[origin], plan.ref, to)
+                uploads.want(dest, plan.blobs, plan.layer_digests)
+
+        def pull_events(event: events.Event) -> None:
+            # The pull's own per-image lines would read as if the copy were done.
+            if not isinstance(event, events.ImageDone | events.BatchFinished):
+                pusher.emit(event)
+
+        try:
+            pulled = pull_batch(
+                entries,
+                settings=settings,
+                platforms=platforms,
+                fail_fast=fail_fast,
+                credentials=credentials,
+                on_event=uploads.listener(pull_events),
+                on_resolved=resolved,
+            )
+        except BaseException:
+            uploads.cancel()
+            raise
+        outcomes = _push_all(pusher, uploads, pulled.outcomes, by_origin, to, fail_fast)
     if not keep:
-        added = [Reference.parse(o.source) for o in done if o.source not in before]
-        _drop(store, added)
-    result = CopyBatchResult(done, time.monotonic() - started)
+        added = [Reference.parse(o.source) for o in outcomes if o.source not in before]
+        if added:
+            remove_images(store, added, prune=True)
+    result = CopyBatchResult(tuple(outcomes), time.monotonic() - started)
     on_event(
         events.BatchFinished(
-            len(done), len(result.failed), sum(o.bytes_downloaded for o in done), result.seconds
+            len(outcomes),
+            len(result.failed),
+            sum(o.bytes_downloaded for o in outcomes),
+            result.seconds,
         )
     )
     return result
@@ -355,56 +398,75 @@ def copy_batch(
 
 def _push_all(
     pusher: Pusher,
-    work: list[tuple[int, ImageOutcome, Reference, Reference]],
-    outcomes: list[CopyOutcome | None],
+    uploads: StreamedUploads,
+    pulled: Sequence[ImageOutcome],
+    by_origin: dict[str, BatchEntry],
+    to: str | None,
     fail_fast: bool,
-) -> None:
-    """Push every pulled image at once; record each one's outcome as it ends."""
-    if not work:
-        return
+) -> list[CopyOutcome]:
+    """Push every pulled image at once; each outcome is reported as it is known, and
+    returned in batch order."""
     stop = False
 
-    def push(item: tuple[int, ImageOutcome, Reference, Reference]) -> CopyOutcome:
-        _, pulled, source, dest = item
-        if stop:
-            return CopyOutcome(str(source), str(dest), pulled.origin, events.SKIPPED)
+    def push(image: ImageOutcome) -> CopyOutcome:
+        source = Reference.parse(image.reference)
         try:
-            result = pusher.push(source, dest)
+            dest = entry_destination(by_origin[image.origin], source, to)
+        except FastpullError as exc:
+            return _failed(image, exc)
+        if not image.ok or stop:
+            status = image.status if not image.ok else events.SKIPPED
+            return CopyOutcome(
+                image.reference,
+                str(dest),
+                image.origin,
+                status,
+                image.seconds,
+                error=image.error,
+                exit_code=image.exit_code,
+            )
+        try:
+            result = push_stored(pusher, uploads, source, dest, time.monotonic())
         except FastpullError as exc:
             if isinstance(exc, Interrupted):
                 raise
-            return _failed(pulled, str(source), exc, str(dest))
+            return _failed(image, exc, str(dest))
         return CopyOutcome(
-            str(source),
+            image.reference,
             str(dest),
-            pulled.origin,
+            image.origin,
             events.COPIED,
-            pulled.seconds + result.seconds,
+            image.seconds + result.seconds,
             str(result.digest),
-            pulled.new_bytes,
+            image.new_bytes,
             result.blobs,
         )
 
-    with ThreadPoolExecutor(min(IMAGE_CONCURRENCY, len(work))) as pool:
-        futures = {pool.submit(push, item): item[0] for item in work}
-        for future, slot in futures.items():
-            while not future.done():
-                cancel.check()
-                time.sleep(0.05)
-            outcome = future.result()
-            outcomes[slot] = outcome
-            pusher.emit(outcome.event())
-            if fail_fast and not outcome.ok:
-                stop = True
+    outcomes: list[CopyOutcome] = []
+    with ThreadPoolExecutor(max(1, min(IMAGE_CONCURRENCY, len(pulled)))) as pool:
+        futures = [pool.submit(push, image) for image in pulled]
+        try:
+            for future in futures:
+                while not future.done():
+                    cancel.check()
+                    time.sleep(0.05)
+                outcome = future.result()
+                outcomes.append(outcome)
+                pusher.emit(outcome.event())
+                stop = stop or (fail_fast and not outcome.ok)
+        finally:
+            for future in futures:
+                future.cancel()
+    return outcomes
 
 
-def _failed(pulled: ImageOutcome, source: str, exc: FastpullError, dest: str = "") -> CopyOutcome:
+def _failed(image: ImageOutcome, exc: FastpullError, dest: str = "") -> CopyOutcome:
     return CopyOutcome(
-        source,
+        image.reference,
         dest,
-        pulled.origin,
+        image.origin,
         events.FAILED,
-        pulled.seconds,
+        image.seconds,
         error=str(exc),
         exit_code=int(exc.exit_code),
     )
@@ -420,17 +482,13 @@ def _stored_names(store: Store) -> list[Reference]:
     return names
 
 
-def _drop(store: Store, refs: list[Reference]) -> None:
-    """``--no-keep``: remove the images a run added, with the blobs no other image uses."""
-    if refs:
-        remove_images(store, refs, prune=True)
-
-
 __all__ = [
     "Copier",
     "CopyBatchResult",
     "CopyOutcome",
+    "StreamedUploads",
     "copy_batch",
     "destination",
     "entry_destination",
+    "push_stored",
 ]

@@ -435,3 +435,21 @@ def test_push_all_tags_pushes_every_tag_the_store_holds(
     refused = cli("push", "--all-tags", f"{registry.host}/{repo}:a")
     assert refused.code == 2
     assert "tag can't be used with --all-tags" in one_line(refused.err)
+
+
+def test_batch_copy_no_keep_leaves_no_image_and_no_blob_behind(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    images = [make_image([make_layer(3000, seed=620 + n)]) for n in range(2)]
+    for n, image in enumerate(images):
+        registry.pusher.push_image(f"{repo}/{n}", "1", image)
+    batch = tmp_path / "batch.txt"
+    batch.write_text("".join(f"{registry.host}/{repo}/{n}:1\n" for n in range(2)))
+
+    result = cli("copy", "--no-keep", "-f", str(batch), "--to", f"{dest_registry.host}/keepless")
+
+    assert result.code == 0, result.err
+    assert _entries() == []
+    assert [p for p in (env_store() / "blobs").rglob("*") if p.is_file()] == []
+    for n, image in enumerate(images):
+        assert _raw_manifest(dest_registry, f"keepless/{repo}/{n}", "1") == image.manifest_bytes
