@@ -3,6 +3,7 @@ docker-registry): what moves, what is mounted, what the destination ends up hold
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from tests.integration.conftest import (
     one_line,
     start_fastpull,
 )
-from tests.support.faultproxy import CutUpload
+from tests.support.faultproxy import CutUpload, ExpireToken, Redirect
 from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.registry import LoggedRequest, RegistryServer
 
@@ -58,8 +59,8 @@ def _pulled(cli: Any, registry: RegistryServer, repo: str, tag: str, image: Imag
     return ref
 
 
-def _raw_manifest(registry: RegistryServer, repo: str, reference: str) -> bytes:
-    """What skopeo reads back from the registry, byte for byte."""
+def _raw_manifest(registry: Any, repo: str, reference: str, creds: str | None = None) -> bytes:
+    """What skopeo reads back from the registry (or a proxy: anything with ``host``)."""
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         if os.environ.get("CI") == "true":
@@ -72,6 +73,7 @@ def _raw_manifest(registry: RegistryServer, repo: str, reference: str) -> bytes:
             "inspect",
             "--raw",
             "--tls-verify=false",
+            *(["--creds", creds] if creds else []),
             f"docker://{registry.host}/{repo}{separator}{reference}",
         ],
         check=True,
@@ -453,3 +455,74 @@ def test_batch_copy_no_keep_leaves_no_image_and_no_blob_behind(
     assert [p for p in (env_store() / "blobs").rglob("*") if p.is_file()] == []
     for n, image in enumerate(images):
         assert _raw_manifest(dest_registry, f"keepless/{repo}/{n}", "1") == image.manifest_bytes
+
+
+def test_a_token_expiring_mid_push_is_renewed_and_the_upload_sent_again(
+    registry: Any,
+    token_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    docker_config: Any,
+    tmp_path: Path,
+) -> None:
+    image = make_image([make_layer(50_000, seed=631), make_layer(40_000, seed=632)])
+    ref = _pulled(cli, registry, repo, "1", image)
+    # TLS like the registry, whose upload Locations say https.
+    proxy = proxies(token_registry, tls=True)
+    # Every token works once: each request after the first meets the registry's own 401.
+    proxy.on(r"/v2/.+", ExpireToken(), method=None, times=None)
+    docker_config.add_auth(
+        proxy.host, username=token_registry.username, password=token_registry.password
+    )
+    cas = tmp_path / "cas.pem"
+    cas.write_bytes(token_registry.ca_path.read_bytes() + Path(proxy.ca_path).read_bytes())
+
+    result = cli(
+        "push",
+        "--jobs",
+        "1",
+        "--ca-cert",
+        str(cas),
+        ref,
+        f"{proxy.host}/{repo}:1",
+    )
+
+    assert result.code == 0, result.err
+    refused = [r for r in proxy.requests if r.status == 401 and r.method in ("PUT", "POST")]
+    assert refused, "no upload request met an expired token"
+    creds = f"{token_registry.username}:{token_registry.password}"
+    assert _raw_manifest(proxy, repo, "1", creds) == image.manifest_bytes
+
+
+def test_an_upload_location_on_another_origin_gets_no_credentials(
+    registry: Any,
+    basic_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    docker_config: Any,
+) -> None:
+    image = make_image([make_layer(20_000, seed=641)])
+    ref = _pulled(cli, registry, repo, "1", image)
+    user, password = basic_registry.username, basic_registry.password
+    assert user is not None and password is not None
+    front = proxies(basic_registry)
+    # Another origin that reaches the registry with credentials of its own, as a storage
+    # front end would; it records what the client sent it.
+    other = proxies(basic_registry, upstream_headers={"Authorization": _basic(user, password)})
+    uploads = rf"/v2/{repo}/blobs/uploads/"
+    front.on(uploads, Redirect(f"{other.url}{uploads}"), method="POST", times=None)
+    docker_config.add_auth(front.host, username=user, password=password)
+
+    result = cli("push", ref, f"{front.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    moved = [r for r in other.requests if r.method in ("POST", "PUT")]
+    assert {r.method for r in moved} == {"POST", "PUT"}
+    assert all(r.header("Authorization") is None for r in moved)
+    assert basic_registry.pusher.blob_exists(repo, image.layers[0].digest)
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
