@@ -297,7 +297,9 @@ class Pusher:
 
     def _uploader(self, registry: str) -> Uploader:
         """This thread's uploader for ``registry``."""
-        mine: dict[str, Uploader] = self._local.__dict__.setdefault("uploaders", {})
+        mine: dict[str, Uploader] | None = getattr(self._local, "uploaders", None)
+        if mine is None:
+            mine = self._local.uploaders = {}
         if registry not in mine:
             uploader = Uploader(
                 self.auth(registry), self._new_transport(), chunk_size=self.chunk_size

@@ -19,7 +19,6 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import orjson
@@ -154,15 +153,15 @@ def configure_easy(
     body: bytes | None = None,
     stall_seconds: int = 60,
     stall_floor: int = 1,
-    upload: BinaryIO | None = None,
+    upload: Callable[[int], bytes] | None = None,
     upload_size: int = 0,
 ) -> None:
     """Set every option fastpull relies on; shared by small requests and blob downloads.
 
     A transfer moving fewer than ``stall_floor`` bytes a second for ``stall_seconds`` is
     dropped (libcurl's low-speed limit), so a silent or trickling server cannot hold it.
-    ``upload`` streams ``upload_size`` bytes read from a file object as the body of a PUT
-    or PATCH, so a blob is never held in memory whole.
+    ``upload`` (a ``read(size)`` function, e.g. a file's) streams ``upload_size`` bytes as
+    the body of a PUT or PATCH, so a blob is never held in memory whole.
     """
     easy.setopt(pycurl.URL, url)
     easy.setopt(pycurl.NOSIGNAL, 1)
@@ -183,7 +182,7 @@ def configure_easy(
         easy.setopt(pycurl.CUSTOMREQUEST, method)
     if upload is not None:
         easy.setopt(pycurl.UPLOAD, 1)
-        easy.setopt(pycurl.READFUNCTION, upload.read)
+        easy.setopt(pycurl.READFUNCTION, upload)
         easy.setopt(pycurl.INFILESIZE_LARGE, upload_size)
         easy.setopt(pycurl.UPLOAD_BUFFERSIZE, UPLOAD_BUFFER)
     tls = tls or TLSConfig()
@@ -340,12 +339,12 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
         max_body: int = MAX_SMALL_BODY,
-        upload: BinaryIO | None = None,
+        upload: Callable[[int], bytes] | None = None,
         upload_size: int = 0,
     ) -> Response:
         """One attempt, no redirects. Raises on network failure or an oversized body.
 
-        ``upload`` is a request body streamed from a file object (see :func:`configure_easy`).
+        ``upload`` streams a request body (see :func:`configure_easy`).
         """
         easy = self._easy
         easy.reset()

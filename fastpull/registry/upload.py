@@ -199,7 +199,7 @@ def _refused(response: Response, client: RegistryClient, scope: str) -> Fastpull
 
 
 class _FileBody:
-    """A range of a file as a request body, read in the pieces libcurl asks for."""
+    """A request body read from a file (or bytes) in the pieces libcurl asks for, counted."""
 
     def __init__(self, handle: BinaryIO, length: int, progress: Progress | None) -> None:
         self._handle = handle
@@ -307,19 +307,16 @@ class Uploader:
     ) -> tuple[Response, int]:
         try:
             response = self.transport.send(
-                method,
-                url,
-                headers,
-                upload=reader,
-                upload_size=length,  # type: ignore[arg-type]
+                method, url, headers, upload=reader.read, upload_size=length
             )
         except FastpullError as exc:
             exc.details["sent"] = reader.read_bytes
             raise
         return response, reader.read_bytes
 
-    def _pause(self, attempt: int, response: Response | None = None) -> None:
-        wait = parse_retry_after(response.header("retry-after")) if response else None
+    def _pause(self, attempt: int, error: FastpullError) -> None:
+        """Back off before another attempt; a Retry-After the registry sent wins."""
+        wait = error.details.get("retry_after")
         deadline = time.monotonic() + self.retry.delay(attempt, wait)
         while (left := deadline - time.monotonic()) > 0:
             cancel.check()
@@ -335,13 +332,9 @@ class Uploader:
             except FastpullError as exc:
                 if not exc.retryable or attempt >= self.retry.attempts:
                     raise
-            self._pause(attempt)
+                self._pause(attempt, exc)
 
     # -- blobs ---------------------------------------------------------------------------
-
-    def exists(self, repository: str, descriptor: Descriptor) -> bool:
-        """Whether ``repository`` holds the blob (``HEAD``), retried like any request."""
-        return self._retrying(lambda: self._exists(repository, descriptor))
 
     def _exists(self, repository: str, descriptor: Descriptor) -> bool:
         url = self.auth.repository_url(repository, "blobs", str(descriptor.digest))
@@ -356,7 +349,9 @@ class Uploader:
     def _error(self, response: Response, scope: str, what: str) -> FastpullError:
         if response.status in (401, 403):
             return _refused(response, self.auth.client, scope)
-        return http_error(response, what)
+        error = http_error(response, what)
+        error.details["retry_after"] = parse_retry_after(response.header("retry-after"))
+        return error
 
     def upload(
         self,
@@ -381,7 +376,7 @@ class Uploader:
                 if not exc.retryable or attempt >= self.retry.attempts:
                     raise
                 state.recover(self, repository)
-            self._pause(attempt)
+                self._pause(attempt, exc)
 
     def _attempt(
         self,

@@ -202,15 +202,17 @@ def test_an_upload_broken_off_mid_blob_is_sent_again_and_nothing_else(
     image = make_image(layers)
     ref = _pulled(cli, registry, repo, "1", image)
     proxy = proxies(dest_registry)
-    proxy.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=100_000), method="PUT")
+    # One upload at a time, config first: the second PUT is the first layer's.
+    proxy.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=100_000), method="PUT", first=2)
 
-    result = cli("push", ref, f"{proxy.host}/{repo}:1")
+    result = cli("push", "--jobs", "1", ref, f"{proxy.host}/{repo}:1")
 
     assert result.code == 0, result.err
     puts = proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT")
-    cut = puts[0]
+    cut = puts[1]
     assert isinstance(cut.action, CutUpload) and cut.body_received == 100_000
     broken = unquote(cut.target.split("digest=", 1)[1])
+    assert broken == layers[0].digest
     sizes = {b.digest: len(b.data) for b in image.referenced_blobs()}
     sent = [int(r.header("Content-Length") or 0) for r in puts]
     assert sum(sent) == sum(sizes.values()) + sizes[broken]
