@@ -528,3 +528,18 @@ def test_an_upload_location_on_another_origin_gets_no_credentials(
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_a_docker_image_stored_as_oci_is_pushed_as_the_registry_served_it(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    image = make_image([make_layer(4000, seed=651, format="docker")], format="docker")
+    ref = _pulled(cli, registry, repo, "d", image)
+    stored = entry_for(env_store(), ref)
+    assert stored["digest"] != image.manifest_digest  # the store keeps an OCI conversion
+
+    result = cli("push", ref, f"{dest_registry.host}/{repo}:d")
+
+    assert result.code == 0, result.err
+    assert result.lines[-1].startswith(f"d: digest: {image.manifest_digest} ")
+    assert _raw_manifest(dest_registry, repo, "d") == image.manifest_bytes
