@@ -543,3 +543,26 @@ def test_a_docker_image_stored_as_oci_is_pushed_as_the_registry_served_it(
     assert result.code == 0, result.err
     assert result.lines[-1].startswith(f"d: digest: {image.manifest_digest} ")
     assert _raw_manifest(dest_registry, repo, "d") == image.manifest_bytes
+
+
+def test_a_declined_mount_falls_back_to_uploading_through_its_session(
+    registry: Any, repo: str, cli: Any
+) -> None:
+    layer = make_layer(30_000, seed=661)
+    image = make_image([layer])
+    ref = _pulled(cli, registry, repo, "1", image)
+    # The store names the image in repo, so a push to the same registry tries a mount from
+    # there; with the blob gone from repo, the registry declines (202) and opens a session.
+    registry.pusher.delete_blob(repo, layer.digest)
+
+    mark = registry.mark()
+    result = cli("push", ref, f"{registry.host}/{repo}-copy:1")
+
+    assert result.code == 0, result.err
+    assert f"{_short(layer.digest)}: Pushed" in result.lines
+    logged = registry.requests(mark)
+    mounts = [r for r in logged if r.method == "POST" and "mount=" in r.path]
+    declined = [r.status for r in mounts if f"mount={layer.digest}" in unquote(r.path)]
+    assert declined == [202]
+    assert layer.digest in _put_digests(logged)
+    assert _raw_manifest(registry, f"{repo}-copy", "1") == image.manifest_bytes
