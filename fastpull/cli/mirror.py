@@ -85,8 +85,8 @@ def push(
     target = Reference.parse(dest) if dest else None
     if all_tags:
         check_all_tags(name, ref)
-        if dest is not None:
-            check_all_tags(dest, target)  # type: ignore[arg-type]
+        if dest is not None and target is not None:
+            check_all_tags(dest, target)
     settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert, store=store)
     the_store = Store.open(resolve_store_path(settings.store), create=False)
     render = renderer_for(quiet=quiet, json_output=json_output)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
-from urllib.parse import quote, urljoin
+from urllib.parse import quote
 
 import orjson
 
@@ -425,7 +425,8 @@ class Uploader:
             raise ProtocolError(
                 f"{redact_url(response.url)}: upload answered without a Location header"
             )
-        return urljoin(response.url, location.strip())
+        # Resolved and checked as a redirect is: no other scheme, no downgrade to http.
+        return next_hop(response.url, location)
 
     def _send_blob(
         self, repository: str, blob: BlobFile, state: _UploadState, progress: Progress | None
