@@ -27,7 +27,7 @@ from tests.integration.conftest import (
     one_line,
     start_fastpull,
 )
-from tests.support.faultproxy import CutUpload, ExpireToken, Redirect
+from tests.support.faultproxy import CutUpload, ExpireToken, Redirect, SetHeaders
 from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.registry import LoggedRequest, RegistryServer
 
@@ -566,3 +566,24 @@ def test_a_declined_mount_falls_back_to_uploading_through_its_session(
     assert declined == [202]
     assert layer.digest in _put_digests(logged)
     assert _raw_manifest(registry, f"{repo}-copy", "1") == image.manifest_bytes
+
+
+def test_an_upload_location_downgrading_to_plain_http_is_refused(
+    registry: Any, repo: str, cli: Any, proxies: Any
+) -> None:
+    image = make_image([make_layer(1000, seed=671)])
+    ref = _pulled(cli, registry, repo, "1", image)
+    front = proxies(registry, tls=True)
+    plain = f"http://{front.host}/v2/{repo}-tls/blobs/uploads/x"
+    front.on(
+        rf"/v2/{repo}-tls/blobs/uploads/",
+        SetHeaders({"Location": plain}),
+        method="POST",
+        times=None,
+    )
+
+    result = cli("push", "--ca-cert", str(front.ca_path), ref, f"{front.host}/{repo}-tls:1")
+
+    assert result.code == 5
+    assert "to plain HTTP" in one_line(result.err)
+    assert not [r for r in front.requests if r.method == "PUT"]
