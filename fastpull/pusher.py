@@ -232,7 +232,9 @@ class Pusher:
         self._uploaders: list[Uploader] = []
         self._local = threading.local()
         self._transport = self._new_transport()
-        self._pool = ThreadPoolExecutor(jobs or DEFAULT_JOBS, thread_name_prefix="fastpull-push")
+        self.jobs = jobs or DEFAULT_JOBS
+        self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="fastpull-push")
+        self._unfinished = 0  # uploads submitted and not finished
         # Until close(): blobs being uploaded are not deleted by gc or rmi meanwhile.
         self._store_use = contextlib.ExitStack()
         try:
@@ -340,9 +342,20 @@ class Pusher:
     def upload_blob(self, dest: Reference, blob: Descriptor, layer: bool) -> Future[BlobResult]:
         """Start uploading one blob (from the store) to ``dest``'s repository."""
         self.auth(dest.registry)
+        with self._lock:
+            self._unfinished += 1
+            queued = self._unfinished > self.jobs
         if layer:
             self.emit(events.LayerEvent(blob.digest, events.PREPARING))
-        return self._pool.submit(self._push_blob, dest.registry, dest.repository, blob, layer)
+            if queued:  # as docker says of a layer waiting for an upload slot
+                self.emit(events.LayerEvent(blob.digest, events.WAITING))
+        future = self._pool.submit(self._push_blob, dest.registry, dest.repository, blob, layer)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _future: Future[BlobResult]) -> None:
+        with self._lock:
+            self._unfinished -= 1
 
     def _push_blob(
         self, registry: str, repository: str, blob: Descriptor, layer: bool

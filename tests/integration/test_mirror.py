@@ -208,6 +208,8 @@ def test_an_upload_broken_off_mid_blob_is_sent_again_and_nothing_else(
     result = cli("push", "--jobs", "1", ref, f"{proxy.host}/{repo}:1")
 
     assert result.code == 0, result.err
+    # Submitted while two uploads were unfinished, with one slot: it waited, as docker says.
+    assert f"{_short(layers[1].digest)}: Waiting" in result.lines
     puts = proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT")
     cut = puts[1]
     assert isinstance(cut.action, CutUpload) and cut.body_received == 100_000
@@ -587,3 +589,27 @@ def test_an_upload_location_downgrading_to_plain_http_is_refused(
     assert result.code == 5
     assert "to plain HTTP" in one_line(result.err)
     assert not [r for r in front.requests if r.method == "PUT"]
+
+
+def test_without_pull_on_the_mount_source_the_blob_is_uploaded(
+    registry: Any, token_registry: RegistryServer, repo: str, cli: Any, docker_config: Any
+) -> None:
+    layer = make_layer(6000, seed=681)
+    one = _pulled(cli, registry, repo, "1", make_image([layer]))
+    two = _pulled(cli, registry, repo, "2", make_image([layer, make_layer(100, seed=682)]))
+    user = token_registry.username
+    docker_config.add_auth(token_registry.host, username=user, password=token_registry.password)
+    ca = str(token_registry.ca_path)
+    assert cli("push", "--ca-cert", ca, one, f"{token_registry.host}/{repo}/a:1").code == 0
+    assert token_registry.token_server is not None
+    # Push rights on b only: the registry answers the mount from a with 401, not 202.
+    token_registry.token_server.policy.acl = {user: {f"{repo}/b": ["pull", "push"]}}
+
+    mark = token_registry.mark()
+    result = cli("push", "--ca-cert", ca, two, f"{token_registry.host}/{repo}/b:1")
+
+    assert result.code == 0, result.err
+    assert f"{_short(layer.digest)}: Pushed" in result.lines
+    mounts = [r for r in token_registry.requests(mark) if "mount=" in r.path]
+    assert mounts and {r.status for r in mounts} == {401}
+    assert token_registry.pusher.blob_exists(f"{repo}/b", layer.digest)
