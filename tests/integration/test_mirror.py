@@ -613,3 +613,28 @@ def test_without_pull_on_the_mount_source_the_blob_is_uploaded(
     mounts = [r for r in token_registry.requests(mark) if "mount=" in r.path]
     assert mounts and {r.status for r in mounts} == {401}
     assert token_registry.pusher.blob_exists(f"{repo}/b", layer.digest)
+
+
+def test_a_second_copy_to_another_registry_downloads_nothing(
+    registry: Any,
+    dest_registry: RegistryServer,
+    basic_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    docker_config: Any,
+) -> None:
+    image = make_image([make_layer(80_000, seed=691), make_layer(500, seed=692)])
+    registry.pusher.push_image(repo, "1", image)
+    source = f"{registry.host}/{repo}:1"
+    assert cli("copy", source, f"{dest_registry.host}/{repo}:1").code == 0
+    docker_config.add_auth(
+        basic_registry.host, username=basic_registry.username, password=basic_registry.password
+    )
+
+    mark = registry.mark()
+    result = cli("copy", source, f"{basic_registry.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    assert [r for r in registry.requests(mark) if "/blobs/" in r.path] == []
+    for layer in image.layers:
+        assert basic_registry.pusher.blob_exists(repo, layer.digest)
