@@ -33,12 +33,12 @@ from fastpull.batchfile import BatchEntry
 from fastpull.bulk import ImageOutcome, pull_batch
 from fastpull.errors import FastpullError, Interrupted, NoSuchImage, UsageError
 from fastpull.puller import ImagePlan, Puller, RepositoryBlobs
-from fastpull.pusher import Pusher, PushResult, plan_push
+from fastpull.pusher import Pusher, PushResult, named_images, plan_push
 from fastpull.reference import Reference
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.settings import Settings
 from fastpull.registry.upload import EXISTS, MOUNTED, PUSHED, BlobResult
-from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
+from fastpull.store.layout import Store, resolve_store_path
 from fastpull.store.maintenance import remove_images
 from fastpull.types import Descriptor, Digest, PlatformSelection
 
@@ -345,7 +345,7 @@ def copy_batch(
         if entry.store is not None:
             raise UsageError(f"{entry.origin}: 'store' is not used by copy (see --store)")
     store = Store.open(resolve_store_path(settings.store))
-    before = {str(ref) for ref in _stored_names(store)}
+    before = {str(ref) for ref, _ in named_images(store)}
     with Pusher(
         store,
         settings=settings,
@@ -470,16 +470,6 @@ def _failed(image: ImageOutcome, exc: FastpullError, dest: str = "") -> CopyOutc
         error=str(exc),
         exit_code=int(exc.exit_code),
     )
-
-
-def _stored_names(store: Store) -> list[Reference]:
-    names = []
-    for image in store.images():
-        try:
-            names.append(Reference.parse(image.annotations.get(REF_NAME_ANNOTATION, "")))
-        except FastpullError:
-            continue
-    return names
 
 
 __all__ = [

@@ -89,6 +89,17 @@ class PushPlan:
         return frozenset(d for m in self.manifests for d in m.layers)
 
 
+def named_images(store: Store) -> list[tuple[Reference, Descriptor]]:
+    """The store's images whose names are image references, with their entries."""
+    found = []
+    for image in store.images():
+        try:
+            found.append((Reference.parse(image.annotations.get(REF_NAME_ANNOTATION, "")), image))
+        except FastpullError:
+            continue
+    return found
+
+
 def plan_push(store: Store, entry: Descriptor, what: str) -> PushPlan:
     """What to push for the store entry ``entry``; StoreDamaged if a part is missing."""
     source = entry.annotations.get(SOURCE_MANIFEST_ANNOTATION)
@@ -286,15 +297,12 @@ class Pusher:
         """Holders guessed from the store: its images named on ``registry`` came from
         there, so their repositories probably hold their blobs."""
         holders = BlobHolders()
-        for image in self.store.images():
-            name = image.annotations.get(REF_NAME_ANNOTATION, "")
-            try:
-                ref = Reference.parse(name)
-                plan = plan_push(self.store, image, name) if ref.registry == registry else None
-            except FastpullError:
+        for ref, image in named_images(self.store):
+            if ref.registry != registry:
                 continue
-            for blob in plan.blobs if plan else ():
-                holders.guess(blob.digest, ref.repository)
+            with contextlib.suppress(FastpullError):
+                for blob in plan_push(self.store, image, str(ref)).blobs:
+                    holders.guess(blob.digest, ref.repository)
         return holders
 
     def _uploader(self, registry: str) -> Uploader:
@@ -467,5 +475,6 @@ __all__ = [
     "PushResult",
     "Pusher",
     "gather",
+    "named_images",
     "plan_push",
 ]

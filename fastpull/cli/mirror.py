@@ -17,12 +17,12 @@ import orjson
 from fastpull import cancel, events
 from fastpull.batchfile import check_all_tags, parse_batch, tag_was_defaulted
 from fastpull.cli.progress import renderer_for, summary_table
-from fastpull.errors import BatchFailed, FastpullError, NoSuchImage, UsageError
+from fastpull.errors import BatchFailed, NoSuchImage, UsageError
 from fastpull.mirror import Copier, CopyBatchResult, copy_batch
-from fastpull.pusher import Pusher
+from fastpull.pusher import Pusher, named_images
 from fastpull.reference import Reference
 from fastpull.registry.settings import Settings
-from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
+from fastpull.store.layout import Store, resolve_store_path
 from fastpull.store.maintenance import remove_images
 from fastpull.types import PlatformSelection
 
@@ -106,14 +106,11 @@ def push(
 
 def _tags_of(store: Store, ref: Reference) -> list[Reference]:
     """Every tagged image of ``ref``'s repository in the store, in index.json order."""
-    found = []
-    for image in store.images():
-        try:
-            other = Reference.parse(image.annotations.get(REF_NAME_ANNOTATION, ""))
-        except FastpullError:
-            continue
-        if other.name == ref.name and other.tag and other.digest is None:
-            found.append(other)
+    found = [
+        other
+        for other, _ in named_images(store)
+        if other.name == ref.name and other.tag and other.digest is None
+    ]
     if not found:
         raise NoSuchImage(f"An image does not exist locally with the name: {ref.familiar_name}")
     return found
