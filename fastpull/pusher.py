@@ -242,7 +242,6 @@ class Pusher:
         self._holders: dict[str, BlobHolders] = {}
         self._uploaders: list[Uploader] = []
         self._local = threading.local()
-        self._transport = self._new_transport()
         self.jobs = jobs or DEFAULT_JOBS
         self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="fastpull-push")
         self._unfinished = 0  # uploads submitted and not finished
@@ -252,7 +251,6 @@ class Pusher:
             self._store_use.enter_context(store.shared_use())
         except BaseException:
             self._pool.shutdown()
-            self._transport.close()
             raise
 
     def close(self) -> None:
@@ -260,7 +258,8 @@ class Pusher:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for uploader in self._uploaders:
             uploader.close()
-        self._transport.close()
+        for push_auth in self._auth.values():
+            push_auth.client.transport.close()
         self._store_use.close()
 
     def __enter__(self) -> Pusher:
@@ -283,11 +282,12 @@ class Pusher:
         """The shared credentials of a destination registry (checked on first use)."""
         with self._lock:
             if registry not in self._auth:
+                # Its own connection: each registry's handshakes run under their own lock.
                 client = RegistryClient(
                     registry,
                     settings=self.settings,
                     credentials=self._credentials.get(registry),
-                    transport=self._transport,
+                    transport=self._new_transport(),
                 )
                 self._auth[registry] = PushAuth(client)
                 self._holders[registry] = self._seed(registry)

@@ -638,3 +638,22 @@ def test_a_second_copy_to_another_registry_downloads_nothing(
     assert [r for r in registry.requests(mark) if "/blobs/" in r.path] == []
     for layer in image.layers:
         assert basic_registry.pusher.blob_exists(repo, layer.digest)
+
+
+def test_a_batch_copies_to_several_registries_at_once(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    images = [make_image([make_layer(20_000, seed=700 + n)]) for n in range(2)]
+    for n, image in enumerate(images):
+        registry.pusher.push_image(f"{repo}/{n}", "1", image)
+    targets = [f"{dest_registry.host}/spread/0", f"{registry.host}/{repo}/spread-1"]
+    batch = tmp_path / "batch.json"
+    batch.write_text(
+        json.dumps([{"image": f"{registry.host}/{repo}/{n}:1", "to": targets[n]} for n in range(2)])
+    )
+
+    result = cli("copy", "-f", str(batch))
+
+    assert result.code == 0, result.err
+    assert _raw_manifest(dest_registry, "spread/0", "1") == images[0].manifest_bytes
+    assert _raw_manifest(registry, f"{repo}/spread-1", "1") == images[1].manifest_bytes
