@@ -402,16 +402,16 @@ class Pusher:
     ) -> PushResult:
         """Wait for an image's blobs, then push its manifests; the top one goes under
         ``dest``'s tag, or by digest."""
+        top = plan.top
+        if dest.digest is not None and dest.digest != top.digest:
+            raise UsageError(
+                f"{dest.familiar}: the image's digest is {top.digest}; push it by tag instead"
+            )
         results = gather(uploads.values())
         uploader = self._uploader(dest.registry)
         for manifest in plan.manifests[:-1]:
             uploader.put_manifest(
                 dest.repository, str(manifest.digest), manifest.raw, manifest.media_type
-            )
-        top = plan.top
-        if dest.digest is not None and dest.digest != top.digest:
-            raise UsageError(
-                f"{dest.familiar}: the image's digest is {top.digest}; push it by tag instead"
             )
         reference = str(top.digest) if dest.digest is not None or not dest.tag else dest.tag
         uploader.put_manifest(dest.repository, reference, top.raw, top.media_type)

@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     start_fastpull,
 )
 from tests.support.faultproxy import CutUpload, ExpireToken, Redirect, SetHeaders
-from tests.support.images import Image, make_image, make_index, make_layer
+from tests.support.images import Image, PushError, make_image, make_index, make_layer
 from tests.support.registry import LoggedRequest, RegistryServer
 
 
@@ -657,3 +657,25 @@ def test_a_batch_copies_to_several_registries_at_once(
     assert result.code == 0, result.err
     assert _raw_manifest(dest_registry, "spread/0", "1") == images[0].manifest_bytes
     assert _raw_manifest(registry, f"{repo}/spread-1", "1") == images[1].manifest_bytes
+
+
+def test_push_by_digest_creates_no_tag_and_a_wrong_digest_is_refused(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    image = make_image([make_layer(700, seed=711)])
+    registry.pusher.push_image(repo, "1", image)
+    pinned = f"{registry.host}/{repo}@{image.manifest_digest}"
+    assert cli("pull", pinned).code == 0
+
+    result = cli("push", pinned, f"{dest_registry.host}/{repo}@{image.manifest_digest}")
+
+    assert result.code == 0, result.err
+    digest = image.manifest_digest
+    assert result.lines[-1] == f"{digest}: digest: {digest} size: {len(image.manifest_bytes)}"
+    assert _raw_manifest(dest_registry, repo, digest) == image.manifest_bytes
+    with pytest.raises(PushError, match="NAME_UNKNOWN"):  # 2.8.2: a repository with no tag
+        dest_registry.pusher.list_tags(repo)
+    wrong = f"{dest_registry.host}/{repo}@sha256:{'0' * 64}"
+    refused = cli("push", pinned, wrong)
+    assert refused.code == 2
+    assert "push it by tag instead" in one_line(refused.err)
