@@ -679,3 +679,41 @@ def test_push_by_digest_creates_no_tag_and_a_wrong_digest_is_refused(
     refused = cli("push", pinned, wrong)
     assert refused.code == 2
     assert "push it by tag instead" in one_line(refused.err)
+
+
+@pytest.mark.parametrize(
+    ("reached", "asked", "resent"),
+    # Nothing of the broken PATCH reached the registry: it confirms the offset, and only
+    # that chunk goes again. Part of it did: distribution 2.8 drops the upload, and the
+    # blob starts again from POST.
+    [(False, [204], 1), (True, [404], 2)],
+    ids=["registry-confirms-offset", "registry-dropped-upload"],
+)
+def test_a_chunked_upload_broken_off_asks_the_registry_where_it_stands(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    reached: bool,
+    asked: list[int],
+    resent: int,
+) -> None:
+    layer = make_layer(2_500_000, seed=721 + int(reached))
+    image = make_image([layer])
+    ref = _pulled(cli, registry, repo, "1", image)
+    proxy = proxies(dest_registry)
+    sessions = r"/v2/.+/blobs/uploads/.+"
+    proxy.on(sessions, CutUpload(after=200_000, forward=reached), method="PATCH", first=2)
+    chunk = 1 << 20
+
+    result = cli("push", "--jobs", "1", "--chunk-size", str(chunk), ref, f"{proxy.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    assert [r.status for r in proxy.requests_for(sessions, "GET")] == asked
+    patches = proxy.requests_for(sessions, "PATCH")
+    declared = sum(int(r.header("Content-Length") or 0) for r in patches)
+    # Besides the blob once, the chunk that broke off; and when the upload was dropped,
+    # the chunk before it too.
+    assert declared == layer.size + resent * chunk
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes

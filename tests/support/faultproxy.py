@@ -78,10 +78,13 @@ class ExpireToken:
 class CutUpload:
     """Read ``after`` bytes of the request body, then reset the connection; with ``stall``,
     first wait (reading nothing more) until the proxy stops or the answer's time bound runs
-    out. Nothing reaches the registry: an upload broken off mid-body."""
+    out. An upload broken off mid-body: nothing reaches the registry, or with ``forward``
+    the request with those bytes only, as if the connection had broken on the way there
+    (the proxy waits for the registry to have dealt with it)."""
 
     after: int = 0
     stall: bool = False
+    forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,8 @@ class FaultProxy(LoopbackService):
         record.body_received = len(body or b"")
         try:
             if cut is not None:
+                if cut.forward:
+                    self._forward_cut(record, length, body or b"")
                 if cut.stall:
                     self._stopping.wait(self.max_response_seconds)
                 self._break(handler, record, Reset(), time.monotonic())
@@ -379,6 +384,25 @@ class FaultProxy(LoopbackService):
             return
         try:
             self._relay(handler, record, upstream)
+        finally:
+            conn.close()
+
+    def _forward_cut(self, record: ProxiedRequest, length: int, part: bytes) -> None:
+        """Send the registry the request with ``length`` announced and only ``part`` of
+        its body, end the sending side, and wait for whatever it answers."""
+        outgoing = [(k, v) for k, v in record.headers if k.lower() not in _HOP_BY_HOP]
+        outgoing = [(k, v) for k, v in outgoing if k.lower() != "content-length"]
+        conn = connect(self.upstream, ca_path=self.upstream_ca, timeout=30)
+        try:
+            conn.putrequest(record.method, record.target, skip_host=True, skip_accept_encoding=True)
+            for name, value in [*outgoing, *self.upstream_headers.items()]:
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(length))
+            conn.endheaders(part)
+            assert conn.sock is not None
+            conn.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                conn.getresponse().read()
         finally:
             conn.close()
 
