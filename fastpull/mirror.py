@@ -294,7 +294,7 @@ class Copier:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def copy(self, source: Reference, dest: Reference, *, default_tag: bool = False) -> PushResult:
+    def copy(self, source: Reference, dest: Reference, *, default_tag: bool = False) -> CopyOutcome:
         """Copy one image; each blob's upload starts once the store has it."""
         started = time.monotonic()
         puller, pusher = self.puller, self.pusher
@@ -319,7 +319,17 @@ class Copier:
         except BaseException:
             uploads.cancel()
             raise
-        return push_stored(pusher, uploads, source, dest, started)
+        result = push_stored(pusher, uploads, source, dest, started)
+        return CopyOutcome(
+            str(source),
+            str(dest),
+            "command line",
+            events.COPIED,
+            time.monotonic() - started,
+            str(result.digest),
+            sum(s.downloaded for s in stats),
+            result.blobs,
+        )
 
 
 def copy_batch(

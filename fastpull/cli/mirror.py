@@ -216,19 +216,12 @@ def copy(
             chunk_size=chunk_size,
             on_event=render,
         ) as copier:
-            result = copier.copy(src, target, default_tag=tag_was_defaulted(source, src))
+            outcome = copier.copy(src, target, default_tag=tag_was_defaulted(source, src))
         if no_keep and not existed:
             remove_images(the_store, [src], prune=True)
     if report_file:
-        document = {
-            "image": str(src),
-            "destination": result.reference,
-            "digest": str(result.digest),
-            "bytes_uploaded": result.bytes_sent,
-            "blobs_mounted": result.mounted,
-            "seconds": round(result.seconds, 3),
-        }
-        _write_json(report_file, document)
+        # The document of a batch of one, so scripts read every copy's report alike.
+        _write_json(report_file, CopyBatchResult((outcome,), outcome.seconds).to_json())
 
 
 def _finish_batch(batch: CopyBatchResult, machine_output: bool, report_file: str | None) -> None:

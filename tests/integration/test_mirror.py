@@ -622,20 +622,28 @@ def test_a_second_copy_to_another_registry_downloads_nothing(
     repo: str,
     cli: Any,
     docker_config: Any,
+    tmp_path: Path,
 ) -> None:
     image = make_image([make_layer(80_000, seed=691), make_layer(500, seed=692)])
     registry.pusher.push_image(repo, "1", image)
     source = f"{registry.host}/{repo}:1"
-    assert cli("copy", source, f"{dest_registry.host}/{repo}:1").code == 0
+    total = sum(len(b.data) for b in image.referenced_blobs())
+    report = tmp_path / "report.json"
+    first = cli("copy", "--report", str(report), source, f"{dest_registry.host}/{repo}:1")
+    assert first.code == 0, first.err
+    summary = json.loads(report.read_text())["summary"]
+    assert (summary["bytes_downloaded"], summary["bytes_uploaded"]) == (total, total)
     docker_config.add_auth(
         basic_registry.host, username=basic_registry.username, password=basic_registry.password
     )
 
     mark = registry.mark()
-    result = cli("copy", source, f"{basic_registry.host}/{repo}:1")
+    result = cli("copy", "--report", str(report), source, f"{basic_registry.host}/{repo}:1")
 
     assert result.code == 0, result.err
     assert [r for r in registry.requests(mark) if "/blobs/" in r.path] == []
+    summary = json.loads(report.read_text())["summary"]
+    assert (summary["bytes_downloaded"], summary["bytes_uploaded"]) == (0, total)
     for layer in image.layers:
         assert basic_registry.pusher.blob_exists(repo, layer.digest)
 
