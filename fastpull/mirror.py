@@ -298,7 +298,8 @@ class Copier:
         """Copy one image; each blob's upload starts once the store has it."""
         started = time.monotonic()
         puller, pusher = self.puller, self.pusher
-        pusher.auth(dest.registry)
+        # An unreachable or misconfigured destination fails before anything downloads.
+        _ = pusher.auth(dest.registry).base_url
         client = puller.client(source.registry)
         selector = source.digest or source.tag or "latest"
         pusher.emit(events.PullStarted(str(source), str(selector), source.repository, default_tag))

@@ -29,6 +29,7 @@ from tests.integration.conftest import (
 )
 from tests.support.faultproxy import CutUpload, ExpireToken, Redirect, SetHeaders
 from tests.support.images import Image, PushError, make_image, make_index, make_layer
+from tests.support.netutil import free_loopback_port
 from tests.support.registry import LoggedRequest, RegistryServer
 
 
@@ -725,3 +726,17 @@ def test_a_chunked_upload_broken_off_asks_the_registry_where_it_stands(
     # the chunk before it too.
     assert declared == layer.size + resent * chunk
     assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+
+
+def test_copy_to_an_unreachable_registry_fails_before_downloading(
+    registry: Any, repo: str, cli: Any
+) -> None:
+    registry.pusher.push_image(repo, "1", make_image([make_layer(9000, seed=731)]))
+    closed = f"127.0.0.1:{free_loopback_port()}"
+
+    mark = registry.mark()
+    result = cli("copy", f"{registry.host}/{repo}:1", f"{closed}/{repo}:1")
+
+    assert result.code == 5
+    assert f"cannot reach registry {closed}" in one_line(result.err)
+    assert [r for r in registry.requests(mark) if "/blobs/" in r.path] == []
