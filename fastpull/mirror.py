@@ -241,7 +241,6 @@ def push_stored(
     if entry is None:
         raise NoSuchImage(f"{source.familiar} is not in the store any more")
     plan = plan_push(pusher.store, entry, source.familiar)
-    pusher.emit(events.PushStarted(dest.name))
     return pusher.finish(dest, plan, uploads.futures(dest, plan.blobs, plan.layer_digests), started)
 
 
@@ -304,6 +303,7 @@ class Copier:
         selector = source.digest or source.tag or "latest"
         pusher.emit(events.PullStarted(str(source), str(selector), source.repository, default_tag))
         plan = puller.resolve(source, default_tag=default_tag)
+        pusher.emit(events.PushStarted(dest.name))
         layers = plan.layer_digests
         uploads = StreamedUploads(pusher)
         uploads.want(dest, plan.blobs, layers)
@@ -436,6 +436,7 @@ def _push_all(
                 error=image.error,
                 exit_code=image.exit_code,
             )
+        pusher.emit(events.PushStarted(dest.name))
         try:
             result = push_stored(pusher, uploads, source, dest, time.monotonic())
         except FastpullError as exc:

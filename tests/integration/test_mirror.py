@@ -167,6 +167,10 @@ def test_multi_platform_copy_is_byte_for_byte_at_the_destination(
     )
 
     assert result.code == 0, result.err
+    assert result.lines[:2] == [
+        f"multi: Pulling from {repo}",
+        f"The push refers to repository [{dest_registry.host}/{repo}]",
+    ]
     size = len(index.manifest_bytes)
     assert result.lines[-1] == f"multi: digest: {index.manifest_digest} size: {size}"
     assert _raw_manifest(dest_registry, repo, "multi") == index.manifest_bytes
