@@ -50,11 +50,17 @@ def destination(source: Reference, to: str) -> Reference:
     """``--to REGISTRY[/PREFIX]``: the source's repository path under it, with the same
     tag or digest (``docker.io/library/debian:12`` to ``localhost:5000/mirror`` is
     ``localhost:5000/mirror/library/debian:12``)."""
-    prefix = to.strip().rstrip("/")
-    target = Reference.parse(f"{prefix}/{source.repository}")
-    if target.registry != prefix.split("/", 1)[0]:
-        raise UsageError(f"--to {to}: expected REGISTRY[/PREFIX], such as localhost:5000/mirror")
+    target = Reference.parse(f"{checked_prefix(to)}/{source.repository}")
     return replace(target, tag=source.tag, digest=source.digest)
+
+
+def checked_prefix(to: str) -> str:
+    """``REGISTRY[/PREFIX]`` without a trailing slash; UsageError if it names no registry."""
+    prefix = to.strip().rstrip("/")
+    probe = Reference.parse(f"{prefix}/probe") if prefix else None
+    if probe is None or probe.registry != prefix.split("/", 1)[0]:
+        raise UsageError(f"--to {to}: expected REGISTRY[/PREFIX], such as localhost:5000/mirror")
+    return prefix
 
 
 def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> Reference:
@@ -355,6 +361,8 @@ def copy_batch(
             raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
         if entry.store is not None:
             raise UsageError(f"{entry.origin}: 'store' is not used by copy (see --store)")
+    if to is not None:
+        checked_prefix(to)
     store = Store.open(resolve_store_path(settings.store))
     before = {str(ref) for ref, _ in named_images(store)}
     with Pusher(
@@ -489,6 +497,7 @@ __all__ = [
     "CopyBatchResult",
     "CopyOutcome",
     "StreamedUploads",
+    "checked_prefix",
     "copy_batch",
     "destination",
     "entry_destination",

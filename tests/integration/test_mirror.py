@@ -744,3 +744,18 @@ def test_copy_to_an_unreachable_registry_fails_before_downloading(
     assert result.code == 5
     assert f"cannot reach registry {closed}" in one_line(result.err)
     assert [r for r in registry.requests(mark) if "/blobs/" in r.path] == []
+
+
+def test_a_to_without_a_registry_is_refused_before_anything_moves(
+    registry: Any, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    registry.pusher.push_image(repo, "1", make_image([make_layer(900, seed=741)]))
+    batch = tmp_path / "batch.txt"
+    batch.write_text(f"{registry.host}/{repo}:1\n")
+
+    mark = registry.mark()
+    result = cli("copy", "-f", str(batch), "--to", "mirror")
+
+    assert result.code == 2
+    assert "expected REGISTRY[/PREFIX]" in one_line(result.err)
+    assert registry.requests(mark) == []

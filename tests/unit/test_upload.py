@@ -70,9 +70,10 @@ def test_destination_keeps_the_repository_path_and_tag() -> None:
     assert str(destination(pinned, "r.example")) == f"r.example/a/b@sha256:{'b' * 64}"
 
 
-def test_destination_must_name_a_registry() -> None:
-    with pytest.raises(UsageError, match="REGISTRY"):
-        destination(Reference.parse("debian:12"), "mirror")
+@pytest.mark.parametrize("to", ["mirror", "mirror/sub", "", "/"])
+def test_destination_must_name_a_registry(to: str) -> None:
+    with pytest.raises(UsageError):
+        destination(Reference.parse("debian:12"), to)
 
 
 def test_an_entry_to_names_a_repository_or_with_a_tag_the_image() -> None:
