@@ -11,7 +11,9 @@ Two formats, told apart by the first character that is not white space:
 - JSON (starts with ``[`` or ``{``): a list of entries, or ``{"images": [...]}``. An entry is
   a reference string, or an object with ``image`` and optionally ``platforms`` (a list of
   ``os/arch[/variant]``, or ``"all"``), ``all_tags`` (bool), ``tags`` (a regular expression
-  that a whole tag must match; needs ``all_tags``) and ``store`` (another OCI layout)::
+  that a whole tag must match; needs ``all_tags``), ``store`` (another OCI layout; pull
+  only) and ``to`` (``copy -f`` only: the destination repository, or with a tag or digest
+  the destination image)::
 
       {"images": ["debian:12",
                   {"image": "alpine", "platforms": ["linux/amd64", "linux/arm64"]},
@@ -35,7 +37,7 @@ from fastpull.errors import BatchFileError, UsageError
 from fastpull.reference import Reference
 from fastpull.types import ALL_PLATFORMS, Platform, PlatformSelection
 
-ENTRY_KEYS = frozenset({"image", "platforms", "all_tags", "tags", "store"})
+ENTRY_KEYS = frozenset({"image", "platforms", "all_tags", "tags", "store", "to"})
 _COMMENT = re.compile(r"(?:^|\s)#.*$")
 _T = TypeVar("_T")
 
@@ -56,6 +58,7 @@ class BatchEntry:
     tags: re.Pattern[str] | None = None
     store: str | None = None
     default_tag: bool = False
+    to: str | None = None
 
     def wants_tag(self, tag: str) -> bool:
         """Whether ``tag`` of the repository is selected (with ``all_tags``)."""
@@ -141,6 +144,9 @@ def _entry(item: Any, origin: str) -> BatchEntry:
     store = _typed(item, "store", str, origin)
     if store is not None and not store.strip():
         raise BatchFileError(f"{origin}: 'store' is empty")
+    to = _typed(item, "to", str, origin)
+    if to is not None:
+        _reference(to, origin)
     return BatchEntry(
         ref,
         origin,
@@ -149,6 +155,7 @@ def _entry(item: Any, origin: str) -> BatchEntry:
         tags=tags,
         store=store,
         default_tag=tag_was_defaulted(image, ref) and not all_tags,
+        to=to,
     )
 
 

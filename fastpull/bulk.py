@@ -47,6 +47,9 @@ from fastpull.types import Descriptor, Digest, PlatformSelection
 if TYPE_CHECKING:
     from fastpull.cluster.client import Cluster, ClusterFetcher
 
+# Told of each image's plan before its blobs download (``copy -f`` starts uploads from it).
+Resolved = Callable[[str, ImagePlan], None]
+
 RESOLVE_CONCURRENCY = 8
 _POLL_SECONDS = 0.2
 _T = TypeVar("_T")
@@ -221,12 +224,14 @@ def pull_batch(
     credentials: CredentialStore | None = None,
     on_event: events.Listener = events.ignore,
     cluster: Cluster | None = None,
+    on_resolved: Resolved | None = None,
 ) -> BatchResult:
     """Pull every entry; entries with their own ``store`` run as a batch of their own.
 
     ``platforms`` applies to entries that do not name theirs. Never raises for one
     image's failure (see the module docstring); raises Interrupted on Ctrl-C. With a
-    ``cluster``, its workers fetch the blobs into the same store path.
+    ``cluster``, its workers fetch the blobs into the same store path. ``on_resolved(origin,
+    plan)`` is told each image's plan before its blobs download.
     """
     started = time.monotonic()
     stores: dict[Path, list[int]] = {}
@@ -246,7 +251,16 @@ def pull_batch(
             except FastpullError as exc:
                 outcomes = [[_report(on_event, _Image.of(e).failed(exc))] for e in group]
             else:
-                run = _Run(store, settings, platforms, fail_fast, credentials, on_event, cluster)
+                run = _Run(
+                    store,
+                    settings,
+                    platforms,
+                    fail_fast,
+                    credentials,
+                    on_event,
+                    cluster,
+                    on_resolved,
+                )
                 outcomes, stats = run.pull(group)
                 fetched += stats
             stop = fail_fast and any(not o.ok for found in outcomes for o in found)
@@ -324,9 +338,11 @@ class _Run:
         credentials: CredentialStore | None,
         emit: events.Listener,
         cluster: Cluster | None = None,
+        on_resolved: Resolved | None = None,
     ) -> None:
         self.store = store
         self.cluster = cluster
+        self.on_resolved = on_resolved
         self.settings = settings
         self.platforms = platforms
         self.fail_fast = fail_fast
@@ -407,6 +423,10 @@ class _Run:
         if self.stopped:
             for image in images:
                 image.plan = None
+        if self.on_resolved is not None:
+            for image in images:
+                if image.plan is not None:
+                    self.on_resolved(image.origin, image.plan)
 
     def _plan(self, image: _Image) -> ImagePlan:
         return self._thread_puller().resolve(

@@ -33,13 +33,14 @@ The tree::
 
 ``retryable`` marks errors worth another attempt. The errors that carry data beyond their
 message declare it as keyword-only fields: :class:`RegistryError` (``host``, the HTTP
-``status``, and ``diagnostics``: the registry's codes and messages as :class:`Diagnostic`
-values, from the distribution spec's error body), :class:`ResponseTooLarge` (``limit``),
-:class:`DigestMismatch` (``expected``, ``actual``, ``expected_size``, ``actual_size``),
-:class:`StoreError` (``store``, ``errno``), :class:`OutputFailed` (``errno``), and
-:class:`BatchFailed` and :class:`Interrupted` (their own ``exit_code``). Every error pickles
-(worker processes send them to the parent), keeping its message and fields. Messages never
-contain credentials: code that builds them passes URLs through :func:`redact_url`.
+``status``, ``retry_after``, and ``diagnostics``: the registry's codes and messages as
+:class:`Diagnostic` values, from the distribution spec's error body),
+:class:`ResponseTooLarge` (``limit``), :class:`DigestMismatch` (``expected``, ``actual``,
+``expected_size``, ``actual_size``), :class:`StoreError` (``store``, ``errno``),
+:class:`OutputFailed` (``errno``), and :class:`BatchFailed` and :class:`Interrupted` (their
+own ``exit_code``). Every error pickles (worker processes send them to the parent), keeping
+its message and fields. Messages never contain credentials: code that builds them passes
+URLs through :func:`redact_url`.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class RegistryError(FastpullError):
 
     ``host`` is the registry (or redirect target) at fault when known; ``status`` the HTTP
     status that failed, if the failure was one; ``diagnostics`` what the registry's error
-    body said (as go-containerregistry's ``transport.Error`` keeps them).
+    body said (as go-containerregistry's ``transport.Error`` keeps them); ``retry_after``
+    the seconds its ``Retry-After`` asked for, if it sent one.
     """
 
     exit_code = 5
@@ -150,11 +152,13 @@ class RegistryError(FastpullError):
         host: str | None = None,
         status: int | None = None,
         diagnostics: tuple[Diagnostic, ...] = (),
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.host = host
         self.status = status
         self.diagnostics = diagnostics
+        self.retry_after = retry_after
 
 
 class ConnectionFailed(RegistryError):

@@ -1,5 +1,6 @@
-"""What a pull reports while it runs. Plain data, emitted by ``pull``/``download`` and
-rendered by ``progress`` (docker-style lines, terminal bars, or ``--json``)."""
+"""What a pull or a push reports while it runs. Plain data, emitted by ``puller``,
+``download`` and ``pusher`` and rendered by ``progress`` (docker-style lines, terminal bars,
+or ``--json``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ VERIFYING = "Verifying Checksum"
 DOWNLOAD_COMPLETE = "Download complete"
 PULL_COMPLETE = "Pull complete"
 ALREADY_EXISTS = "Already exists"
+# ... and as docker words them for a push ("Mounted from REPO" names the repository).
+PREPARING = "Preparing"
+PUSHING = "Pushing"
+PUSHED = "Pushed"
+LAYER_EXISTS = "Layer already exists"
+MOUNTED_FROM = "Mounted from"
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,30 @@ class PullFinished:
     up_to_date: bool
 
 
+@dataclass(frozen=True)
+class PushStarted:
+    """``The push refers to repository [localhost:5000/app]``."""
+
+    repository: str
+
+
+@dataclass(frozen=True)
+class PushFinished:
+    """The manifest is in the destination: ``TAG: digest: sha256:... size: N``; ``tag`` is
+    the digest itself when the image was pushed by digest."""
+
+    reference: str
+    tag: str
+    digest: Digest
+    size: int
+
+
 # Image states in a batch (``pull -f``), for the summary and ``--report``.
 DOWNLOADED = "downloaded"
 UP_TO_DATE = "up-to-date"
 FAILED = "failed"
 SKIPPED = "skipped"
+COPIED = "copied"
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,16 @@ class BatchFinished:
     seconds: float
 
 
-Event = PullStarted | LayerEvent | PullFinished | BatchPlanned | ImageDone | BatchFinished
+Event = (
+    PullStarted
+    | LayerEvent
+    | PullFinished
+    | PushStarted
+    | PushFinished
+    | BatchPlanned
+    | ImageDone
+    | BatchFinished
+)
 Listener = Callable[[Event], None]
 
 

@@ -4,13 +4,14 @@ The packages are the layers of ``shared/design.md``'s data flow, and a package i
 from the packages before it in this list (never from one after it)::
 
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
-    registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
+    registry/  transport, auth, credentials, settings, manifest, client, upload -- who, how
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
                inventory, maintenance                                  -- where bytes rest
     archive/   tarstream, documents, writer, reader                    -- images as one tar
     engine/    scheduler, worker, verify, download                     -- how bytes move
-    top        puller, bulk, batchfile, storecheck                     -- one image, a batch
-    cli/       commands, options, progress, listing                    -- the face
+    top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
+    cluster/   plan, tasks, client                                     -- a batch over Dask
+    cli/       commands, options, archive, mirror, progress, listing   -- the face
 
 Within a layer, every module's imports of other fastpull modules (at any depth, including
 imports inside functions) must be in :data:`ALLOWED`, so every new dependency is a visible,
@@ -49,7 +50,13 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("store", frozenset({"store"})),
     ("archive", frozenset({"archive"})),
     ("engine", frozenset({"engine"})),
-    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", "cluster", PACKAGE_NAME})),
+    (
+        "top",
+        frozenset(
+            {"puller", "bulk", "batchfile", "storecheck", "pusher", "mirror", "cluster"}
+            | {PACKAGE_NAME}
+        ),
+    ),
     ("cli", frozenset({"cli", "__main__"})),
 )
 
@@ -73,6 +80,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry.client": _CORE
     | {"reference", "registry.auth", "registry.credentials", "registry.manifest"}
     | {"registry.settings", "registry.transport"},
+    "registry.upload": frozenset({"cancel", "errors", "types"})
+    | {"registry.auth", "registry.client", "registry.manifest", "registry.transport"},
     # store/: where bytes rest
     "store": frozenset(),
     "store.diskqueue": frozenset(),
@@ -126,11 +135,17 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
     | {"store.gc", "store.layout", "store.maintenance", "puller"},
+    "pusher": _CORE
+    | {"reference", "registry.client", "registry.credentials", "registry.manifest"}
+    | {"registry.settings", "registry.transport", "registry.upload", "store.layout"},
+    "mirror": _CORE
+    | {"batchfile", "bulk", "puller", "pusher", "reference", "registry.credentials"}
+    | {"registry.settings", "registry.upload", "store.layout", "store.maintenance"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     # cli/: the face
     "cli": frozenset(),
     "cli.progress": frozenset({"events"}),
-    "cli.options": frozenset({"registry.settings", "store.maintenance"}),
+    "cli.options": frozenset({"errors", "registry.settings", "store.maintenance"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
     "cli.archive": frozenset({"cancel", "errors", "types", "batchfile", "reference"})
     | {"store.layout", "archive.reader", "archive.writer", "cli.options"},
@@ -138,16 +153,19 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck", "cli.archive"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
     | {"store.layout", "store.maintenance", "cli.listing", "cli.options", "cli.progress"}
-    | {"cluster.client"},
+    | {"cluster.client", "cli.mirror"},
+    "cli.mirror": _CORE
+    | {"batchfile", "mirror", "pusher", "reference", "store.layout", "store.maintenance"}
+    | {"cli.options", "cli.progress"},
     "__main__": frozenset({"cli.commands"}),
 }
 
 # Modules that touch the network or the store. The pure core must not reach them, not even
 # through another module.
 IO_MODULES = frozenset(
-    {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
-    | {"store.files", "store.locks", "store.ingest", "store.layout", "store.gc"}
-    | {"engine.worker", "engine.download", "puller", "bulk"}
+    {"registry.transport", "registry.client", "registry.upload", "store.journal"}
+    | {"store.diskqueue", "store.files", "store.locks", "store.ingest", "store.layout"}
+    | {"store.gc", "engine.worker", "engine.download", "puller", "bulk", "pusher", "mirror"}
 )
 PURE_MODULES = (
     "errors",

@@ -13,15 +13,20 @@ import os
 import platform as _platform
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 import orjson
 
 from fastpull import __version__, cancel, events, hashing
-from fastpull.cli import archive
-from fastpull.cli.options import SettingsOptions, settings_options, timeout_option
+from fastpull.cli import archive, mirror
+from fastpull.cli.options import (
+    SettingsOptions,
+    check_output_path,
+    settings_options,
+    timeout_option,
+    write_json,
+)
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
     BatchFailed,
@@ -126,7 +131,7 @@ def pull(
     if (fail_fast or report_file or cluster_address) and not batch_files:
         raise UsageError("--fail-fast, --report and --cluster go with -f FILE")
     for option, path in (("--stats", stats_file), ("--report", report_file)):
-        _check_output_path(option, path)
+        check_output_path(option, path)
     if all_tags and name is None:
         raise UsageError("--all-tags needs a repository NAME")
     entries = [command_line_entry(name, all_tags)] if name is not None else []
@@ -188,8 +193,7 @@ def _finish_batch(
         for line in summary_table([o.event() for o in batch.outcomes]):
             click.echo(line)
     if report_file:
-        with open(report_file, "wb") as out:
-            out.write(orjson.dumps(batch.to_json(), option=orjson.OPT_INDENT_2))
+        write_json(report_file, batch.to_json())
     results = [o.result for o in batch.outcomes if o.result is not None]
     if stats_file and results:
         _write_stats(stats_file, results)
@@ -205,16 +209,6 @@ def _finish_batch(
         )
 
 
-def _check_output_path(option: str, path: str | None) -> None:
-    """Fail before the pull, not after it, if an output file cannot be written there."""
-    if path is None:
-        return
-    target = Path(path)
-    folder = target.parent
-    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UsageError(f"{option} {path}: cannot write a file there")
-
-
 def _write_stats(path: str, results: list[PullResult]) -> None:
     """``--stats``: the first image's numbers at the top level, every image under "images"."""
     images = [r.stats() for r in results]
@@ -225,8 +219,7 @@ def _write_stats(path: str, results: list[PullResult]) -> None:
         "blobs": [b for image in images for b in image["blobs"]],  # type: ignore[attr-defined]
         "images": images,
     }
-    with open(path, "wb") as out:
-        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    write_json(path, document)
 
 
 @cli.command()
@@ -535,7 +528,7 @@ def version() -> None:
     click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
 
 
-for _command in archive.COMMANDS:
+for _command in (*mirror.COMMANDS, *archive.COMMANDS):
     cli.add_command(_command)
 
 

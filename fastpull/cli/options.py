@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import orjson
+
+from fastpull.errors import UsageError
 
 if TYPE_CHECKING:
     from fastpull.registry.settings import Settings
@@ -129,4 +134,27 @@ def timeout_option(command: _F) -> _F:
     )(command)
 
 
-__all__ = ["STORE_HELP", "SettingsOptions", "settings_options", "timeout_option"]
+def check_output_path(option: str, path: str | None) -> None:
+    """Fail before the work, not after it, if an output file cannot be written there."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write a file there")
+
+
+def write_json(path: str, document: Any) -> None:
+    """An output file (``--report``, ``--stats``) as indented JSON."""
+    with open(path, "wb") as out:
+        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+
+
+__all__ = [
+    "STORE_HELP",
+    "SettingsOptions",
+    "check_output_path",
+    "settings_options",
+    "timeout_option",
+    "write_json",
+]

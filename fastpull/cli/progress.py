@@ -63,6 +63,10 @@ class LineRenderer:
             self._print(f"{key}: {event.state}")
         elif isinstance(event, events.PullFinished):
             self._finish(event)
+        elif isinstance(event, events.PushStarted):
+            self._print(f"The push refers to repository [{event.repository}]")
+        elif isinstance(event, events.PushFinished):
+            self._print(f"{event.tag}: digest: {event.digest} size: {event.size}")
 
     def _finish(self, event: events.PullFinished) -> None:
         self._print(f"Digest: {event.digest}")
@@ -93,15 +97,16 @@ class TerminalRenderer(LineRenderer):
             if key not in self._lines:
                 self._order.append(key)
             text = event.state
-            if event.state == events.DOWNLOADING and event.total:
+            moving = event.state in (events.DOWNLOADING, events.PUSHING)
+            if moving and event.total:
                 text = f"{event.state} {progress_bar(event.current, event.total)}"
             self._lines[key] = f"{key}: {text}"
             now = time.monotonic()
-            if event.state != events.DOWNLOADING or now - self._last_draw >= 0.1:
+            if not moving or now - self._last_draw >= 0.1:
                 self._redraw()
                 self._last_draw = now
             return
-        if isinstance(event, events.PullFinished):
+        if isinstance(event, events.PullFinished | events.PushFinished):
             self._redraw()
             self._order.clear()
             self._lines.clear()
@@ -148,6 +153,16 @@ class JSONRenderer:
                 "digest": str(event.digest),
                 "status": "up-to-date" if event.up_to_date else "downloaded",
             }
+        elif isinstance(event, events.PushStarted):
+            record = {"event": "push-started", "repository": event.repository}
+        elif isinstance(event, events.PushFinished):
+            record = {
+                "event": "push-finished",
+                "reference": event.reference,
+                "tag": event.tag,
+                "digest": str(event.digest),
+                "size": event.size,
+            }
         elif isinstance(event, events.BatchPlanned):
             record = {
                 "event": "batch-planned",
@@ -184,14 +199,14 @@ class QuietRenderer:
         self.out = out or sys.stdout
 
     def __call__(self, event: events.Event) -> None:
-        if isinstance(event, events.PullFinished) or (
+        if isinstance(event, events.PullFinished | events.PushFinished) or (
             isinstance(event, events.ImageDone) and event.status in _STORED
         ):
             self.out.write(event.reference + "\n")
             self.out.flush()
 
 
-_STORED = (events.DOWNLOADED, events.UP_TO_DATE)
+_STORED = (events.DOWNLOADED, events.UP_TO_DATE, events.COPIED)
 
 
 def _done_line(event: events.ImageDone) -> str:

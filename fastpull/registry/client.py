@@ -158,7 +158,9 @@ class RegistryClient:
             return {"Authorization": auth.basic_authorization(self.credentials)}
         key = self._cache_key(challenge, scope)
         self._tokens.invalidate(key)
-        scopes = [scope]
+        # Several scopes (a push that mounts: "repository:a:pull,push repository:b:pull")
+        # go as one parameter each, as token.md asks.
+        scopes = scope.split()
         offered = challenge.params.get("scope")
         if offered and offered != scope:
             scopes.append(offered)

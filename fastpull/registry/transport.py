@@ -46,6 +46,9 @@ MAX_REDIRECTS = 5
 MAX_SMALL_BODY = 1 << 20
 # The speed below which a transfer counts as stalled (bytes per second).
 STALL_FLOOR = 1024
+# Bytes libcurl asks an upload body for at a time (its default, 64 KiB, costs a Python
+# call per 64 KiB).
+UPLOAD_BUFFER = 1 << 20
 
 _SYSTEM_CA_CANDIDATES = (
     "/etc/ssl/certs/ca-certificates.crt",
@@ -151,11 +154,15 @@ def configure_easy(
     body: bytes | None = None,
     stall_seconds: int = 60,
     stall_floor: int = 1,
+    upload: Callable[[int], bytes] | None = None,
+    upload_size: int = 0,
 ) -> None:
     """Set every option fastpull relies on; shared by small requests and blob downloads.
 
     A transfer moving fewer than ``stall_floor`` bytes a second for ``stall_seconds`` is
     dropped (libcurl's low-speed limit), so a silent or trickling server cannot hold it.
+    ``upload`` (a ``read(size)`` function, e.g. a file's) streams ``upload_size`` bytes as
+    the body of a PUT or PATCH, so a blob is never held in memory whole.
     """
     easy.setopt(pycurl.URL, url)
     easy.setopt(pycurl.NOSIGNAL, 1)
@@ -174,6 +181,11 @@ def configure_easy(
         easy.setopt(pycurl.POSTFIELDS, body or b"")
     elif method != "GET":
         easy.setopt(pycurl.CUSTOMREQUEST, method)
+    if upload is not None:
+        easy.setopt(pycurl.UPLOAD, 1)
+        easy.setopt(pycurl.READFUNCTION, upload)
+        easy.setopt(pycurl.INFILESIZE_LARGE, upload_size)
+        easy.setopt(pycurl.UPLOAD_BUFFERSIZE, UPLOAD_BUFFER)
     tls = tls or TLSConfig()
     if url.lower().startswith("https:"):
         easy.setopt(pycurl.SSL_VERIFYPEER, 1 if tls.verify else 0)
@@ -328,8 +340,13 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         body: bytes | None = None,
         max_body: int = MAX_SMALL_BODY,
+        upload: Callable[[int], bytes] | None = None,
+        upload_size: int = 0,
     ) -> Response:
-        """One attempt, no redirects. Raises on network failure or an oversized body."""
+        """One attempt, no redirects. Raises on network failure or an oversized body.
+
+        ``upload`` streams a request body (see :func:`configure_easy`).
+        """
         easy = self._easy
         easy.reset()
         configure_easy(
@@ -341,6 +358,8 @@ class Transport:
             body=body,
             stall_seconds=self.stall_seconds,
             stall_floor=STALL_FLOOR,
+            upload=upload,
+            upload_size=upload_size,
         )
         capture = _Capture(max_body)
         easy.setopt(pycurl.HEADERFUNCTION, capture.on_header)

@@ -7,7 +7,7 @@ per test, change what happens to chosen requests:
 
 * the request: :class:`DropRange` (forward it without ``Range``, so a 206 becomes a 200),
   :class:`ExpireToken` (a bearer token works once; later requests reach the registry without
-  it and get its own 401);
+  it and get its own 401), :class:`CutUpload` (an upload body broken off after N bytes);
 * the answer instead of the registry's: :class:`Status` (500, 502, 503, 429, with or without
   ``Retry-After``), :class:`Redirect` (elsewhere, to ``http://``, or back to the proxy: a loop);
 * the registry's answer, altered: :class:`Reset` (RST after N body bytes), :class:`Truncate`
@@ -73,6 +73,19 @@ class DropRange:
 class ExpireToken:
     """A bearer token is good for one request: a token seen before is stripped, so the
     registry itself answers 401 with its challenge, as for an expired token."""
+
+
+@dataclass(frozen=True)
+class CutUpload:
+    """Read ``after`` bytes of the request body, then reset the connection; with ``stall``,
+    first wait (reading nothing more) until the proxy stops or the answer's time bound runs
+    out. An upload broken off mid-body: nothing reaches the registry, or with ``forward``
+    the request with those bytes only, as if the connection had broken on the way there
+    (the proxy waits for the registry to have dealt with it)."""
+
+    after: int = 0
+    stall: bool = False
+    forward: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +160,7 @@ class SetHeaders:
 
 Action = (
     Forward
+    | CutUpload
     | DropRange
     | ExpireToken
     | Status
@@ -202,7 +216,8 @@ class ProxiedRequest(RequestRecord):
 
     ``hung_up`` tells that the client closed the connection while a stalled or trickled
     answer was still going (it gave up), rather than the proxy ending it; ``received`` is
-    when the request arrived (``time.monotonic()``)."""
+    when the request arrived (``time.monotonic()``); ``body`` the request body the proxy
+    read (only its first bytes when :class:`CutUpload` cut it)."""
 
     method: str
     target: str
@@ -213,6 +228,11 @@ class ProxiedRequest(RequestRecord):
     body_sent: int = 0
     hung_up: bool = False
     received: float = field(default_factory=time.monotonic)
+
+    @property
+    def body_received(self) -> int:
+        """Request body bytes the proxy read."""
+        return len(self.body)
 
 
 def manifest_path(repository: str, reference: str) -> str:
@@ -322,12 +342,20 @@ class FaultProxy(LoopbackService):
         method = handler.command
         headers = tuple(handler.headers.items())
         length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else None
-        record = ProxiedRequest(method, handler.path, headers, Forward(), body or b"")
+        record = ProxiedRequest(method, handler.path, headers, Forward())
         record.action = self._choose(record)
         with self._lock:
             self._requests.append(record)
+        cut = record.action if isinstance(record.action, CutUpload) else None
+        body = handler.rfile.read(min(length, cut.after) if cut else length) if length else None
+        record.body = body or b""
         try:
+            if cut is not None:
+                if cut.forward:
+                    self._forward_cut(record, length, body or b"")
+                if cut.stall:
+                    self._stopping.wait(self.max_response_seconds)
+                self._break(handler, record, Reset(), time.monotonic())
             self._answer(handler, record, body)
         except (_Dropped, ConnectionError, TimeoutError, ssl.SSLError):
             handler.close_connection = True
@@ -367,6 +395,25 @@ class FaultProxy(LoopbackService):
             return
         try:
             self._relay(handler, record, upstream)
+        finally:
+            conn.close()
+
+    def _forward_cut(self, record: ProxiedRequest, length: int, part: bytes) -> None:
+        """Send the registry the request with ``length`` announced and only ``part`` of
+        its body, end the sending side, and wait for whatever it answers."""
+        outgoing = [(k, v) for k, v in record.headers if k.lower() not in _HOP_BY_HOP]
+        outgoing = [(k, v) for k, v in outgoing if k.lower() != "content-length"]
+        conn = connect(self.upstream, ca_path=self.upstream_ca, timeout=30)
+        try:
+            conn.putrequest(record.method, record.target, skip_host=True, skip_accept_encoding=True)
+            for name, value in [*outgoing, *self.upstream_headers.items()]:
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(length))
+            conn.endheaders(part)
+            assert conn.sock is not None
+            conn.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                conn.getresponse().read()
         finally:
             conn.close()
 

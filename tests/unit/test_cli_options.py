@@ -41,9 +41,10 @@ def test_each_shared_option_reads_the_same_in_every_command() -> None:
             if flag in SHARED:
                 shape = (option.help, option.metavar, option.multiple, repr(option.type))
                 seen.setdefault(flag, {})[name] = shape
-    assert set(seen["--store"]) == {"pull", "images", "verify", "rmi", "gc", "df", "save", "load"}
-    assert set(seen["--insecure-registry"]) == {"pull", "verify", "login"}
-    assert set(seen["--ca-cert"]) == {"pull", "verify", "login"}
+    stores = {"pull", "images", "verify", "rmi", "gc", "df", "save", "load", "push", "copy"}
+    assert set(seen["--store"]) == stores
+    assert set(seen["--insecure-registry"]) == {"pull", "verify", "login", "push", "copy"}
+    assert set(seen["--ca-cert"]) == {"pull", "verify", "login", "push", "copy"}
     for flag, by_command in seen.items():
         assert len(set(by_command.values())) == 1, (flag, by_command)
         assert all(shape[0] for shape in by_command.values()), f"{flag} has no help"
