@@ -4,7 +4,8 @@ The packages are the layers of ``shared/design.md``'s data flow, and a package i
 from the packages before it in this list (never from one after it)::
 
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
-    registry/  transport, auth, credentials, settings, manifest, client -- who to talk to, how
+    registry/  responses, transport, auth, credentials, settings,    -- who to talk to, how
+               manifest, client
     store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
     engine/    scheduler, worker, verify, download                     -- how bytes move
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
@@ -64,7 +65,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry": frozenset(),
     "registry.credentials": frozenset({"errors", "types"}),
     "registry.auth": frozenset({"errors", "types"}),
-    "registry.transport": frozenset({"cancel", "errors"}),
+    "registry.responses": frozenset({"errors"}),
+    "registry.transport": frozenset({"cancel", "errors", "registry.responses"}),
     "registry.settings": frozenset({"errors", "reference", "registry.transport"}),
     "registry.manifest": frozenset({"errors", "hashing", "types"}),
     "registry.client": _CORE
@@ -85,7 +87,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.download": _CORE
-    | {"registry.transport", "store.diskqueue", "store.journal", "store.layout"}
+    | {"registry.responses", "registry.transport", "store.diskqueue", "store.journal"}
+    | {"store.layout"}
     | {"engine.scheduler", "engine.verify", "engine.worker"},
     # top: one image, a batch
     "batchfile": frozenset({"errors", "reference", "types"}),
@@ -124,6 +127,7 @@ PURE_MODULES = (
     "events",
     "registry.auth",
     "registry.manifest",
+    "registry.responses",
     "store.inventory",
     "engine.scheduler",
     "batchfile",

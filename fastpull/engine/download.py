@@ -65,17 +65,17 @@ from fastpull.errors import (
     StoreError,
     Unauthorized,
 )
-from fastpull.registry.transport import (
-    MAX_REDIRECTS,
-    RETRYABLE_STATUS,
-    Response,
+from fastpull.registry.responses import (
+    Fail,
+    Reauthenticate,
+    Redirect,
+    Reresolve,
+    RetryAfter,
     RetryPolicy,
-    TLSConfig,
-    http_error,
-    next_hop,
+    classify,
     origin,
-    parse_retry_after,
 )
+from fastpull.registry.transport import Response, TLSConfig, http_error
 from fastpull.store.diskqueue import DiskQueue
 from fastpull.store.journal import Extent
 from fastpull.store.layout import Ingest, Store
@@ -649,48 +649,47 @@ class _Job:
     def _status(self, index: int, chunk_id: int, url: str, report: Finished) -> None:
         """An HTTP answer that is not data, judged by the URL the request went to."""
         blob = self.blobs[index]
-        status = report.status
-        headers = dict(report.headers)
         source = self.sources[index]
         registry = origin(source.blob_url(blob.digest))
-        on_registry = origin(url) == registry
-        response = Response(status, report.headers, report.body, url)
-        if status in (301, 302, 303, 307, 308):
-            if url == blob.url:  # else another request already moved the blob on
-                blob.hops += 1
-                if blob.hops > MAX_REDIRECTS:
-                    raise ProtocolError(f"blob {blob.digest}: too many redirects")
-                target = next_hop(url, headers.get("location"))
-                blob.url = target
-                blob.with_auth = blob.with_auth and origin(target) == registry
-            self.sched.retry_now(chunk_id)
-        elif status == 401 and on_registry:
-            blob.reauths += 1
-            if blob.reauths > _MAX_REAUTH:
-                raise Unauthorized(f"unauthorized: blob {blob.digest} refused after login")
-            source.reauthorize(response)
-            self.sched.retry_now(chunk_id)
-        elif status in (400, 401, 403) and not on_registry:
-            # A signed redirect target that expired: ask the registry again (once, however
-            # many requests to the old URL come back refused).
-            if url == blob.url:
-                blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
-            self._retry(index, chunk_id, report.position, 0.0, None)
-        elif status == 416:
-            # Nothing at an offset below the declared size: the descriptor lies about the
-            # blob, and no retry changes that.
-            blob.ingest.discard()
-            raise DigestMismatch(
-                f"blob {blob.digest} is shorter than the {blob.size} bytes its descriptor "
-                f"declares: the server has nothing at byte {report.position} "
-                f"(HTTP 416)",
-                expected=str(blob.digest),
-            )
-        elif status in RETRYABLE_STATUS:
-            wait = parse_retry_after(headers.get("retry-after"))
-            self._retry(index, chunk_id, report.position, wait, http_error(response, _what(blob)))
-        else:
-            raise http_error(response, _what(blob))
+        response = Response(report.status, report.headers, report.body, url)
+        current = url == blob.url  # else another request already moved the blob on
+        action = classify(
+            report.status, dict(report.headers), url, registry, hops=blob.hops if current else 0
+        )
+        match action:
+            case Redirect(target, keep_auth):
+                if current:
+                    blob.hops += 1
+                    blob.url = target
+                    blob.with_auth = blob.with_auth and keep_auth
+                self.sched.retry_now(chunk_id)
+            case Reauthenticate():
+                blob.reauths += 1
+                if blob.reauths > _MAX_REAUTH:
+                    raise Unauthorized(f"unauthorized: blob {blob.digest} refused after login")
+                source.reauthorize(response)
+                self.sched.retry_now(chunk_id)
+            case Reresolve():
+                # Ask the registry again (once, however many requests to the old URL come
+                # back refused).
+                if current:
+                    blob.url, blob.with_auth, blob.resolved, blob.hops = "", True, False, 0
+                self._retry(index, chunk_id, report.position, 0.0, None)
+            case RetryAfter(seconds):
+                error = http_error(response, _what(blob))
+                self._retry(index, chunk_id, report.position, seconds, error)
+            case Fail() if report.status == 416:
+                # Nothing at an offset below the declared size: the descriptor lies about
+                # the blob, and no retry changes that.
+                blob.ingest.discard()
+                raise DigestMismatch(
+                    f"blob {blob.digest} is shorter than the {blob.size} bytes its descriptor "
+                    f"declares: the server has nothing at byte {report.position} "
+                    f"(HTTP 416)",
+                    expected=str(blob.digest),
+                )
+            case Fail():
+                raise http_error(response, _what(blob))
 
     def _retry(
         self,
@@ -700,9 +699,13 @@ class _Job:
         wait: float | None,
         error: FastpullError | None,
     ) -> None:
+        """Requeue a failed chunk after the backoff of its own attempt number (``wait`` is
+        the server's Retry-After; 0 to ask again at once)."""
         blob = self.blobs[index]
         blob.retries += 1
-        delay = self.o.retry.delay(blob.retries, wait) if wait != 0.0 else 0.0
+        chunk = self.sched.active_chunk(chunk_id)
+        attempt = chunk.attempt if chunk is not None else 1
+        delay = self.o.retry.delay(attempt, wait) if wait != 0.0 else 0.0
         outcome = self.sched.fail(chunk_id, position, time.monotonic() + delay)
         if outcome is Outcome.EXHAUSTED:
             raise error or ProtocolError(f"blob {blob.digest}: giving up after retries")
