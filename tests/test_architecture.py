@@ -83,7 +83,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store.inventory", "store.layout"},
     # engine/: how bytes move
     "engine": frozenset(),
-    "engine.scheduler": frozenset({"errors", "types"}),
+    "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.download": _CORE

@@ -382,7 +382,9 @@ class _Job:
         self.blobs = blobs
         self.sources = [source[b.digest] if isinstance(source, Mapping) else source for b in blobs]
         self.pool = pool
-        policy = Policy(connections=owner.connections, max_attempts=owner.retry.attempts)
+        policy = Policy(
+            connections=owner.connections, max_attempts=owner.retry.attempts, retry=owner.retry
+        )
         resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
         self.sched = Scheduler([b.size for b in blobs], policy, resumed)
         self.per_worker = math.ceil(owner.connections / pool.size)
@@ -699,14 +701,13 @@ class _Job:
         wait: float | None,
         error: FastpullError | None,
     ) -> None:
-        """Requeue a failed chunk after the backoff of its own attempt number (``wait`` is
-        the server's Retry-After; 0 to ask again at once)."""
+        """Requeue a failed chunk after the backoff its own range's history calls for
+        (``wait`` is the server's Retry-After; 0 to ask again at once)."""
         blob = self.blobs[index]
         blob.retries += 1
-        chunk = self.sched.active_chunk(chunk_id)
-        attempt = chunk.attempt if chunk is not None else 1
-        delay = self.o.retry.delay(attempt, wait) if wait != 0.0 else 0.0
-        outcome = self.sched.fail(chunk_id, position, time.monotonic() + delay)
+        now = time.monotonic()
+        delay = self.sched.retries(chunk_id, position, now).delay(wait)
+        outcome = self.sched.fail(chunk_id, position, now + delay, now)
         if outcome is Outcome.EXHAUSTED:
             raise error or ProtocolError(f"blob {blob.digest}: giving up after retries")
         if outcome is Outcome.RESTARTED:
