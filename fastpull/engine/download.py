@@ -44,12 +44,18 @@ from fastpull import cancel, events
 from fastpull.engine.scheduler import Chunk, Outcome, Policy, Scheduler
 from fastpull.engine.verify import Verifier
 from fastpull.engine.worker import (
+    PROGRESS_INTERVAL,
     Accepted,
+    Answered,
     Cancel,
+    Cancelled,
     Command,
+    Done,
+    Failed,
     Fetch,
     Finished,
     Progress,
+    RangeIgnored,
     Report,
     Shrink,
     Shrunk,
@@ -84,7 +90,6 @@ from fastpull.types import Descriptor, Digest
 # Below this many bytes in total, starting worker processes costs more than it saves.
 INLINE_BELOW = 64 << 20
 DEFAULT_CONNECTIONS = 16
-_PROGRESS_INTERVAL = 0.1
 _MAX_REAUTH = 3
 _MAX_DIGEST_ATTEMPTS = 2
 # On a stop, how long to wait for the transfers in flight to report what they wrote.
@@ -400,7 +405,11 @@ class _Job:
             while not all(b.done for b in self.blobs):
                 cancel.check()
                 for report in self.pool.receive(self._wait(time.monotonic())):
-                    index = None if isinstance(report, Progress) else self._index(report)
+                    index = (
+                        None
+                        if isinstance(report, Progress)
+                        else self.chunk_blob.get(report.chunk_id)
+                    )
                     self._guarded(index, self._handle, report)
                 # Refill freed connections before hashing, which may take milliseconds.
                 self._dispatch(time.monotonic())
@@ -417,9 +426,6 @@ class _Job:
             self._drain()
             raise
         return self.results
-
-    def _index(self, report: Accepted | Finished | Shrunk) -> int | None:
-        return self.chunk_blob.get(report.chunk_id)
 
     def _guarded(self, index: int | None, action: Callable[..., None], *args: object) -> None:
         """Run ``action``; an error of one blob fails only that blob when the caller asked
@@ -550,7 +556,7 @@ class _Job:
                 self._moved(chunk_id, position)
         elif isinstance(report, Shrunk):
             self.sched.shrunk(report.chunk_id, report.end)
-        elif isinstance(report, Finished):
+        else:
             self._moved(report.chunk_id, report.position)
             self.pool.released(report.chunk_id)
             self._finished(report)
@@ -577,10 +583,15 @@ class _Job:
 
     def _journal(self, report: Finished) -> None:
         """Record the bytes a finished transfer wrote, as its worker checksummed them."""
+        match report:
+            case Done(checksum=checksum) | Cancelled(checksum=checksum) | Failed(checksum=checksum):
+                pass
+            case _:
+                return  # nothing was written
         chunk = self.sched.active_chunk(report.chunk_id)
-        if chunk is None or not report.checksum or report.position <= chunk.start:
+        if chunk is None or not checksum or report.position <= chunk.start:
             return
-        self.blobs[chunk.blob].ingest.record(Extent(chunk.start, report.position, report.checksum))
+        self.blobs[chunk.blob].ingest.record(Extent(chunk.start, report.position, checksum))
 
     def _moved(self, chunk_id: int, position: int) -> None:
         index = self.chunk_blob.get(chunk_id)
@@ -595,7 +606,7 @@ class _Job:
                 blob.resolved, blob.hops = True, 0
             self.sched.progress(chunk_id, position)
             now = time.monotonic()
-            if now - blob.reported >= _PROGRESS_INTERVAL:
+            if now - blob.reported >= PROGRESS_INTERVAL:
                 blob.reported = now
                 received = self.sched.received(index)
                 self.o.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, received, blob.size))
@@ -619,21 +630,24 @@ class _Job:
             if not blob.cancelling:
                 blob.verifier.restart()
                 self.sched.restart_single(index)
-        elif report.kind == "done":
-            self.sched.complete(chunk_id)
-            if url == blob.url:
-                blob.resolved, blob.hops = True, 0
-        elif report.kind == "cancelled":
-            self.sched.forget(chunk_id)
-        elif report.kind == "range-ignored":
-            self._range_ignored(index, chunk_id)
-        elif report.kind == "status":
-            self._status(index, chunk_id, url, report)
         else:
-            error = report.error or ProtocolError("transfer failed")
-            if not error.retryable:
-                raise error
-            self._retry(index, chunk_id, report.position, None, error)
+            match report:
+                case Done():
+                    self.sched.complete(chunk_id)
+                    if url == blob.url:
+                        blob.resolved, blob.hops = True, 0
+                case Cancelled():
+                    self.sched.forget(chunk_id)
+                case RangeIgnored():
+                    self._range_ignored(index, chunk_id)
+                case Answered():
+                    self._status(index, chunk_id, url, report)
+                case Failed(error=error):
+                    if not error.retryable:
+                        raise error
+                    self._retry(index, chunk_id, report.position, None, error)
+                case _:
+                    raise TypeError(f"not a worker outcome: {report!r}")
 
     def _range_ignored(self, index: int, chunk_id: int) -> None:
         """The server answered a Range request with the whole blob: one stream it is."""
@@ -648,7 +662,7 @@ class _Job:
             blob.verifier.restart()
             self.sched.restart_single(index)
 
-    def _status(self, index: int, chunk_id: int, url: str, report: Finished) -> None:
+    def _status(self, index: int, chunk_id: int, url: str, report: Answered) -> None:
         """An HTTP answer that is not data, judged by the URL the request went to."""
         blob = self.blobs[index]
         source = self.sources[index]
