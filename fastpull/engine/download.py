@@ -140,8 +140,11 @@ class BlobStats:
 
 def default_workers(total_bytes: int) -> int:
     """Worker processes for a job: none (inline) for small jobs, else one per two cores
-    (the parent hashes on another), at most 4. On 2 cores one worker used less CPU than
-    two for the same throughput, directly and through a per-connection cap."""
+    (the parent hashes on another), at most 4.
+
+    One per two cores because on 2 cores one worker used less CPU than two for the same
+    throughput (``python -m benchmarks.bench_pull --images big --tools fastpull``, both
+    scenarios)."""
     if total_bytes < INLINE_BELOW:
         return 0
     return max(1, min(4, (os.cpu_count() or 1) // 2))

@@ -34,8 +34,8 @@ from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, Stor
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
 from fastpull.store.journal import new_checksum
 
-# libcurl's receive buffer per transfer: large reads mean few Python callbacks and few
-# pwrite calls (512 KiB → 4 MiB took the engine from ~2.2 to ~1.7 CPU s/GB on loopback).
+# Large reads mean few Python callbacks and pwrite calls (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
+# `python -m benchmarks.bench_pull --images big --tools fastpull`).
 _BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
 # How often a transfer's progress is reported, and so how often the parent re-renders it.
