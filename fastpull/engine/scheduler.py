@@ -5,7 +5,7 @@ Pure bookkeeping, no I/O, so every rule here is tested on its own
 asks how far each blob is contiguous from byte 0 (what may be hashed).
 
 Rules:
-- A blob at most 1.5 chunks long is one request; a larger one is cut into chunks whose size
+- A blob under 1.5 chunks long is one request; a larger one is cut into chunks whose size
   follows the whole job (``total / (connections * 4)``, between ``min_chunk`` and
   ``max_chunk``), so one 1 GiB layer alone keeps every connection busy, and so do many
   small layers.
