@@ -7,7 +7,8 @@ from the packages before it in this list (never from one after it)::
     registry/  responses, transport, auth, credentials, settings,    -- who to talk to, how
                manifest, client
     store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
-    engine/    scheduler, worker, verify, download                     -- how bytes move
+    engine/    scheduler, worker, pool, routing, resume, verify,       -- how bytes move
+               commit, records, job, download
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
     cli/       commands, progress, listing                             -- the face
 
@@ -86,10 +87,19 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
-    "engine.download": _CORE
-    | {"registry.responses", "registry.transport", "store.diskqueue", "store.journal"}
-    | {"store.layout"}
-    | {"engine.scheduler", "engine.verify", "engine.worker"},
+    "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
+    "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})
+    | {"store.layout", "engine.routing", "engine.verify"},
+    "engine.resume": frozenset({"store.journal", "engine.worker"}),
+    "engine.commit": frozenset({"errors", "engine.records"}),
+    "engine.pool": frozenset({"errors", "engine.worker"}),
+    "engine.job": _CORE
+    | {"registry.responses", "registry.transport", "store.diskqueue"}
+    | {"engine.commit", "engine.pool", "engine.records", "engine.resume", "engine.routing"}
+    | {"engine.scheduler", "engine.worker"},
+    "engine.download": frozenset({"events", "types", "registry.responses", "registry.transport"})
+    | {"store.diskqueue", "store.layout"}
+    | {"engine.job", "engine.pool", "engine.records", "engine.verify"},
     # top: one image, a batch
     "batchfile": frozenset({"errors", "reference", "types"}),
     "puller": _CORE
@@ -118,7 +128,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 # through another module.
 IO_MODULES = frozenset(
     {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
-    | {"store.layout", "engine.worker", "engine.download", "puller", "bulk"}
+    | {"store.layout", "engine.worker", "engine.pool", "engine.job", "engine.download"}
+    | {"puller", "bulk"}
 )
 PURE_MODULES = (
     "errors",

@@ -1,7 +1,7 @@
 """What to do with an HTTP answer, and when to ask again: the one response policy.
 
 Pure rules, no I/O, shared by the small-request loop (``transport.Transport.request``) and
-the blob engine (``engine.download``), and tested as tables (``tests/unit/test_responses.py``),
+the blob engine (``engine.routing``), and tested as tables (``tests/unit/test_responses.py``),
 the way urllib3's ``Retry`` or go-containerregistry's retry predicate and backoff are:
 
 - :func:`classify` maps (status, headers, the URL asked, the registry's origin) to one
