@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 deps:            ## system packages + Python packages (editable install)
 	bash scripts/install-deps.sh
-	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet -e '.[test,cluster]'
 	$(PYTHON) setup.py --quiet build_ext --inplace
 
 build:           ## (re)build the native extension in place

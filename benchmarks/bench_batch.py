@@ -11,7 +11,15 @@ its own, then pulls the whole list with each tool into an empty directory:
 - ``fastpull``: ``fastpull pull -f LIST --store DIR`` (one engine run for the batch);
 - ``skopeo-loop``: ``for ref in LIST; do skopeo copy docker://$ref oci:DIR:$tag; done`` into
   one shared OCI layout (skopeo skips blobs the layout already has);
-- ``skopeo-sync``: ``skopeo sync --src yaml --dest dir`` with the same list.
+- ``skopeo-sync``: ``skopeo sync --src yaml --dest dir`` with the same list;
+- ``fastpull-cluster`` (on request, ``--tools``): ``fastpull pull -f LIST --cluster ADDR``
+  on a Dask scheduler with two local workers (each a ``dask worker`` process running the
+  engine), tasks sized as they would be by default;
+- ``fastpull-cluster-per-blob``: the same with every blob a task of its own
+  (``FASTPULL_CLUSTER_TASK_BYTES=1``), which shows the cluster's cost per task.
+
+On this two-core machine the cluster rows show overhead, not speed-up: the workers share the
+cores the local run has to itself. ``docs/scale.md`` turns the numbers into a model.
 
 Bytes transferred are counted at the registry: the sizes of blob GETs in its access log
 during each run (manifests are not counted), next to the unique blob total the images
@@ -22,6 +30,7 @@ fastpull's. Results go to ``benchmarks/results/batch-<timestamp>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -37,12 +46,15 @@ from benchmarks.measure import run_measured
 from benchmarks.report import write_json
 from benchmarks.synthetic import cached_layer
 from benchmarks.tools import tool_env
+from tests.support.daskcluster import DaskCluster
 from tests.support.images import Image, MiB, make_image
 from tests.support.netutil import HARNESS_USER_AGENT
 from tests.support.registry import RegistryServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TOOLS = ("fastpull", "skopeo-loop", "skopeo-sync")
+TOOLS = ("fastpull", "skopeo-loop", "skopeo-sync", "fastpull-cluster", "fastpull-cluster-per-blob")
+DEFAULT_TOOLS = TOOLS[:3]
+CLUSTER_TOOLS = frozenset(TOOLS[3:])
 BASE_LAYERS = 5
 OWN_LAYERS = 5
 # A blob GET in the registry's access log: target, status, response bytes, user agent.
@@ -71,7 +83,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-mib", type=float, default=8, help="size of each base layer (8)")
     parser.add_argument("--own-mib", type=float, default=1, help="size of each own layer (1)")
     parser.add_argument("--runs", type=int, default=1, help="runs per tool (1)")
-    parser.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {','.join(TOOLS)}")
+    parser.add_argument(
+        "--tools", default=",".join(DEFAULT_TOOLS), help=f"subset of {','.join(TOOLS)}"
+    )
     parser.add_argument("--workdir", type=Path, default=RESULTS_DIR / "cache")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -112,23 +126,19 @@ def blob_traffic(registry: RegistryServer, since: int) -> tuple[int, int]:
     return gets, total
 
 
-def commands(tool: str, refs: list[str], host: str, out: Path, scratch: Path) -> list[str]:
+def commands(
+    tool: str, refs: list[str], host: str, out: Path, scratch: Path, cluster: str | None = None
+) -> list[str]:
     """The command line that pulls every ref with ``tool`` into ``out``."""
-    if tool == "fastpull":
+    if tool == "fastpull" or tool in CLUSTER_TOOLS:
         listing = scratch / "list.txt"
         listing.write_text("\n".join(refs) + "\n")
-        store = str(out / "store")
-        return [
-            sys.executable,
-            "-m",
-            "fastpull",
-            "pull",
-            "-q",
-            "--store",
-            store,
-            "-f",
-            str(listing),
-        ]
+        argv = [sys.executable, "-m", "fastpull", "pull", "-q", "--store", str(out / "store")]
+        argv += ["-f", str(listing)]
+        if tool in CLUSTER_TOOLS:
+            assert cluster is not None
+            argv += ["--cluster", cluster]
+        return argv
     if tool == "skopeo-loop":
         script = "\n".join(
             "skopeo copy -q --src-tls-verify=false --dest-oci-accept-uncompressed-layers "
@@ -161,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastpull-bench-batch-") as tmp:
         scratch = Path(tmp)
         env = tool_env(scratch)
-        with RegistryServer() as registry:
+        with contextlib.ExitStack() as stack:
+            registry = stack.enter_context(RegistryServer())
+            cluster = None
+            if CLUSTER_TOOLS & set(opts.tools):
+                cluster = stack.enter_context(DaskCluster(2)).address
             refs = []
             for n, image in enumerate(images):
                 registry.pusher.push_image(f"bench/app{n}", "1", image)
@@ -170,10 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for tool in opts.tools:
                     out = scratch / f"{tool}-{round_no}"
                     out.mkdir()
-                    argv = commands(tool, refs, registry.host, out, scratch)
+                    argv = commands(tool, refs, registry.host, out, scratch, cluster)
                     since = registry.mark()
+                    run_env = dict(env)
+                    if tool == "fastpull-cluster-per-blob":
+                        run_env["FASTPULL_CLUSTER_TASK_BYTES"] = "1"
                     measured = run_measured(
-                        argv, env=env, log_path=scratch / "log", timeout=opts.timeout
+                        argv, env=run_env, log_path=scratch / "log", timeout=opts.timeout
                     )
                     gets, got = blob_traffic(registry, since)
                     ok = measured.returncode == 0
@@ -182,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         error = (scratch / "log").read_text("utf-8", "replace")[-500:]
                     runs.append(Run(tool, round_no, ok, measured.wall_seconds, gets, got, error))
                     print(
-                        f"{tool:<12} {measured.wall_seconds:7.2f}s {gets:5d} GETs "
+                        f"{tool:<25} {measured.wall_seconds:7.2f}s {gets:5d} GETs "
                         f"{got / 1e6:9.1f} MB {'ok' if ok else 'FAILED: ' + str(error)}",
                         file=sys.stderr,
                     )
@@ -219,7 +236,7 @@ def render(runs: list[Run], opts: argparse.Namespace, blobs: int, unique: int, n
         f"{OWN_LAYERS} own of ~{opts.own_mib:g} MiB); {blobs} unique blobs, "
         f"{unique / 1e6:.1f} MB unique, {naive / 1e6:.1f} MB without dedup",
         "",
-        f"{'tool':<12} {'ok':>5} {'seconds':>8} {'blob GETs':>10} {'MB moved':>9} "
+        f"{'tool':<25} {'ok':>5} {'seconds':>8} {'blob GETs':>10} {'MB moved':>9} "
         f"{'/ unique':>9} {'x fastpull':>11}",
     ]
     for tool in opts.tools:
@@ -230,13 +247,19 @@ def render(runs: list[Run], opts: argparse.Namespace, blobs: int, unique: int, n
         gets = statistics.median(r.blob_gets for r in good) if good else 0
         ratio = f"{seconds / base:.2f}" if seconds and base else "-"
         lines.append(
-            f"{tool:<12} {len(good):>2}/{len(mine):<2} "
+            f"{tool:<25} {len(good):>2}/{len(mine):<2} "
             f"{seconds if seconds is not None else float('nan'):8.2f} {gets:>10.0f} "
             f"{moved / 1e6:9.1f} {moved / unique:9.2f} {ratio:>11}"
         )
     if base and "skopeo-sync" in medians:
         lines.append(
             f"\nfastpull vs skopeo sync: {medians['skopeo-sync'] / base:.1f}x faster (target >= 3x)"
+        )
+    per_blob = medians.get("fastpull-cluster-per-blob")
+    if base and per_blob:
+        lines.append(
+            f"cluster cost per task: {(per_blob - base) / blobs * 1000:.1f} ms "
+            f"((per-blob cluster run - local run) / {blobs} tasks)"
         )
     return "\n".join(lines)
 

@@ -2,11 +2,12 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_pull [--runs 5] [--scenario direct|capped|all]
-        [--images big|many|all] [--tools fastpull,curl,aria2c,skopeo] [--quick]
+    python -m benchmarks.bench_pull [--runs 5] [--scenario direct|capped|slow|tls|all]
+        [--images big|many|small|all] [--tools fastpull,curl,aria2c,skopeo,floor,disk] [--quick]
 
-It starts Debian's ``docker-registry`` on 127.0.0.1 (and, for the ``capped`` scenario, nginx in
-front of it with a per-connection ``limit_rate``), pushes synthetic images whose layers are
+It starts Debian's ``docker-registry`` on 127.0.0.1 (for the ``tls`` scenario a second one
+serving HTTPS; for ``capped`` and ``slow`` nginx in front of it with a per-connection
+``limit_rate``), pushes synthetic images whose layers are
 cached between harness runs, then runs every tool ``--runs`` times per scenario and image, one
 tool at a time, alternating tools in each round. It prints a table of medians, writes every
 run's raw numbers with machine information to ``benchmarks/results/pull-<timestamp>.json``,
@@ -24,6 +25,7 @@ import platform
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ from benchmarks.report import (
     summarize,
     write_json,
 )
-from benchmarks.synthetic import build_image, image_specs, largest_layer
+from benchmarks.synthetic import ImageSpec, build_image, image_specs, largest_layer
 from benchmarks.tools import (
     TOOLS,
     Target,
@@ -58,8 +60,11 @@ from tests.support.netutil import HARNESS_USER_AGENT
 from tests.support.registry import RegistryServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("direct", "capped")
-IMAGES = ("big", "many")
+SCENARIOS = ("direct", "capped", "slow", "tls")
+# Scenarios that pull through nginx, with their per-connection cap.
+CAPPED_SCENARIOS = ("capped", "slow")
+IMAGES = ("big", "many", "small")
+MIB = 1024 * 1024
 NGINX = "/usr/sbin/nginx"
 
 
@@ -73,6 +78,7 @@ class Options:
     tools: tuple[str, ...]
     quick: bool
     cap_mbps: float
+    slow_mibps: float
     fastpull_args: tuple[str, ...]
     cache_dir: Path
     results_dir: Path
@@ -102,6 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=float,
         default=40.0,
         help="per-connection cap of the capped scenario, in MB/s of 10^6 bytes (40)",
+    )
+    parser.add_argument(
+        "--slow-mibps",
+        type=float,
+        default=8.0,
+        help="per-connection cap of the slow scenario, in MiB/s (8: nginx's limit_rate 8m)",
     )
     parser.add_argument(
         "--fastpull-args",
@@ -137,8 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     runs = ns.runs if ns.runs is not None else (2 if ns.quick else 5)
     if runs < 1:
         parser.error("--runs must be at least 1")
-    if ns.cap_mbps <= 0 or ns.timeout <= 0:
-        parser.error("--cap-mbps and --timeout must be positive")
+    if ns.cap_mbps <= 0 or ns.slow_mibps <= 0 or ns.timeout <= 0:
+        parser.error("--cap-mbps, --slow-mibps and --timeout must be positive")
     return Options(
         runs=runs,
         scenarios=SCENARIOS if ns.scenario == "all" else (ns.scenario,),
@@ -146,6 +158,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         tools=tuple(dict.fromkeys(tools)),
         quick=ns.quick,
         cap_mbps=ns.cap_mbps,
+        slow_mibps=ns.slow_mibps,
         fastpull_args=tuple(shlex.split(ns.fastpull_args)),
         cache_dir=ns.workdir,
         results_dir=ns.results_dir,
@@ -163,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when every run succeeded, 1 when some failed, 130 on Ctrl-C."""
     options = parse_args(argv)
     missing = missing_tools(options.tools)
-    if "capped" in options.scenarios and shutil.which(NGINX) is None:
-        missing.append(f"{NGINX} for the capped scenario (apt-get install nginx-light)")
+    if set(CAPPED_SCENARIOS) & set(options.scenarios) and shutil.which(NGINX) is None:
+        missing.append(f"{NGINX} for the capped and slow scenarios (apt-get install nginx-light)")
     if shutil.which("docker-registry") is None:
         missing.append("docker-registry (apt-get install docker-registry)")
     if missing:
@@ -201,9 +214,14 @@ class Bench:
         self.machine: dict[str, Any] = {}
         self._runs_started = 0
 
-    @property
-    def access_log(self) -> Path:
-        return self.options.results_dir / f"pull-{self.stamp}-nginx-access.log"
+    def access_log(self, scenario: str) -> Path:
+        return self.options.results_dir / f"pull-{self.stamp}-{scenario}-nginx-access.log"
+
+    def rate_bytes(self, scenario: str) -> int:
+        """The per-connection cap of a scenario that goes through nginx."""
+        if scenario == "slow":
+            return int(self.options.slow_mibps * MIB)
+        return int(self.options.cap_mbps * 1e6)
 
     def run(self) -> None:
         """Build and push the images, start the servers, and run every measurement."""
@@ -224,31 +242,39 @@ class Bench:
                 self.images[name] = build_image(specs[name], opts.cache_dir)
             log(f"layers ready in {time.monotonic() - started:.1f}s (cache: {opts.cache_dir})")
 
-            registry = stack.enter_context(RegistryServer())
-            started = time.monotonic()
-            for name in opts.images:
-                registry.pusher.push_image(
-                    specs[name].repository, specs[name].tag, self.images[name]
-                )
-            # Flush the registry's freshly written blobs now rather than during the first run.
-            os.sync()
-            log(f"pushed to {registry.host} in {time.monotonic() - started:.1f}s")
+            plain = [s for s in opts.scenarios if s != "tls"]
+            registries = {
+                tls: self._serve(stack, specs, tls=tls)
+                for tls in (False, True)
+                if (plain if not tls else "tls" in opts.scenarios)
+            }
+            ca_path = None
+            if True in registries:
+                # skopeo reads CAs from a directory of *.crt files.
+                ca_path = scratch / "certs" / "ca.crt"
+                ca_path.parent.mkdir()
+                pem_path = registries[True].ca_pem_path
+                assert pem_path is not None
+                shutil.copyfile(pem_path, ca_path)
 
             for scenario in opts.scenarios:
+                registry = registries[scenario == "tls"]
                 host = registry.host
-                if scenario == "capped":
+                if scenario in CAPPED_SCENARIOS:
                     proxy = stack.enter_context(
                         RateCappedProxy(
                             registry.host,
-                            rate_bytes=int(opts.cap_mbps * 1e6),
-                            access_log=self.access_log,
+                            rate_bytes=self.rate_bytes(scenario),
+                            access_log=self.access_log(scenario),
                             binary=NGINX,
                         )
                     )
                     host = proxy.host
+                capped = scenario in CAPPED_SCENARIOS
                 self.scenario_info[scenario] = {
                     "host": host,
-                    "cap_mbps_per_connection": opts.cap_mbps if scenario == "capped" else None,
+                    "tls": scenario == "tls",
+                    "cap_bytes_per_connection": self.rate_bytes(scenario) if capped else None,
                 }
                 for name in opts.images:
                     spec = specs[name]
@@ -259,13 +285,31 @@ class Bench:
                         tag=spec.tag,
                         blobs=tuple(image.referenced_blobs()),
                         largest=largest_layer(image),
+                        ca_path=ca_path if scenario == "tls" else None,
                     )
                     self._check_range(scenario, target)
-                    self._measure(scenario, name, target, scratch, env)
+                    self._measure(scenario, name, target, scratch, env, registry)
+
+    def _serve(
+        self, stack: contextlib.ExitStack, specs: dict[str, ImageSpec], *, tls: bool
+    ) -> RegistryServer:
+        registry = stack.enter_context(RegistryServer(tls=tls))
+        started = time.monotonic()
+        for name in self.options.images:
+            registry.pusher.push_image(specs[name].repository, specs[name].tag, self.images[name])
+        # Flush the registry's freshly written blobs now rather than during the first run.
+        os.sync()
+        log(f"pushed to {registry.url} in {time.monotonic() - started:.1f}s")
+        return registry
 
     def _check_range(self, scenario: str, target: Target) -> None:
         """Warn when Range requests do not come back as 206 (segmented tools would degrade)."""
-        conn = http.client.HTTPConnection(target.host, timeout=30)
+        conn: http.client.HTTPConnection
+        if target.ca_path is None:
+            conn = http.client.HTTPConnection(target.host, timeout=30)
+        else:
+            context = ssl.create_default_context(cafile=str(target.ca_path))
+            conn = http.client.HTTPSConnection(target.host, timeout=30, context=context)
         try:
             conn.request(
                 "GET",
@@ -283,7 +327,13 @@ class Bench:
             log("warning: " + warning)
 
     def _measure(
-        self, scenario: str, image: str, target: Target, scratch: Path, env: dict[str, str]
+        self,
+        scenario: str,
+        image: str,
+        target: Target,
+        scratch: Path,
+        env: dict[str, str],
+        registry: RegistryServer,
     ) -> None:
         opts = self.options
         for round_no in range(opts.runs):
@@ -292,6 +342,10 @@ class Bench:
             shift = round_no % len(opts.tools)
             order = opts.tools[shift:] + opts.tools[:shift]
             for position, tool in enumerate(order):
+                # The machine's page-out daemon evicts cold page cache: every run starts with
+                # the registry's blobs in memory and nothing left to write back.
+                warm(registry)
+                os.sync()
                 result = self._run_once(
                     scenario, image, tool, round_no, position, target, scratch, env
                 )
@@ -390,6 +444,7 @@ class Bench:
                     "tools": list(opts.tools),
                     "quick": opts.quick,
                     "cap_mbps_per_connection": opts.cap_mbps,
+                    "slow_mibps_per_connection": opts.slow_mibps,
                     "fastpull_args": list(opts.fastpull_args),
                     "fastpull_stats": self.fastpull_stats,
                     "timeout_seconds": opts.timeout,
@@ -425,8 +480,9 @@ class Bench:
         print(render_table(summaries, checks, notes))
         print(f"\nJSON:  {json_path}")
         print(f"chart: {chart_note or chart_path}")
-        if "capped" in self.scenario_info:
-            print(f"nginx access log: {self.access_log}")
+        for scenario in CAPPED_SCENARIOS:
+            if scenario in self.scenario_info:
+                print(f"nginx access log ({scenario}): {self.access_log(scenario)}")
 
     def _notes(self) -> list[str]:
         opts = self.options
@@ -434,14 +490,18 @@ class Bench:
         notes = [
             f"MB/s: payload bytes / wall seconds / 10^6, median of {opts.runs} run(s) per row; "
             "tools alternate within each round, their order rotated every round. "
-            "range: slowest and fastest run.",
+            "best: the fastest run (this VM's noise only slows runs down); range: slowest and "
+            "fastest run. Before every run the registry's blob files are read back into the "
+            "page cache and the disk is synced.",
             "payload: fastpull and skopeo pull the whole image (config + layers; the manifest "
             "is not counted) and verify every digest; curl and aria2c fetch only the largest "
             "layer ("
             + ", ".join(f"{name} {size:.0f} MB" for name, size in largest.items())
             + ") and do NOT verify its digest.",
             "CPU s/GB: user+system seconds of the tool's whole process tree (wait4 rusage) "
-            "per 10^9 payload bytes; srv s/GB: registry + nginx CPU during the run.",
+            "per 10^9 payload bytes; srv s/GB: registry + nginx CPU during the run. "
+            "x floor: CPU s/GB over the floor row's (curl -o FILE, then sha256sum FILE, of the "
+            "largest layer, same scenario).",
             "RSS MB: highest (over runs) peak of the summed VmRSS of the tool's process tree, "
             "sampled every 50 ms; pages shared between processes count once per process. "
             "The JSON also has the sum of every process's VmHWM, an upper bound.",
@@ -453,6 +513,16 @@ class Bench:
                 f"capped: every tool pulls through nginx with limit_rate {opts.cap_mbps:g} MB/s "
                 "per connection (per request; HTTP/1.1 carries one request per connection at a "
                 "time)."
+            )
+        if "slow" in opts.scenarios:
+            notes.append(
+                f"slow: the same with limit_rate {opts.slow_mibps:g} MiB/s per connection, as a "
+                "CDN edge or a long lossy path gives each TCP connection."
+            )
+        if "tls" in opts.scenarios:
+            notes.append(
+                "tls: straight to a registry serving HTTPS (a trustme CA every tool is told to "
+                "trust; skopeo through --src-cert-dir)."
             )
         notes.append(
             f"outputs: written under {opts.scratch or tempfile.gettempdir()}; fastpull fsyncs "
@@ -486,6 +556,16 @@ class Bench:
         )
 
 
+def warm(registry: RegistryServer) -> None:
+    """Read every file the registry stores back into the page cache."""
+    assert registry.storage_path is not None
+    for path in sorted(registry.storage_path.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                while fh.read(8 * MIB):
+                    pass
+
+
 def _tail(path: Path, lines: int = 5) -> str:
     try:
         text = path.read_text("utf-8", "replace")
@@ -509,7 +589,7 @@ def machine_info(env: dict[str, str], options: Options) -> dict[str, Any]:
                 mem_total = int(line.split()[1]) * 1024
                 break
     programs = [*options.tools, "docker-registry"]
-    if "capped" in options.scenarios:
+    if set(CAPPED_SCENARIOS) & set(options.scenarios):
         programs.append("nginx")
     return {
         "cpu_model": cpu_model,

@@ -14,14 +14,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The issue's goals, reported but never asserted: (scenario, image, reference tool, wanted ratio
-# of fastpull's MB/s to the reference's).
-SPEED_TARGETS: tuple[tuple[str, str, str, float], ...] = (
-    ("capped", "big", "skopeo", 6.0),
-    ("capped", "big", "aria2c", 1.2),
-    ("direct", "big", "skopeo", 2.0),
-    ("direct", "big", "curl", 0.85),
+# The engine issue's goals, reported but never asserted: (scenario, image, reference tool,
+# wanted ratio of fastpull's MB/s to the reference's, "median" or "best" run).
+SPEED_TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
+    ("slow", "big", "aria2c", 3.0, "median"),
+    ("capped", "big", "skopeo", 6.0, "median"),
+    ("capped", "big", "aria2c", 1.0, "median"),
+    ("direct", "big", "skopeo", 2.0, "median"),
+    ("direct", "small", "skopeo", 1.0, "best"),
+    ("tls", "big", "skopeo", 1.6, "median"),
 )
+# fastpull's client CPU per GB over the floor row's (curl -o FILE + sha256sum), direct.
+FLOOR_CPU_TARGET = 1.25
 RSS_TARGET_MB = 200.0
 
 
@@ -138,17 +142,20 @@ def check_targets(summaries: Sequence[Summary]) -> list[TargetCheck]:
     """Compare fastpull with the references where both were measured."""
     by_key = {(s.scenario, s.image, s.tool): s for s in summaries}
     checks = []
-    for scenario, image, reference, wanted in SPEED_TARGETS:
+    for scenario, image, reference, wanted, which in SPEED_TARGETS:
         ours = by_key.get((scenario, image, "fastpull"))
         ref = by_key.get((scenario, image, reference))
         if ours is None or ref is None:
             continue
-        ratio = _ratio(ours.mb_per_s, ref.mb_per_s)
+        if which == "best":
+            ratio = _ratio(ours.mb_per_s_max, ref.mb_per_s_max)
+        else:
+            ratio = _ratio(ours.mb_per_s, ref.mb_per_s)
         checks.append(
             TargetCheck(
                 scenario,
                 image,
-                f"fastpull MB/s / {reference} MB/s",
+                f"fastpull MB/s / {reference} MB/s ({which})",
                 ratio,
                 f">= {wanted:g}x",
                 None if ratio is None else ratio >= wanted,
@@ -157,6 +164,19 @@ def check_targets(summaries: Sequence[Summary]) -> list[TargetCheck]:
     for (scenario, image, tool), ours in by_key.items():
         if tool != "fastpull":
             continue
+        floor = by_key.get((scenario, image, "floor"))
+        if floor is not None and scenario == "direct":
+            ratio = _ratio(ours.cpu_seconds_per_gb, floor.cpu_seconds_per_gb)
+            checks.append(
+                TargetCheck(
+                    scenario,
+                    image,
+                    "fastpull CPU s/GB / floor CPU s/GB",
+                    ratio,
+                    f"<= {FLOOR_CPU_TARGET:g}x",
+                    None if ratio is None else ratio <= FLOOR_CPU_TARGET,
+                )
+            )
         skopeo = by_key.get((scenario, image, "skopeo"))
         if skopeo is not None:
             mine, theirs = ours.cpu_seconds_per_gb, skopeo.cpu_seconds_per_gb
@@ -203,11 +223,14 @@ def render_table(
     """The human-readable report: medians per tool, ratios, target checks, footnotes."""
     header = (
         f"{'scenario':<8} {'image':<5} {'tool':<8} {'ok':>5} {'payload':>9} {'MB/s':>8} "
-        f"{'range':>13} {'CPU s/GB':>9} {'srv s/GB':>9} {'RSS MB':>7} "
-        f"{'x skopeo':>8} {'x curl':>7} {'x aria2c':>8} {'x disk':>7}"
+        f"{'best':>8} {'range':>11} {'CPU s/GB':>9} {'x floor':>7} {'srv s/GB':>9} "
+        f"{'RSS MB':>7} {'x skopeo':>8} {'x curl':>7} {'x aria2c':>8} {'x disk':>7}"
     )
     lines = [header, "-" * len(header)]
     speed = {(s.scenario, s.image, s.tool): s.mb_per_s for s in summaries}
+    floor_cpu = {
+        (s.scenario, s.image): s.cpu_seconds_per_gb for s in summaries if s.tool == "floor"
+    }
     for s in summaries:
         spread = (
             f"{s.mb_per_s_min:.0f}-{s.mb_per_s_max:.0f}"
@@ -220,10 +243,13 @@ def render_table(
             else _fmt(_ratio(s.mb_per_s, speed.get((s.scenario, s.image, ref))), ".2f")
             for ref in ("skopeo", "curl", "aria2c", "disk")
         ]
+        cpu_ratio = _ratio(s.cpu_seconds_per_gb, floor_cpu.get((s.scenario, s.image)))
         lines.append(
             f"{s.scenario:<8} {s.image:<5} {s.tool:<8} {f'{s.ok_runs}/{s.runs}':>5} "
-            f"{s.payload_bytes / 1e6:>7.0f}MB {_fmt(s.mb_per_s, '.1f'):>8} {spread:>13} "
-            f"{_fmt(s.cpu_seconds_per_gb, '.2f'):>9} {_fmt(s.server_cpu_seconds_per_gb, '.2f'):>9} "
+            f"{s.payload_bytes / 1e6:>7.0f}MB {_fmt(s.mb_per_s, '.1f'):>8} "
+            f"{_fmt(s.mb_per_s_max, '.1f'):>8} {spread:>11} "
+            f"{_fmt(s.cpu_seconds_per_gb, '.2f'):>9} {_fmt(cpu_ratio, '.2f'):>7} "
+            f"{_fmt(s.server_cpu_seconds_per_gb, '.2f'):>9} "
             f"{_fmt(s.peak_tree_rss_mb, '.0f'):>7} "
             f"{ratios[0]:>8} {ratios[1]:>7} {ratios[2]:>8} {ratios[3]:>7}"
         )

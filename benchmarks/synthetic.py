@@ -30,20 +30,26 @@ class ImageSpec:
 
 
 def image_specs(*, quick: bool) -> dict[str, ImageSpec]:
-    """The ``big`` and ``many`` images the issue asks for, or small stand-ins for ``--quick``."""
+    """The ``big``, ``many`` and ``small`` images, or stand-ins for ``big`` and ``many`` for
+    ``--quick``."""
     if quick:
         big_sizes = [64 * MiB, 16 * MiB, 4 * MiB, 1 * MiB]
         many_sizes = _random_sizes(count=8, low_mib=1, high_mib=4, seed=8)
     else:
         big_sizes = [1024 * MiB, 512 * MiB, 256 * MiB, 64 * MiB, 8 * MiB, 1 * MiB]
         many_sizes = _random_sizes(count=40, low_mib=4, high_mib=16, seed=40)
-    # Distinct seed ranges keep every layer of both images distinct, so no blob is shared.
+    # What most pulls look like: tens of MB in a handful of layers; the same in --quick.
+    small_sizes = [20 * MiB, 8 * MiB, 4 * MiB, 1 * MiB, MiB // 4]
+    # Distinct seed ranges keep every layer of every image distinct, so no blob is shared.
     return {
         "big": ImageSpec(
             "big", "bench/big", "1", tuple((s, 1000 + i) for i, s in enumerate(big_sizes))
         ),
         "many": ImageSpec(
             "many", "bench/many", "1", tuple((s, 2000 + i) for i, s in enumerate(many_sizes))
+        ),
+        "small": ImageSpec(
+            "small", "bench/small", "1", tuple((s, 3000 + i) for i, s in enumerate(small_sizes))
         ),
     }
 

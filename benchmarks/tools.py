@@ -6,6 +6,9 @@
 - ``curl``: the largest blob over one connection, the single-stream line-rate reference.
 - ``aria2c``: the same blob in 16 segments over 16 connections, the segmented-download
   reference.
+- ``floor``: ``curl -o FILE`` of the largest blob, then ``sha256sum FILE``: the least CPU any
+  tool can spend to download, store and verify those bytes. Every row's CPU s/GB is compared
+  with it.
 - ``disk``: no network; ``dd`` writes as many bytes as the image has to a file, then fsyncs
   it: what storing the image durably costs on this disk at the moment. fastpull fsyncs every
   blob before it is published (it starts the write-out as it hashes, so it can come in a little
@@ -18,6 +21,7 @@ what they wrote, so they have less to do than the image pullers.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,11 +31,17 @@ from pathlib import Path
 
 from tests.support.images import Blob
 
-TOOLS = ("fastpull", "curl", "aria2c", "skopeo", "disk")
+TOOLS = ("fastpull", "curl", "aria2c", "skopeo", "floor", "disk")
 
 # The program each tool runs, and where it comes from, for the error message when it is missing.
-_BINARIES = {"disk": "dd"}
-_PACKAGES = {"curl": "curl", "aria2c": "aria2", "skopeo": "skopeo", "disk": "coreutils"}
+_BINARIES = {"disk": "dd", "floor": "sha256sum"}
+_PACKAGES = {
+    "curl": "curl",
+    "aria2c": "aria2",
+    "skopeo": "skopeo",
+    "disk": "coreutils",
+    "floor": "coreutils",
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,13 @@ class Target:
     tag: str
     blobs: tuple[Blob, ...]
     largest: Blob
+    # Set when the registry serves HTTPS: the CA every tool is told to trust (none skips
+    # verification, so TLS costs what it costs a real pull).
+    ca_path: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ca_path is None else "https"
 
     @property
     def reference(self) -> str:
@@ -54,7 +71,7 @@ class Target:
 
     @property
     def largest_url(self) -> str:
-        return f"http://{self.host}{self.largest_path}"
+        return f"{self.scheme}://{self.host}{self.largest_path}"
 
 
 @dataclass(frozen=True)
@@ -115,16 +132,23 @@ def invocation(
         store = out_dir / "store"
         stats = out_dir / "stats.json" if fastpull_stats else None
         argv = [sys.executable, "-m", "fastpull", "pull", "--store", str(store)]
+        if target.ca_path is not None:
+            argv += ["--ca-cert", str(target.ca_path)]
         if stats is not None:
             argv += ["--stats", str(stats)]
         argv += [*fastpull_args, target.reference]
         return Invocation(tuple(argv), image_bytes, _layout_blobs(store, target), stats)
     if tool == "skopeo":
         layout = out_dir / "layout"
+        source_tls = (
+            ["--src-tls-verify=false"]
+            if target.ca_path is None
+            else [f"--src-cert-dir={target.ca_path.parent}"]
+        )
         argv = [
             "skopeo",
             "copy",
-            "--src-tls-verify=false",
+            *source_tls,
             # Without this skopeo gzips uncompressed layers on their way into an OCI layout,
             # which would make it compress 2 GB of random data that fastpull stores as is.
             "--dest-oci-accept-uncompressed-layers",
@@ -138,9 +162,12 @@ def invocation(
         argv += ["iflag=count_bytes", "conv=fsync", "status=none"]
         return Invocation(tuple(argv), image_bytes, ((blob_file, image_bytes),))
     expected = ((blob_file, target.largest.size),)
+    curl = ["curl", "-sS", "-L", *_curl_tls(target), "-o", str(blob_file), target.largest_url]
     if tool == "curl":
-        argv = ["curl", "-sS", "-L", "-o", str(blob_file), target.largest_url]
-        return Invocation(tuple(argv), target.largest.size, expected)
+        return Invocation(tuple(curl), target.largest.size, expected)
+    if tool == "floor":
+        script = f"{shlex.join(curl)} && sha256sum {shlex.quote(str(blob_file))} >/dev/null"
+        return Invocation(("sh", "-c", script), target.largest.size, expected)
     if tool == "aria2c":
         argv = [
             "aria2c",
@@ -151,6 +178,11 @@ def invocation(
             "--file-allocation=none",
             "--quiet=true",
             "--summary-interval=0",
+            *(
+                []
+                if target.ca_path is None
+                else [f"--ca-certificate={target.ca_path}", "--check-certificate=true"]
+            ),
             "-d",
             str(out_dir),
             "-o",
@@ -159,6 +191,10 @@ def invocation(
         ]
         return Invocation(tuple(argv), target.largest.size, expected)
     raise ValueError(f"unknown tool {tool!r}")
+
+
+def _curl_tls(target: Target) -> list[str]:
+    return [] if target.ca_path is None else ["--cacert", str(target.ca_path)]
 
 
 def _layout_blobs(layout: Path, target: Target) -> tuple[tuple[Path, int], ...]:
@@ -188,6 +224,7 @@ def tool_version(tool: str, env: Mapping[str, str]) -> str:
         "aria2c": ["aria2c", "--version"],
         "skopeo": ["skopeo", "--version"],
         "disk": ["dd", "--version"],
+        "floor": ["sha256sum", "--version"],
         "nginx": ["/usr/sbin/nginx", "-v"],
         "docker-registry": ["docker-registry", "--version"],
     }[tool]

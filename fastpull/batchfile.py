@@ -74,6 +74,15 @@ def check_all_tags(text: str, ref: Reference) -> None:
         raise UsageError("tag can't be used with --all-tags/-a")
 
 
+def command_line_entry(text: str, all_tags: bool = False) -> BatchEntry:
+    """The image (or, with ``all_tags``, the repository) named on the command line."""
+    ref = Reference.parse(text)
+    if all_tags:
+        check_all_tags(text, ref)
+    default_tag = tag_was_defaulted(text, ref) and not all_tags
+    return BatchEntry(ref, "command line", all_tags=all_tags, default_tag=default_tag)
+
+
 def parse_batch(text: str, name: str) -> list[BatchEntry]:
     """Parse a whole batch file; ``name`` is how messages call the file (``-`` for stdin)."""
     name = "<stdin>" if name == "-" else name
@@ -183,4 +192,10 @@ def _checked(parse: Callable[[], _T], origin: str) -> _T:
         raise BatchFileError(f"{origin}: {exc}") from None
 
 
-__all__ = ["BatchEntry", "check_all_tags", "parse_batch", "tag_was_defaulted"]
+__all__ = [
+    "BatchEntry",
+    "check_all_tags",
+    "command_line_entry",
+    "parse_batch",
+    "tag_was_defaulted",
+]

@@ -1,4 +1,8 @@
-"""Many images as one run (``fastpull pull -f FILE``).
+"""Many images as one run (``fastpull pull -f FILE``), and the images a command line names.
+
+Every image to pull comes as a :class:`~fastpull.batchfile.BatchEntry`. :func:`pull_each`
+pulls them one after the other as ``docker pull`` (and ``-a``) does; :func:`pull_batch`
+pulls them as one run:
 
 1. Expand: ``all_tags`` entries list their repository's tags (filtered by ``tags``).
 2. Resolve every image's manifests, a few at a time (:data:`RESOLVE_CONCURRENCY` threads,
@@ -11,21 +15,23 @@
    then the run waits on the lock, and finds the blob in the store instead of fetching it.
 4. Store each image whose blobs are all present (manifests, index, index.json entry).
 
-Failures stay with their image: a tag that does not exist, a denied repository, a blob
-that never matches its digest fail that image only, unless ``fail_fast``. The engine gives
-up on a bad blob alone (``Downloader.fetch``'s ``on_failure``) and goes on with the others;
-the images that need it fail. Only Ctrl-C / SIGTERM and the store itself stop everything.
+In a batch, failures stay with their image: a tag that does not exist, a denied
+repository, a blob that never matches its digest fail that image only, unless
+``fail_fast``. The engine gives up on a bad blob alone (``Downloader.fetch``'s
+``on_failure``) and goes on with the others; the images that need it fail. Only Ctrl-C /
+SIGTERM and the store itself stop everything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastpull import cancel, events
 from fastpull.batchfile import BatchEntry
@@ -37,6 +43,9 @@ from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.settings import Settings
 from fastpull.store.layout import Store, resolve_store_path
 from fastpull.types import Descriptor, Digest, PlatformSelection
+
+if TYPE_CHECKING:
+    from fastpull.cluster.client import Cluster, ClusterFetcher
 
 RESOLVE_CONCURRENCY = 8
 _POLL_SECONDS = 0.2
@@ -101,6 +110,8 @@ class BatchResult:
     outcomes: tuple[ImageOutcome, ...]
     seconds: float
     bytes_downloaded: int
+    # With a cluster: the Dask worker that moved each downloaded blob.
+    moved_by: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[ImageOutcome]:
@@ -117,7 +128,7 @@ class BatchResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``--report`` document."""
-        return {
+        document: dict[str, Any] = {
             "images": [o.to_json() for o in self.outcomes],
             "summary": {
                 "images": len(self.outcomes),
@@ -126,38 +137,79 @@ class BatchResult:
                 "seconds": round(self.seconds, 3),
             },
         }
+        if self.moved_by:
+            document["blobs"] = [
+                {"digest": digest, "worker": worker}
+                for digest, worker in sorted(self.moved_by.items())
+            ]
+        return document
 
 
-@dataclass(frozen=True)
-class _Item:
-    """One image to pull: an entry, or one tag of an ``all_tags`` entry."""
+@dataclass
+class _Image:
+    """One image of a run, from its batch entry to its outcome: the entry's position in the
+    run, what to pull, then its plan once resolved, then what became of it."""
 
+    entry: int
     ref: Reference
     origin: str
     platforms: PlatformSelection | None
     default_tag: bool = False
+    plan: ImagePlan | None = None
+    outcome: ImageOutcome | None = None
+
+    @classmethod
+    def of(cls, entry: BatchEntry, position: int = 0, tag: str | None = None) -> _Image:
+        """The entry's image, or (``tag``) one of the tags an ``all_tags`` entry selects."""
+        if tag is None:
+            return cls(position, entry.reference, entry.origin, entry.platforms, entry.default_tag)
+        return cls(position, entry.reference.with_tag(tag), entry.origin, entry.platforms)
+
+    @property
+    def waiting(self) -> bool:
+        """Resolved, and neither stored nor failed yet."""
+        return self.plan is not None and self.outcome is None
+
+    def failed(self, exc: FastpullError, seconds: float = 0.0) -> ImageOutcome:
+        return ImageOutcome(
+            str(self.ref),
+            self.origin,
+            events.FAILED,
+            seconds=seconds,
+            error=str(exc),
+            exit_code=int(exc.exit_code),
+        )
+
+    def skipped(self) -> ImageOutcome:
+        return ImageOutcome(
+            str(self.ref),
+            self.origin,
+            events.SKIPPED,
+            error="not pulled: an earlier image failed",
+        )
+
+
+def selected_tags(entry: BatchEntry, all_tags: Sequence[str]) -> list[str]:
+    """The tags of an ``all_tags`` entry's repository that it selects, in the registry's
+    order; a UsageError when there are none."""
+    tags = [t for t in all_tags if entry.wants_tag(t)]
+    if not tags:
+        which = " matching the 'tags' pattern" if entry.tags is not None else ""
+        raise UsageError(f"repository {entry.reference.familiar_name} has no tags{which}")
+    return tags
+
+
+def _tags_of(entry: BatchEntry, puller: Puller) -> list[str | None]:
+    """The tags an ``all_tags`` entry selects; ``[None]`` (the entry's own image) for any
+    other entry."""
+    if not entry.all_tags:
+        return [None]
+    return list(selected_tags(entry, puller.tags(entry.reference)))
 
 
 def _isolated(exc: BaseException) -> bool:
     """Errors that fail one image; anything else (Ctrl-C, bugs) stops the batch."""
     return isinstance(exc, FastpullError) and not isinstance(exc, Interrupted)
-
-
-def _failed(item: _Item, exc: FastpullError, seconds: float = 0.0) -> ImageOutcome:
-    return ImageOutcome(
-        str(item.ref),
-        item.origin,
-        events.FAILED,
-        seconds=seconds,
-        error=str(exc),
-        exit_code=int(exc.exit_code),
-    )
-
-
-def _skipped(item: _Item) -> ImageOutcome:
-    return ImageOutcome(
-        str(item.ref), item.origin, events.SKIPPED, error="not pulled: an earlier image failed"
-    )
 
 
 def pull_batch(
@@ -168,11 +220,13 @@ def pull_batch(
     fail_fast: bool = False,
     credentials: CredentialStore | None = None,
     on_event: events.Listener = events.ignore,
+    cluster: Cluster | None = None,
 ) -> BatchResult:
     """Pull every entry; entries with their own ``store`` run as a batch of their own.
 
     ``platforms`` applies to entries that do not name theirs. Never raises for one
-    image's failure (see the module docstring); raises Interrupted on Ctrl-C.
+    image's failure (see the module docstring); raises Interrupted on Ctrl-C. With a
+    ``cluster``, its workers fetch the blobs into the same store path.
     """
     started = time.monotonic()
     stores: dict[Path, list[int]] = {}
@@ -180,21 +234,31 @@ def pull_batch(
         path = resolve_store_path(entry.store or settings.store)
         stores.setdefault(path, []).append(position)
     slots: list[list[ImageOutcome]] = [[] for _ in entries]
-    downloaded = 0
+    fetched: list[BlobStats] = []
     stop = False
     for path, positions in stores.items():
         group = [entries[p] for p in positions]
         if stop:
-            outcomes = [[_skipped(_item(e))] for e in group]
+            outcomes = [[_Image.of(e).skipped()] for e in group]
         else:
-            run = _Run(path, settings, platforms, fail_fast, credentials, on_event)
-            outcomes = run.pull(group)
-            downloaded += run.bytes_downloaded
+            try:
+                store = Store.open(path)
+            except FastpullError as exc:
+                outcomes = [[_report(on_event, _Image.of(e).failed(exc))] for e in group]
+            else:
+                run = _Run(store, settings, platforms, fail_fast, credentials, on_event, cluster)
+                outcomes, stats = run.pull(group)
+                fetched += stats
             stop = fail_fast and any(not o.ok for found in outcomes for o in found)
         for position, found in zip(positions, outcomes, strict=True):
             slots[position] = found
     outcomes_flat = tuple(o for found in slots for o in found)
-    result = BatchResult(outcomes_flat, time.monotonic() - started, downloaded)
+    result = BatchResult(
+        outcomes_flat,
+        time.monotonic() - started,
+        sum(s.downloaded for s in fetched),
+        {str(s.digest): s.worker for s in fetched if s.worker},
+    )
     on_event(
         events.BatchFinished(
             len(result.outcomes), len(result.failed), result.bytes_downloaded, result.seconds
@@ -203,8 +267,49 @@ def pull_batch(
     return result
 
 
-def _item(entry: BatchEntry) -> _Item:
-    return _Item(entry.reference, entry.origin, entry.platforms, entry.default_tag)
+def pull_each(
+    entries: Sequence[BatchEntry],
+    *,
+    settings: Settings,
+    platforms: PlatformSelection | None = None,
+    credentials: CredentialStore | None = None,
+    on_event: events.Listener = events.ignore,
+) -> list[PullResult]:
+    """Pull the entries' images one after the other, as ``docker pull`` (and ``-a``) do:
+    each image with its own events from ``Pulling from`` to ``Status:``, and the first
+    failure raised as it is. Every entry is expanded (its tags listed) before the first
+    image is pulled."""
+    with contextlib.ExitStack() as stack:
+        pullers: dict[Path, Puller] = {}
+
+        def puller_for(entry: BatchEntry) -> Puller:
+            path = resolve_store_path(entry.store or settings.store)
+            if path not in pullers:
+                puller = Puller(
+                    Store.open(path),
+                    settings=settings,
+                    platform=platforms,
+                    credentials=credentials,
+                    on_event=on_event,
+                )
+                pullers[path] = stack.enter_context(puller)
+            return pullers[path]
+
+        todo = [
+            (puller, _Image.of(entry, position, tag))
+            for position, entry in enumerate(entries)
+            for puller in (puller_for(entry),)
+            for tag in _tags_of(entry, puller)
+        ]
+        return [
+            puller.pull(image.ref, default_tag=image.default_tag, platforms=image.platforms)
+            for puller, image in todo
+        ]
+
+
+def _report(emit: events.Listener, outcome: ImageOutcome) -> ImageOutcome:
+    emit(outcome.event())
+    return outcome
 
 
 class _Run:
@@ -212,71 +317,46 @@ class _Run:
 
     def __init__(
         self,
-        store_path: Path,
+        store: Store,
         settings: Settings,
         platforms: PlatformSelection | None,
         fail_fast: bool,
         credentials: CredentialStore | None,
         emit: events.Listener,
+        cluster: Cluster | None = None,
     ) -> None:
-        self.store_path = store_path
+        self.store = store
+        self.cluster = cluster
         self.settings = settings
         self.platforms = platforms
         self.fail_fast = fail_fast
         self.credentials = credentials
         self.emit = emit
+        # Set by the first isolated failure with fail_fast: no further work starts.
         self.stopped = False
-        self.bytes_downloaded = 0
+        # Blobs whose bytes count as new for an image already stored (see ImageOutcome).
+        self._credited: set[Digest] = set()
         self._local = threading.local()
         self._pullers: list[Puller] = []
         self._lock = threading.Lock()
 
-    def pull(self, entries: Sequence[BatchEntry]) -> list[list[ImageOutcome]]:
-        """Outcomes per entry (several for ``all_tags``)."""
+    def pull(
+        self, entries: Sequence[BatchEntry]
+    ) -> tuple[list[list[ImageOutcome]], list[BlobStats]]:
+        """Outcomes per entry (several for ``all_tags``), and the numbers of every blob the
+        run fetched."""
         try:
-            store = Store.open(self.store_path)
-        except FastpullError as exc:
-            return [[self._report(_failed(_item(e), exc))] for e in entries]
-        try:
-            return self._pull(store, entries)
+            main = self._new_puller()
+            images = self._expand(entries)
+            self._resolve(images)
+            fetched = self._download_and_store(main, images)
         finally:
             for puller in self._pullers:
                 puller.close()
-
-    def _pull(self, store: Store, entries: Sequence[BatchEntry]) -> list[list[ImageOutcome]]:
-        self.store = store
-        main = self._new_puller()
-        expanded = self._concurrently(self._expand, entries)
-        items: list[_Item] = []
-        owner: list[int] = []
-        early: dict[int, ImageOutcome] = {}
-        for position, (entry, found) in enumerate(zip(entries, expanded, strict=True)):
-            if isinstance(found, list):
-                items += found
-                owner += [position] * len(found)
-            else:
-                early[position] = (
-                    self._report(_failed(_item(entry), found))
-                    if found is not None
-                    else self._report(_skipped(_item(entry)))
-                )
-        outcomes: list[ImageOutcome | None] = [None] * len(items)
-        plans: dict[int, ImagePlan] = {}
-        if not self.stopped:
-            for slot, plan in enumerate(self._concurrently(self._resolve, items)):
-                if isinstance(plan, ImagePlan):
-                    plans[slot] = plan
-                elif plan is not None:
-                    outcomes[slot] = self._report(_failed(items[slot], plan))
-        if self.stopped:
-            plans.clear()
-        self._download_and_store(main, items, plans, outcomes)
         per_entry: list[list[ImageOutcome]] = [[] for _ in entries]
-        for position, outcome in early.items():
-            per_entry[position].append(outcome)
-        for slot, outcome in enumerate(outcomes):
-            per_entry[owner[slot]].append(outcome or self._report(_skipped(items[slot])))
-        return per_entry
+        for image in images:
+            per_entry[image.entry].append(image.outcome or self._report(image.skipped()))
+        return per_entry, fetched
 
     # -- 1 and 2: expand and resolve, concurrently ---------------------------------------
 
@@ -297,19 +377,40 @@ class _Run:
             puller = self._local.puller = self._new_puller()
         return puller
 
-    def _expand(self, entry: BatchEntry) -> list[_Item]:
-        item = _item(entry)
-        if not entry.all_tags:
-            return [item]
-        tags = [t for t in self._thread_puller().tags(entry.reference) if entry.wants_tag(t)]
-        if not tags:
-            which = " matching the 'tags' pattern" if entry.tags is not None else ""
-            raise UsageError(f"repository {entry.reference.familiar_name} has no tags{which}")
-        return [_Item(entry.reference.with_tag(t), entry.origin, entry.platforms) for t in tags]
+    def _expand(self, entries: Sequence[BatchEntry]) -> list[_Image]:
+        """Every entry's images, in entry order; an entry whose tags cannot be listed is one
+        failed (or, after a fail-fast stop, skipped) image."""
+        images: list[_Image] = []
+        for position, (entry, found) in enumerate(
+            zip(entries, self._concurrently(self._tags_of, entries), strict=True)
+        ):
+            if isinstance(found, list):
+                images += [_Image.of(entry, position, tag) for tag in found]
+            else:
+                image = _Image.of(entry, position)
+                image.outcome = self._report(
+                    image.failed(found) if found is not None else image.skipped()
+                )
+                images.append(image)
+        return images
 
-    def _resolve(self, item: _Item) -> ImagePlan:
+    def _tags_of(self, entry: BatchEntry) -> list[str | None]:
+        return _tags_of(entry, self._thread_puller())
+
+    def _resolve(self, images: list[_Image]) -> None:
+        todo = [image for image in images if image.outcome is None]
+        for image, plan in zip(todo, self._concurrently(self._plan, todo), strict=True):
+            if isinstance(plan, ImagePlan):
+                image.plan = plan
+            elif plan is not None:
+                image.outcome = self._report(image.failed(plan))
+        if self.stopped:
+            for image in images:
+                image.plan = None
+
+    def _plan(self, image: _Image) -> ImagePlan:
         return self._thread_puller().resolve(
-            item.ref, default_tag=item.default_tag, platforms=item.platforms
+            image.ref, default_tag=image.default_tag, platforms=image.platforms
         )
 
     def _concurrently(
@@ -345,57 +446,60 @@ class _Run:
 
     # -- 3 and 4: one engine run, then store each image ----------------------------------
 
-    def _download_and_store(
-        self,
-        main: Puller,
-        items: list[_Item],
-        plans: dict[int, ImagePlan],
-        outcomes: list[ImageOutcome | None],
-    ) -> None:
-        if not plans:
-            return
+    def _download_and_store(self, main: Puller, images: list[_Image]) -> list[BlobStats]:
+        """Fetch what the resolved images miss, store each image as soon as it has all its
+        blobs, and return the numbers of the blobs fetched."""
+        planned = [image.plan for image in images if image.plan is not None]
+        if not planned:
+            return []
         needed: dict[Digest, Descriptor] = {}
         sources: dict[Digest, BlobSource] = {}
-        for plan in plans.values():
+        for plan in planned:
             source = RepositoryBlobs(main.client(plan.ref.registry), plan.ref.repository)
             for blob in plan.blobs:
                 needed.setdefault(blob.digest, blob)
                 sources.setdefault(blob.digest, source)
         missing = [d for d in needed.values() if not self.store.has_blob(d.digest, d.size)]
-        self.emit(events.BatchPlanned(len(plans), len(missing), sum(d.size for d in missing)))
+        self.emit(events.BatchPlanned(len(planned), len(missing), sum(d.size for d in missing)))
         busy = {d.digest for d in missing if self.store.ingest_busy(d.digest)}
         stats: dict[Digest, BlobStats] = {}
-        failures: dict[int, FastpullError] = {}
-        engine = main.downloader(self.emit)
-        credited: set[Digest] = set()
+        engine = (
+            main.downloader(self.emit)
+            if self.cluster is None
+            else self.cluster.fetcher(self.store.root, self.settings, self.emit)
+        )
         for round_blobs in (
             [d for d in missing if d.digest not in busy],
             [d for d in missing if d.digest in busy],
         ):
-            waiting = {s: p for s, p in plans.items() if outcomes[s] is None and s not in failures}
-            self._fetch(engine, round_blobs, sources, waiting, stats, failures)
-            for slot, plan in waiting.items():
-                if slot in failures:
-                    outcomes[slot] = self._report(_failed(items[slot], failures[slot]))
+            waiting = [image for image in images if image.waiting]
+            fetched, lost = self._fetch(engine, round_blobs, sources)
+            for s in fetched:
+                if s.digest not in stats or not s.already_present:
+                    stats[s.digest] = s
+            for image in waiting:
+                assert image.plan is not None
+                error = next((lost[b.digest] for b in image.plan.blobs if b.digest in lost), None)
+                if error is not None:
+                    image.outcome = self._report(image.failed(error))
                 elif self.stopped:
                     continue
-                elif all(self.store.has_blob(b.digest, b.size) for b in plan.blobs):
-                    outcomes[slot] = self._commit(main, items[slot], plan, stats, credited)
+                elif all(self.store.has_blob(b.digest, b.size) for b in image.plan.blobs):
+                    image.outcome = self._commit(main, image, image.plan, stats)
+        return list(stats.values())
 
     def _fetch(
         self,
-        engine: Downloader,
+        engine: Downloader | ClusterFetcher,
         blobs: list[Descriptor],
         sources: dict[Digest, BlobSource],
-        plans: dict[int, ImagePlan],
-        stats: dict[Digest, BlobStats],
-        failures: dict[int, FastpullError],
-    ) -> None:
-        """Fetch ``blobs`` in one engine run; a blob that cannot be had fails the images
-        that need it, and only those (all of them with ``--fail-fast``)."""
-        if not blobs or self.stopped:
-            return
+    ) -> tuple[tuple[BlobStats, ...], dict[Digest, FastpullError]]:
+        """Fetch ``blobs`` in one engine run: the numbers of the blobs stored, and the error
+        of each blob that could not be had (it fails the images that need it, and only
+        those; all of them with ``--fail-fast``)."""
         lost: dict[Digest, FastpullError] = {}
+        if not blobs or self.stopped:
+            return (), lost
 
         def give_up(digest: Digest, error: FastpullError) -> None:
             lost[digest] = error
@@ -403,29 +507,15 @@ class _Run:
                 raise error
 
         try:
-            self._record(engine.fetch(blobs, sources, on_failure=give_up), stats)
+            return engine.fetch(blobs, sources, on_failure=give_up).blobs, lost
         except FastpullError as exc:
             if not lost or not _isolated(exc):
                 raise
             self.stopped = True
-        for slot, plan in plans.items():
-            error = next((lost[b.digest] for b in plan.blobs if b.digest in lost), None)
-            if error is not None:
-                failures[slot] = error
-
-    def _record(self, fetched: Iterable[BlobStats], stats: dict[Digest, BlobStats]) -> None:
-        for s in fetched:
-            self.bytes_downloaded += s.downloaded
-            if s.digest not in stats or not s.already_present:
-                stats[s.digest] = s
+            return (), lost
 
     def _commit(
-        self,
-        main: Puller,
-        item: _Item,
-        plan: ImagePlan,
-        stats: dict[Digest, BlobStats],
-        credited: set[Digest],
+        self, main: Puller, image: _Image, plan: ImagePlan, stats: dict[Digest, BlobStats]
     ) -> ImageOutcome:
         try:
             result = main.commit(plan, [stats[b.digest] for b in plan.blobs if b.digest in stats])
@@ -434,16 +524,16 @@ class _Run:
                 raise
             assert isinstance(exc, FastpullError)
             self.stopped = self.fail_fast
-            return self._report(_failed(item, exc, time.monotonic() - plan.started))
+            return self._report(image.failed(exc, time.monotonic() - plan.started))
         new = 0
         for blob in plan.blobs:
             fresh = blob.digest in stats and not stats[blob.digest].already_present
-            if fresh and blob.digest not in credited:
-                credited.add(blob.digest)
+            if fresh and blob.digest not in self._credited:
+                self._credited.add(blob.digest)
                 new += blob.size
         outcome = ImageOutcome(
-            str(item.ref),
-            item.origin,
+            str(image.ref),
+            image.origin,
             events.UP_TO_DATE if result.up_to_date else events.DOWNLOADED,
             new_bytes=new,
             reused_bytes=sum(b.size for b in plan.blobs) - new,
@@ -454,8 +544,7 @@ class _Run:
         return self._report(outcome)
 
     def _report(self, outcome: ImageOutcome) -> ImageOutcome:
-        self.emit(outcome.event())
-        return outcome
+        return _report(self.emit, outcome)
 
 
-__all__ = ["BatchResult", "ImageOutcome", "pull_batch"]
+__all__ = ["BatchResult", "ImageOutcome", "pull_batch", "pull_each", "selected_tags"]

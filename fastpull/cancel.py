@@ -25,6 +25,19 @@ def _handler(signum: int, _frame: FrameType | None) -> None:
     _received = signum
 
 
+def request(signum: int = signal.SIGINT) -> None:
+    """Stop the loops as if ``signum`` had arrived: how a cluster task is told to stop by a
+    thread that watches for the client's request."""
+    global _received
+    _received = signum
+
+
+def clear() -> None:
+    """Forget a stop request (a cluster worker goes on with its next task)."""
+    global _received
+    _received = None
+
+
 def check() -> None:
     """Raise Interrupted if a stop was requested since the handlers were installed."""
     if _received is not None:

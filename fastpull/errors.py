@@ -20,23 +20,39 @@ The tree::
     │       └── ResponseTooLarge       exit 5  a body over its cap (manifests: ManifestError)
     ├── ManifestError                  exit 6  a document that must not be used
     │   ├── UnsupportedManifest        exit 6  schema 1, unknown media type, unknown algorithm
-    │   └── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   ├── PlatformNotFound           exit 4  no manifest for the requested platform
+    │   └── ArchiveError               exit 6  an image archive (load) that is malformed or unsafe
     ├── DigestMismatch                 exit 6  bytes do not match their digest; nothing was kept
     ├── StoreError                     exit 7  the local OCI layout cannot be used or written
     │   ├── StoreDamaged               exit 7  blobs missing, corrupt or unusable (verify, gc)
     │   └── NoSuchImage                exit 4  no image in the store has that reference
+    ├── ClusterError                   exit 5  the Dask cluster is unreachable or unfit
+    ├── OutputFailed                   exit 1  an archive (save) could not be written out
     ├── BatchFailed                    the failed images' exit code (1 if they differ)
     └── Interrupted                    exit 130 / 143  Ctrl-C or SIGTERM
 
-``retryable`` marks errors worth another attempt. Every error pickles (worker processes
-send them to the parent), keeping its message and attributes. Messages never contain
-credentials: code that builds them passes URLs through :func:`redact_url`.
+``retryable`` marks errors worth another attempt. The errors that carry data beyond their
+message declare it as keyword-only fields: :class:`RegistryError` (``host``, the HTTP
+``status``, and ``diagnostics``: the registry's codes and messages as :class:`Diagnostic`
+values, from the distribution spec's error body), :class:`ResponseTooLarge` (``limit``),
+:class:`DigestMismatch` (``expected``, ``actual``, ``expected_size``, ``actual_size``),
+:class:`StoreError` (``store``, ``errno``), :class:`OutputFailed` (``errno``), and
+:class:`BatchFailed` and :class:`Interrupted` (their own ``exit_code``). Every error pickles
+(worker processes send them to the parent), keeping its message and fields. Messages never
+contain credentials: code that builds them passes URLs through :func:`redact_url`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+# What of a registry's error body is kept: the spec's body is small, a hostile one is not.
+MAX_ERROR_BODY = 65536
+_MAX_DIAGNOSTICS = 4
 
 
 class FastpullError(Exception):
@@ -45,22 +61,23 @@ class FastpullError(Exception):
     exit_code = 1
     retryable = False
 
-    def __init__(self, message: str, **details: Any) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.details = details
-        for key, value in details.items():
-            setattr(self, key, value)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self.details))
+        # Rebuilt without calling the subclass's __init__ (its fields may be required), then
+        # given back every attribute: the message, the declared fields, any notes.
+        return (_rebuild, (type(self), self.message, dict(vars(self))))
 
     def __str__(self) -> str:
         return self.message
 
 
-def _rebuild(cls: type[FastpullError], message: str, details: dict[str, Any]) -> FastpullError:
-    return cls(message, **details)
+def _rebuild(cls: type[FastpullError], message: str, state: dict[str, Any]) -> FastpullError:
+    error = cls.__new__(cls, message)  # sets ``args`` as __init__ would
+    error.__dict__.update(state)
+    return error
 
 
 class UsageError(FastpullError):
@@ -90,10 +107,54 @@ class CredentialError(FastpullError):
     exit_code = 3
 
 
+@dataclass(frozen=True)
+class Diagnostic:
+    """One entry of a registry's error body (``{"errors": [{"code", "message"}]}``): the
+    spec's code as sent (``MANIFEST_UNKNOWN``) and its message."""
+
+    code: str
+    message: str
+
+
+def parse_diagnostics(body: bytes) -> tuple[Diagnostic, ...]:
+    """The first entries of a registry's error body; none for anything else. Reads at most
+    :data:`MAX_ERROR_BODY` bytes and keeps short codes and messages."""
+    try:
+        document = orjson.loads(body[:MAX_ERROR_BODY]) if body else None
+    except orjson.JSONDecodeError:
+        return ()
+    entries = document.get("errors") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        return ()
+    return tuple(
+        Diagnostic(str(e.get("code", "")).strip()[:60], str(e.get("message", "")).strip()[:200])
+        for e in entries[:_MAX_DIAGNOSTICS]
+        if isinstance(e, dict)
+    )
+
+
 class RegistryError(FastpullError):
-    """The registry (or the network to it) did not give us what we asked for."""
+    """The registry (or the network to it) did not give us what we asked for.
+
+    ``host`` is the registry (or redirect target) at fault when known; ``status`` the HTTP
+    status that failed, if the failure was one; ``diagnostics`` what the registry's error
+    body said (as go-containerregistry's ``transport.Error`` keeps them).
+    """
 
     exit_code = 5
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str | None = None,
+        status: int | None = None,
+        diagnostics: tuple[Diagnostic, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.host = host
+        self.status = status
+        self.diagnostics = diagnostics
 
 
 class ConnectionFailed(RegistryError):
@@ -143,6 +204,10 @@ class ProtocolError(RegistryError):
 class ResponseTooLarge(ProtocolError):
     """A response body larger than fastpull reads for its kind (``limit`` bytes)."""
 
+    def __init__(self, message: str, *, limit: int, host: str | None = None) -> None:
+        super().__init__(message, host=host)
+        self.limit = limit
+
 
 class ManifestError(FastpullError):
     """A manifest, index or config that is malformed or unsafe to use."""
@@ -160,17 +225,51 @@ class PlatformNotFound(ManifestError):
     exit_code = 4
 
 
+class ArchiveError(ManifestError):
+    """A tar archive given to ``load`` that is truncated, malformed, unsafe (paths outside
+    the archive, links, devices) or inconsistent (blobs missing or not matching their
+    digests). Nothing of it was stored."""
+
+
 class DigestMismatch(FastpullError):
-    """Content did not hash to its digest (or had the wrong size). Nothing was stored."""
+    """Content did not hash to its digest (or had the wrong size). Nothing was stored.
+
+    ``expected`` is the digest the content should have; ``actual`` the one it had, when it
+    was computed; ``expected_size`` and ``actual_size`` the lengths, when a length was wrong.
+    """
 
     exit_code = 6
     retryable = True
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected: str,
+        actual: str | None = None,
+        expected_size: int | None = None,
+        actual_size: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.actual = actual
+        self.expected_size = expected_size
+        self.actual_size = actual_size
+
 
 class StoreError(FastpullError):
-    """The local store cannot be used: not a layout, not writable, disk full."""
+    """The local store cannot be used: not a layout, not writable, disk full.
+
+    ``store`` is the store's directory when the error is about one; ``errno`` the OS error
+    number behind it, if any (``ENOSPC``: disk full).
+    """
 
     exit_code = 7
+
+    def __init__(self, message: str, *, store: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.store = store
+        self.errno = errno
 
 
 class StoreDamaged(StoreError):
@@ -183,15 +282,38 @@ class NoSuchImage(StoreError):
     exit_code = 4
 
 
+class ClusterError(FastpullError):
+    """The Dask cluster cannot be reached, runs another fastpull, or lost a task."""
+
+    exit_code = 5
+
+
+class OutputFailed(FastpullError):
+    """``save`` could not write the archive: full disk, closed pipe. A partial archive
+    file is removed. ``errno`` is the OS error number behind it."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class BatchFailed(FastpullError):
     """Some images of a batch (``pull -f``) failed; each failure is in the summary and the
     report. Exits with the failures' common exit code, or 1 when they differ."""
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Interrupted(FastpullError):
     """The user stopped the pull (SIGINT → 130, SIGTERM → 143)."""
 
     exit_code = 130
+
+    def __init__(self, message: str, *, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def redact_url(url: str) -> str:

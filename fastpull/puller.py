@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from fastpull import cancel, events
-from fastpull.engine.download import BlobStats, Downloader
+from fastpull.engine.download import BlobStats, Downloader, Fetched
 from fastpull.errors import FastpullError, ManifestError, PlatformNotFound
 from fastpull.reference import Reference
 from fastpull.registry import auth
@@ -117,15 +117,23 @@ class RepositoryBlobs:
 
 
 @dataclass(frozen=True)
+class PlannedManifest:
+    """One platform's manifest, and the index entry that named it (None when the
+    reference named the manifest itself)."""
+
+    manifest: ImageManifest
+    entry: Descriptor | None = None
+
+
+@dataclass(frozen=True)
 class ImagePlan:
     """An image resolved to what it needs, nothing stored yet: the manifests to pull (one
-    per platform, with the index entries that named them) and the index to store with
+    per platform, each with the index entry that named it) and the index to store with
     them when several platforms were asked for."""
 
     ref: Reference
     repo_digest: Digest
-    manifests: tuple[ImageManifest, ...]
-    entries: tuple[Descriptor | None, ...]
+    manifests: tuple[PlannedManifest, ...]
     index: ImageIndex | None
     platforms: PlatformSelection
     # Like docker: a single-platform image is refused only when a platform was asked for.
@@ -137,15 +145,20 @@ class ImagePlan:
     def blobs(self) -> tuple[Descriptor, ...]:
         """Configs and layers of every manifest, each digest once, in manifest order."""
         unique: dict[Digest, Descriptor] = {}
-        for manifest in self.manifests:
-            for blob in (manifest.config, *manifest.layers):
+        for planned in self.manifests:
+            for blob in (planned.manifest.config, *planned.manifest.layers):
                 unique.setdefault(blob.digest, blob)
         return tuple(unique.values())
 
     @property
     def layer_digests(self) -> frozenset[Digest]:
         """The layers (not configs): what docker-style output shows."""
-        return frozenset(layer.digest for m in self.manifests for layer in m.layers)
+        return frozenset(layer.digest for layer in self.layers)
+
+    @property
+    def layers(self) -> tuple[Descriptor, ...]:
+        """Every manifest's layers, in order (a layer two platforms share appears twice)."""
+        return tuple(layer for p in self.manifests for layer in p.manifest.layers)
 
 
 class Puller:
@@ -208,9 +221,14 @@ class Puller:
         return self.client(ref.registry).list_tags(ref.repository)
 
     def pull(
-        self, ref: Reference, *, default_tag: bool = False, name: str | None = None
+        self,
+        ref: Reference,
+        *,
+        default_tag: bool = False,
+        name: str | None = None,
+        platforms: PlatformSelection | None = None,
     ) -> PullResult:
-        """Pull one image for the configured platform(s) into the store.
+        """Pull one image for ``platforms`` (default: the configured ones) into the store.
 
         ``name`` is the image's name in index.json (default: the reference itself);
         ``verify --repair`` pulls by digest an image that is named by its tag.
@@ -218,10 +236,12 @@ class Puller:
         selector = ref.digest or ref.tag or "latest"
         self.client(ref.registry)  # credentials and settings fail before any output
         self._emit(events.PullStarted(str(ref), str(selector), ref.repository, default_tag))
-        plan = self.resolve(ref, default_tag=default_tag)
-        stats, workers = self.fetch_blobs(plan)
-        result = self.commit(plan, stats, workers=workers, name=name)
-        fresh = [s for s in stats if not s.already_present and s.digest in plan.layer_digests]
+        plan = self.resolve(ref, default_tag=default_tag, platforms=platforms)
+        fetched = self.fetch_blobs(plan)
+        result = self.commit(plan, fetched.blobs, workers=fetched.workers, name=name)
+        fresh = [
+            s for s in fetched.blobs if not s.already_present and s.digest in plan.layer_digests
+        ]
         for s in fresh:
             self._emit(events.LayerEvent(s.digest, events.PULL_COMPLETE, s.size, s.size))
         self._emit(events.PullFinished(str(ref), ref.familiar, result.digest, result.up_to_date))
@@ -244,23 +264,21 @@ class Puller:
         fetched = client.get_manifest(ref.repository, selector, what)
         doc = parse_document(fetched.raw, fetched.content_type, fetched.digest, what)
         if isinstance(doc, ImageIndex) and want.multiple:
-            entries = select_platforms(doc, want, what)
             manifests = []
-            for entry in entries:
+            for entry in select_platforms(doc, want, what):
                 child = self._child_manifest(client, ref, entry)
                 if isinstance(child, ImageIndex):
                     raise ManifestError(f"{what}: nested indexes hold several platforms; refused")
-                manifests.append(child)
+                manifests.append(PlannedManifest(child, entry))
             return ImagePlan(
                 ref,
                 fetched.digest,
                 tuple(manifests),
-                tuple(entries),
-                doc,
-                want,
-                requested,
-                default_tag,
-                started,
+                index=doc,
+                platforms=want,
+                platform_requested=requested,
+                default_tag=default_tag,
+                started=started,
             )
         seen = {fetched.digest}
         entry = None
@@ -272,13 +290,20 @@ class Puller:
             seen.add(entry.digest)
             doc = self._child_manifest(client, ref, entry)
         return ImagePlan(
-            ref, fetched.digest, (doc,), (entry,), None, want, requested, default_tag, started
+            ref,
+            fetched.digest,
+            (PlannedManifest(doc, entry),),
+            index=None,
+            platforms=want,
+            platform_requested=requested,
+            default_tag=default_tag,
+            started=started,
         )
 
     def commit(
         self,
         plan: ImagePlan,
-        stats: list[BlobStats],
+        stats: Iterable[BlobStats],
         *,
         workers: int = 0,
         name: str | None = None,
@@ -288,25 +313,27 @@ class Puller:
         ref = plan.ref
         name = name or str(ref)
         previous = self.store.find_image(name)
-        stored = [self._store_manifest(plan, i) for i in range(len(plan.manifests))]
+        stored = [self._store_manifest(plan, planned) for planned in plan.manifests]
         annotations = {
             REPO_DIGEST_ANNOTATION: str(plan.repo_digest),
             CONTAINERD_NAME_ANNOTATION: name,
         }
+        # With an index, each platform also gets a name of its own (see Store.add_image).
+        platforms = [d for d, _ in stored] if plan.index is not None else []
         if plan.index is None:
             descriptor, source = stored[0]
             if source is not None:
                 annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
         else:
-            descriptor, source = self._store_index(plan.index, [d for d, _ in stored])
+            descriptor, source = self._store_index(plan.index, platforms)
             if source is not None:
                 annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
-        self.store.add_image(descriptor, name, annotations)
+        self.store.add_image(descriptor, name, annotations, platforms)
         wanted = {b.digest for b in plan.blobs}
         mine = [s for s in stats if s.digest in wanted]
         fresh = [s for s in mine if not s.already_present]
         up_to_date = not fresh and previous is not None and previous.digest == descriptor.digest
-        manifest = plan.manifests[0]
+        manifest = plan.manifests[0].manifest
         return PullResult(
             reference=str(ref),
             familiar=ref.familiar,
@@ -314,7 +341,7 @@ class Puller:
             manifest_digest=descriptor.digest,
             config_digest=manifest.config.digest,
             platform=descriptor.platform,
-            layers=tuple(layer for m in plan.manifests for layer in m.layers),
+            layers=plan.layers,
             blobs=tuple(mine),
             bytes_downloaded=sum(s.downloaded for s in mine),
             bytes_total=sum(b.size for b in plan.blobs),
@@ -325,10 +352,12 @@ class Puller:
             platforms=tuple(d.platform for d, _ in stored if d.platform is not None),
         )
 
-    def _store_manifest(self, plan: ImagePlan, i: int) -> tuple[Descriptor, Digest | None]:
+    def _store_manifest(
+        self, plan: ImagePlan, planned: PlannedManifest
+    ) -> tuple[Descriptor, Digest | None]:
         """Check one manifest's config, write the manifest (as OCI); return its descriptor
         and, when it was converted, the digest the registry served."""
-        manifest, entry = plan.manifests[i], plan.entries[i]
+        manifest, entry = planned.manifest, planned.entry
         what = plan.ref.familiar
         config_raw = self.store.read_blob(manifest.config.digest, max_size=MAX_CONFIG_SIZE)
         config = parse_config(config_raw, what, layer_count=len(manifest.layers))
@@ -392,15 +421,15 @@ class Puller:
         content_type = fetched.content_type or entry.media_type
         return parse_document(fetched.raw, content_type, entry.digest, what)
 
-    def fetch_blobs(self, plan: ImagePlan) -> tuple[list[BlobStats], int]:
+    def fetch_blobs(self, plan: ImagePlan) -> Fetched:
         """Download the plan's missing configs and layers; return every blob's numbers
-        and the number of worker processes used."""
+        (those already stored first) and the number of worker processes used."""
         layer_ids = plan.layer_digests
         missing: list[Descriptor] = []
         present: list[BlobStats] = []
         for blob in plan.blobs:
             if self.store.has_blob(blob.digest, blob.size):
-                present.append(BlobStats(blob.digest, blob.size, 0, 0.0, 0, 0, True))
+                present.append(BlobStats.already_stored(blob.digest, blob.size))
                 if blob.digest in layer_ids:
                     self._emit(events.LayerEvent(blob.digest, events.ALREADY_EXISTS))
             else:
@@ -415,7 +444,7 @@ class Puller:
         downloader = self.downloader(layer_events_only)
         source = RepositoryBlobs(self.client(plan.ref.registry), plan.ref.repository)
         fetched = downloader.fetch(missing, source)
-        return present + fetched, downloader.workers_used
+        return Fetched((*present, *fetched.blobs), fetched.workers)
 
     def downloader(self, on_event: events.Listener) -> Downloader:
         """An engine for this store with the configured connections and workers."""
@@ -466,4 +495,12 @@ def pull(
         return puller.pull(ref)
 
 
-__all__ = ["FastpullError", "ImagePlan", "PullResult", "Puller", "RepositoryBlobs", "pull"]
+__all__ = [
+    "FastpullError",
+    "ImagePlan",
+    "PlannedManifest",
+    "PullResult",
+    "Puller",
+    "RepositoryBlobs",
+    "pull",
+]

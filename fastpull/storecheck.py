@@ -25,16 +25,19 @@ from fastpull.puller import Puller
 from fastpull.reference import Reference
 from fastpull.registry.manifest import MAX_CONFIG_SIZE, parse_config
 from fastpull.registry.settings import Settings
+from fastpull.store.gc import StoredBlob, delete_blob, stored_blobs
 from fastpull.store.inventory import CONFIG, Closure, Need, display_name, walk
-from fastpull.store.layout import Store, StoredBlob
+from fastpull.store.layout import Store
 from fastpull.store.maintenance import (
     DEFAULT_TIMEOUT,
     StoredImage,
     closure_of,
     load_images,
+    platforms_of,
     read_manifest,
+    whole_images,
 )
-from fastpull.types import Digest
+from fastpull.types import Digest, PlatformSelection
 
 # Hashed between checks for Ctrl-C: a few tenths of a second of work.
 _SLICE = 64 << 20
@@ -110,8 +113,8 @@ def _hash_all(store: Store, blobs: Sequence[StoredBlob], jobs: int) -> dict[Dige
 def verify(store: Store, *, jobs: int | None = None) -> Report:
     """Check every blob's content and every image's closure; nothing is changed."""
     with store.shared_use():
-        blobs, strays = store.stored_blobs()
-        images = load_images(store)
+        blobs, strays = stored_blobs(store)
+        images = whole_images(load_images(store))
         hashes = _hash_all(store, blobs, jobs or os.cpu_count() or 1)
         return _judge(store, blobs, strays, images, hashes)
 
@@ -248,7 +251,7 @@ def delete_damaged(
     if report.damaged:
         with store.exclusive_use(timeout, on_wait):
             for blob in report.damaged:
-                if store.delete_blob(blob.digest, blob.stat) is not None:
+                if delete_blob(store, blob.digest, blob.stat) is not None:
                     deleted.append(blob.digest)
     return deleted
 
@@ -292,10 +295,11 @@ def _restore(
     if _is_whole(store, image):
         return None
     pinned = Reference(named.registry, named.repository, None, image.repo_digest)
+    # A multi-platform image comes back with the platforms that had names of their own.
+    platforms = platforms_of(load_images(store), image)
+    platform = PlatformSelection.of(platforms) if platforms else image.descriptor.platform
     try:
-        with Puller(
-            store, settings=settings, platform=image.descriptor.platform, on_event=on_event
-        ) as puller:
+        with Puller(store, settings=settings, platform=platform, on_event=on_event) as puller:
             puller.pull(pinned, name=image.name)
     except Interrupted:
         raise

@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   docker-registry   # the real registry the tests and the demo run on loopback
   skopeo umoci      # interop: they must read what fastpull stores
+  podman containerd # interop: they must load what fastpull save writes
   apache2-utils     # htpasswd (bcrypt) for the basic-auth registry
   libssl-dev gcc    # the native extension links OpenSSL's libcrypto
   curl

@@ -6,11 +6,13 @@ from the packages before it in this list (never from one after it)::
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
     registry/  responses, transport, auth, credentials, settings,    -- who to talk to, how
                manifest, client
-    store/     layout, journal, diskqueue, inventory, maintenance      -- where bytes rest
+    store/     files, locks, journal, diskqueue, ingest, layout, gc,
+               inventory, maintenance                                  -- where bytes rest
+    archive/   tarstream, documents, writer, reader                    -- images as one tar
     engine/    scheduler, worker, pool, routing, resume, verify,       -- how bytes move
                commit, records, job, download
     top        puller, bulk, batchfile, storecheck                     -- one image, a batch
-    cli/       commands, progress, listing                             -- the face
+    cli/       commands, options, progress, listing                    -- the face
 
 Within a layer, every module's imports of other fastpull modules (at any depth, including
 imports inside functions) must be in :data:`ALLOWED`, so every new dependency is a visible,
@@ -47,8 +49,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("core", frozenset({"errors", "types", "cancel", "events", "hashing", "reference", EXTENSION})),
     ("registry", frozenset({"registry"})),
     ("store", frozenset({"store"})),
+    ("archive", frozenset({"archive"})),
     ("engine", frozenset({"engine"})),
-    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", PACKAGE_NAME})),
+    ("top", frozenset({"puller", "bulk", "batchfile", "storecheck", "cluster", PACKAGE_NAME})),
     ("cli", frozenset({"cli", "__main__"})),
 )
 
@@ -77,11 +80,26 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "store": frozenset(),
     "store.diskqueue": frozenset(),
     "store.journal": frozenset({"types"}),
-    "store.layout": frozenset({"cancel", "errors", "hashing", "types"})
-    | {"store.diskqueue", "store.journal"},
+    "store.files": frozenset({"errors"}),
+    "store.locks": frozenset({"cancel"}),
+    "store.ingest": frozenset({"errors", "types"})
+    | {"store.diskqueue", "store.files", "store.journal", "store.locks"},
+    "store.layout": frozenset({"errors", "hashing", "types"})
+    | {"store.files", "store.ingest", "store.locks"},
+    "store.gc": frozenset({"types", "store.files", "store.ingest", "store.layout", "store.locks"}),
     "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
     "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
-    | {"store.inventory", "store.layout"},
+    | {"store.gc", "store.inventory", "store.layout"},
+    # archive/: save and load image archives
+    "archive": frozenset(),
+    "archive.tarstream": frozenset({"errors"}),
+    "archive.documents": frozenset({"errors", "reference", "types", "registry.manifest"}),
+    "archive.writer": _CORE
+    | {"reference", "registry.manifest", "store.inventory", "store.layout", "store.maintenance"}
+    | {"archive.documents", "archive.tarstream"},
+    "archive.reader": frozenset({"cancel", "errors", "hashing", "reference", "types"})
+    | {"registry.manifest", "store.inventory", "store.layout"}
+    | {"archive.documents", "archive.tarstream"},
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
@@ -89,7 +107,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
     "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})
-    | {"store.layout", "engine.routing", "engine.verify"},
+    | {"store.ingest", "engine.routing", "engine.verify"},
     "engine.resume": frozenset({"store.journal", "engine.worker"}),
     "engine.commit": frozenset({"errors", "engine.records"}),
     "engine.pool": frozenset({"errors", "engine.worker"}),
@@ -108,19 +126,32 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store.layout", "engine.download"},
     "bulk": _CORE
     | {"batchfile", "reference", "registry.credentials", "registry.settings", "store.layout"}
-    | {"engine.download", "puller"},
+    | {"engine.download", "puller", "cluster.client"},
+    # cluster/: a batch over Dask; the engine never knows it runs on a cluster
+    "cluster": frozenset(),
+    "cluster.plan": frozenset({"types"}),
+    "cluster.tasks": _CORE
+    | {"cluster.plan", "engine.download", "puller", "registry.client", "registry.settings"}
+    | {"registry.transport", "store.layout"},
+    "cluster.client": _CORE
+    | {PACKAGE_NAME, "cluster.plan", "cluster.tasks", "engine.download", "puller"}
+    | {"registry.settings"},
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
-    | {"store.layout", "store.maintenance", "puller"},
+    | {"store.gc", "store.layout", "store.maintenance", "puller"},
     PACKAGE_NAME: frozenset({"errors", "hashing", "puller", "reference"}),
     # cli/: the face
     "cli": frozenset(),
     "cli.progress": frozenset({"events"}),
+    "cli.options": frozenset({"registry.settings", "store.maintenance"}),
     "cli.listing": frozenset({"errors", "reference", "registry.manifest", "store.layout"}),
+    "cli.archive": frozenset({"cancel", "errors", "types", "batchfile", "reference"})
+    | {"store.layout", "archive.reader", "archive.writer", "cli.options"},
     "cli.commands": _CORE
-    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck"}
+    | {PACKAGE_NAME, "batchfile", "bulk", "puller", "reference", "storecheck", "cli.archive"}
     | {"registry.client", "registry.credentials", "registry.settings", "registry.transport"}
-    | {"store.layout", "store.maintenance", "cli.listing", "cli.progress"},
+    | {"store.layout", "store.maintenance", "cli.listing", "cli.options", "cli.progress"}
+    | {"cluster.client"},
     "__main__": frozenset({"cli.commands"}),
 }
 
@@ -128,8 +159,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 # through another module.
 IO_MODULES = frozenset(
     {"registry.transport", "registry.client", "store.journal", "store.diskqueue"}
-    | {"store.layout", "engine.worker", "engine.pool", "engine.job", "engine.download"}
-    | {"puller", "bulk"}
+    | {"store.files", "store.locks", "store.ingest", "store.layout", "store.gc"}
+    | {"engine.worker", "engine.pool", "engine.job", "engine.download", "puller", "bulk"}
 )
 PURE_MODULES = (
     "errors",
@@ -142,6 +173,7 @@ PURE_MODULES = (
     "store.inventory",
     "engine.scheduler",
     "batchfile",
+    "cluster.plan",
 )
 
 
@@ -269,14 +301,21 @@ def test_the_table_only_looks_back_through_the_layers(module: str) -> None:
 
 def test_every_package_is_a_layer() -> None:
     packages = {name for name, path in _source_modules().items() if path.name == "__init__.py"}
-    assert packages - {PACKAGE_NAME} == {"registry", "store", "engine", "cli"}
+    assert packages - {PACKAGE_NAME} == {
+        "registry",
+        "store",
+        "archive",
+        "engine",
+        "cli",
+        "cluster",
+    }
     for package in packages - {PACKAGE_NAME}:
         assert any(package in members for _, members in LAYERS)
 
 
 def test_subpackages_are_namespaces_only() -> None:
     # Their __init__ files import nothing: importing one part never drags in its siblings.
-    for package in ("registry", "store", "engine", "cli"):
+    for package in ("registry", "store", "archive", "engine", "cli", "cluster"):
         assert GRAPH[package] == frozenset()
 
 
@@ -302,6 +341,13 @@ def test_pure_modules_never_reach_io(module: str) -> None:
 
 def test_store_knows_nothing_of_the_network() -> None:
     for module in (m for m in GRAPH if m.split(".")[0] == "store"):
+        network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
+        assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
+
+
+def test_archives_know_nothing_of_the_network() -> None:
+    # save and load work from files alone: an air-gapped site has no registry to ask.
+    for module in (m for m in GRAPH if m.split(".")[0] == "archive"):
         network = {t for t in _reachable(module) if t.startswith(("registry.", "engine."))}
         assert network <= {"registry.manifest"}, f"{module} reaches {sorted(network)}"
 

@@ -1,24 +1,27 @@
 """The ``fastpull`` command. Thin: parse options, call the library, print.
 
 Errors are turned into one line on stderr and an exit code here and nowhere else
-(:func:`main`); see the README for the table of exit codes.
+(:func:`main`); see the README for the table of exit codes. Each command imports the
+library code it runs when it runs, so that ``fastpull version`` (or ``--help``) does not
+load the pull, batch and maintenance machinery.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform as _platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import orjson
 
-from fastpull import __version__, cancel, events, hashing, storecheck
-from fastpull.batchfile import BatchEntry, check_all_tags, parse_batch, tag_was_defaulted
-from fastpull.bulk import BatchResult, pull_batch
-from fastpull.cli.listing import human_duration, image_rows
+from fastpull import __version__, cancel, events, hashing
+from fastpull.cli import archive
+from fastpull.cli.options import SettingsOptions, settings_options, timeout_option
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
     BatchFailed,
@@ -28,32 +31,20 @@ from fastpull.errors import (
     StoreDamaged,
     UsageError,
 )
-from fastpull.puller import Puller, PullResult
-from fastpull.reference import Reference
-from fastpull.registry.client import DOCKER_HUB, RegistryClient
-from fastpull.registry.credentials import Credentials, CredentialStore
-from fastpull.registry.settings import Settings
-from fastpull.registry.transport import Transport
-from fastpull.store.layout import Store, resolve_store_path
-from fastpull.store.maintenance import DEFAULT_TIMEOUT, collect_garbage, remove_images, usage
 from fastpull.types import Platform, PlatformSelection
 
-_STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/fastpull/store)"
+if TYPE_CHECKING:
+    from fastpull.bulk import BatchResult
+    from fastpull.cluster.client import Cluster
+    from fastpull.puller import PullResult
+    from fastpull.registry.settings import Settings
+    from fastpull.store.layout import Store
 
 
 def _open_store(settings: Settings, create: bool = True) -> Store:
+    from fastpull.store.layout import Store, resolve_store_path
+
     return Store.open(resolve_store_path(settings.store), create=create)
-
-
-def _timeout_option(f: Callable[..., None]) -> Callable[..., None]:
-    return click.option(
-        "--timeout",
-        type=click.FloatRange(0, 86400),
-        default=DEFAULT_TIMEOUT,
-        show_default=True,
-        metavar="SECONDS",
-        help="How long to wait for running pulls into the store to finish.",
-    )(f)
 
 
 def _waiting_message(store: Store, timeout: float) -> Callable[[], None]:
@@ -91,33 +82,7 @@ def cli() -> None:
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image reference.")
 @click.option("--json", "json_output", is_flag=True, help="One JSON event per line.")
-@click.option("--store", help=_STORE_HELP)
-@click.option(
-    "--insecure-registry",
-    "insecure",
-    multiple=True,
-    metavar="HOST[:PORT]",
-    help="Allow plain HTTP / unverified TLS for this registry (repeatable).",
-)
-@click.option("--ca-cert", type=click.Path(dir_okay=False), help="Extra CA certificate (PEM).")
-@click.option(
-    "--connections",
-    "--max-concurrent-downloads",
-    "connections",
-    type=click.IntRange(1, 64),
-    help="Transfers at once, across all blobs and chunks (default 16).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 16),
-    help="Download processes (default: none for small pulls, else one per two cores, max 4).",
-)
-@click.option(
-    "--stall-timeout",
-    type=click.IntRange(1, 3600),
-    metavar="SECONDS",
-    help="Restart a transfer slower than 1 KiB/s for this long (default 30).",
-)
+@settings_options(registry=True, transfer=True)
 @click.option(
     "--stats",
     "stats_file",
@@ -131,6 +96,13 @@ def cli() -> None:
     type=click.Path(dir_okay=False, writable=True),
     help="With -f: write every image's status, bytes and seconds as JSON.",
 )
+@click.option(
+    "--cluster",
+    "cluster_address",
+    metavar="ADDRESS",
+    help="With -f: fetch on a Dask cluster (tcp:// or tls:// scheduler; "
+    "default $FASTPULL_CLUSTER) into a store every worker mounts at the same path.",
+)
 def pull(
     name: str | None,
     batch_files: tuple[str, ...],
@@ -138,69 +110,61 @@ def pull(
     platform_text: str | None,
     quiet: bool,
     json_output: bool,
-    store: str | None,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
-    connections: int | None,
-    workers: int | None,
-    stall_timeout: int | None,
+    settings: SettingsOptions,
     stats_file: str | None,
     fail_fast: bool,
     report_file: str | None,
+    cluster_address: str | None,
 ) -> None:
     """Download an image (NAME[:TAG|@DIGEST]), or every image of batch files (-f FILE),
     into the local OCI layout store."""
+    from fastpull.batchfile import command_line_entry, parse_batch
+    from fastpull.bulk import pull_batch, pull_each
+
     if name is None and not batch_files:
         raise UsageError("Missing argument 'NAME' (or -f FILE)")
-    if (fail_fast or report_file) and not batch_files:
-        raise UsageError("--fail-fast and --report go with -f FILE")
+    if (fail_fast or report_file or cluster_address) and not batch_files:
+        raise UsageError("--fail-fast, --report and --cluster go with -f FILE")
     for option, path in (("--stats", stats_file), ("--report", report_file)):
         _check_output_path(option, path)
-    ref = Reference.parse(name) if name is not None else None
-    if all_tags:
-        if ref is None or name is None:
-            raise UsageError("--all-tags needs a repository NAME")
-        check_all_tags(name, ref)
+    if all_tags and name is None:
+        raise UsageError("--all-tags needs a repository NAME")
+    entries = [command_line_entry(name, all_tags)] if name is not None else []
     # Every batch file is read and checked before anything is downloaded.
-    entries = [entry for path in batch_files for entry in parse_batch(_read_batch(path), path)]
-    settings = Settings.load(
-        insecure_registries=insecure,
-        ca_cert=ca_cert,
-        store=store,
-        connections=connections,
-        workers=workers,
-        stall_timeout=stall_timeout,
-    )
+    entries += [entry for path in batch_files for entry in parse_batch(_read_batch(path), path)]
+    loaded = settings.load()
     target = PlatformSelection.parse(platform_text) if platform_text is not None else None
+    render = renderer_for(quiet=quiet, json_output=json_output, batch=bool(batch_files))
     if batch_files:
-        if ref is not None and name is not None:
-            default_tag = tag_was_defaulted(name, ref) and not all_tags
-            entries.insert(
-                0, BatchEntry(ref, "command line", None, all_tags, default_tag=default_tag)
-            )
-        render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
-        with cancel.handled(ignore_after_stop=True):
+        address = cluster_address or os.environ.get("FASTPULL_CLUSTER") or None
+        with cancel.handled(ignore_after_stop=True), _cluster(address) as cluster:
             batch = pull_batch(
-                entries, settings=settings, platforms=target, fail_fast=fail_fast, on_event=render
+                entries,
+                settings=loaded,
+                platforms=target,
+                fail_fast=fail_fast,
+                on_event=render,
+                cluster=cluster,
             )
         _finish_batch(batch, quiet or json_output, report_file, stats_file)
         return
-    assert ref is not None and name is not None
-    the_store = _open_store(settings)
-    render = renderer_for(quiet=quiet, json_output=json_output)
-    with (
-        cancel.handled(ignore_after_stop=True),
-        Puller(the_store, settings=settings, platform=target, on_event=render) as puller,
-    ):
-        if all_tags:
-            tags = puller.tags(ref)
-            if not tags:
-                raise UsageError(f"repository {ref.familiar_name} has no tags")
-            results = [puller.pull(ref.with_tag(tag)) for tag in tags]
-        else:
-            results = [puller.pull(ref, default_tag=tag_was_defaulted(name, ref))]
+    # docker's `pull NAME` and `pull -a NAME`: one image after the other, docker's lines.
+    with cancel.handled(ignore_after_stop=True):
+        results = pull_each(entries, settings=loaded, platforms=target, on_event=render)
     if stats_file:
         _write_stats(stats_file, results)
+
+
+@contextlib.contextmanager
+def _cluster(address: str | None) -> Iterator[Cluster | None]:
+    """The Dask cluster a batch runs on, connected and checked before anything downloads."""
+    if address is None:
+        yield None
+        return
+    from fastpull.cluster.client import Cluster
+
+    with Cluster(address) as cluster:
+        yield cluster
 
 
 def _read_batch(path: str) -> str:
@@ -269,11 +233,13 @@ def _write_stats(path: str, results: list[PullResult]) -> None:
 @click.argument("repository", required=False)
 @click.option("--digests", is_flag=True, help="Show repo digests.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-@click.option("--store", help=_STORE_HELP)
-def images(repository: str | None, digests: bool, fmt: str, store: str | None) -> None:
+@settings_options()
+def images(repository: str | None, digests: bool, fmt: str, settings: SettingsOptions) -> None:
     """List the images in the store."""
-    settings = Settings.load(store=store)
-    path = resolve_store_path(settings.store)
+    from fastpull.cli.listing import human_duration, image_rows
+    from fastpull.store.layout import Store, resolve_store_path
+
+    path = resolve_store_path(settings.load().store)
     empty = not path.exists() or (path.is_dir() and not any(path.iterdir()))
     rows = [] if empty else image_rows(Store.open(path, create=False), repository)
     if fmt == "json":
@@ -304,21 +270,14 @@ def images(repository: str | None, digests: bool, fmt: str, store: str | None) -
     "--repair", is_flag=True, help="Delete corrupt blobs; pull damaged images again by digest."
 )
 @click.option("--jobs", type=click.IntRange(1, 256), help="Blobs hashed at once (default: CPUs).")
-@click.option("--store", help=_STORE_HELP)
-@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]")
-@click.option("--ca-cert", type=click.Path(dir_okay=False))
-@_timeout_option
-def verify(
-    repair: bool,
-    jobs: int | None,
-    store: str | None,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
-    timeout: float,
-) -> None:
+@settings_options(registry=True)
+@timeout_option
+def verify(repair: bool, jobs: int | None, settings: SettingsOptions, timeout: float) -> None:
     """Re-hash every blob and check that every image has all it needs."""
-    settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert, store=store)
-    the_store = _open_store(settings, create=False)
+    from fastpull import storecheck
+
+    loaded = settings.load()
+    the_store = _open_store(loaded, create=False)
     with cancel.handled():
         report = storecheck.verify(the_store, jobs=jobs)
         for skipped in report.skipped:
@@ -343,7 +302,7 @@ def verify(
         restored, failed = storecheck.restore(
             the_store,
             report.broken,
-            settings=settings,
+            settings=loaded,
             on_event=renderer_for(quiet=False, json_output=False),
         )
     for name in restored:
@@ -365,12 +324,17 @@ def _count(n: int, word: str) -> str:
 @cli.command()
 @click.argument("references", metavar="IMAGE...", nargs=-1, required=True)
 @click.option("--no-prune", is_flag=True, help="Keep the blobs of removed images.")
-@click.option("--store", help=_STORE_HELP)
-@_timeout_option
-def rmi(references: tuple[str, ...], no_prune: bool, store: str | None, timeout: float) -> None:
+@settings_options()
+@timeout_option
+def rmi(
+    references: tuple[str, ...], no_prune: bool, settings: SettingsOptions, timeout: float
+) -> None:
     """Remove images, and the blobs no other image uses."""
+    from fastpull.reference import Reference
+    from fastpull.store.maintenance import remove_images
+
     refs = [Reference.parse(text) for text in references]
-    the_store = _open_store(Settings.load(store=store), create=False)
+    the_store = _open_store(settings.load(), create=False)
     with cancel.handled():
         removal = remove_images(
             the_store,
@@ -393,11 +357,13 @@ def rmi(references: tuple[str, ...], no_prune: bool, store: str | None, timeout:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only show what would be deleted.")
-@click.option("--store", help=_STORE_HELP)
-@_timeout_option
-def gc(dry_run: bool, store: str | None, timeout: float) -> None:
+@settings_options()
+@timeout_option
+def gc(dry_run: bool, settings: SettingsOptions, timeout: float) -> None:
     """Delete blobs no image uses and downloads no process is working on."""
-    the_store = _open_store(Settings.load(store=store), create=False)
+    from fastpull.store.maintenance import collect_garbage
+
+    the_store = _open_store(settings.load(), create=False)
     with cancel.handled():
         result = collect_garbage(
             the_store,
@@ -418,10 +384,12 @@ def gc(dry_run: bool, store: str | None, timeout: float) -> None:
 
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
-@click.option("--store", help=_STORE_HELP)
-def df(fmt: str, store: str | None) -> None:
+@settings_options()
+def df(fmt: str, settings: SettingsOptions) -> None:
     """Show the store's disk usage, what images share and what gc would reclaim."""
-    the_store = _open_store(Settings.load(store=store), create=False)
+    from fastpull.store.maintenance import usage
+
+    the_store = _open_store(settings.load(), create=False)
     found = usage(the_store)
     for warning in found.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -479,6 +447,8 @@ def _print_table(table: list[list[str]]) -> None:
 
 
 def _login_server(server: str | None) -> str:
+    from fastpull.registry.client import DOCKER_HUB
+
     if not server:
         return DOCKER_HUB
     for prefix in ("https://", "http://"):
@@ -494,17 +464,19 @@ def _login_server(server: str | None) -> str:
 @click.option("-u", "--username", help="Username.")
 @click.option("-p", "--password", help="Password (prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]")
-@click.option("--ca-cert", type=click.Path(dir_okay=False))
+@settings_options(store=False, registry=True)
 def login(
     server: str | None,
     username: str | None,
     password: str | None,
     password_stdin: bool,
-    insecure: tuple[str, ...],
-    ca_cert: str | None,
+    settings: SettingsOptions,
 ) -> None:
     """Log in to a registry (default Docker Hub); credentials go to docker's config.json."""
+    from fastpull.registry.client import RegistryClient
+    from fastpull.registry.credentials import Credentials, CredentialStore
+    from fastpull.registry.transport import Transport
+
     registry = _login_server(server)
     if password_stdin:
         if password:
@@ -529,10 +501,10 @@ def login(
     if not username or not password:
         raise UsageError("username and password are required")
     credentials = Credentials(username=username, password=password)
-    settings = Settings.load(insecure_registries=insecure, ca_cert=ca_cert)
-    with cancel.handled(), Transport(tls_for=settings.tls_for) as transport:
+    loaded = settings.load()
+    with cancel.handled(), Transport(tls_for=loaded.tls_for) as transport:
         client = RegistryClient(
-            registry, settings=settings, credentials=credentials, transport=transport
+            registry, settings=loaded, credentials=credentials, transport=transport
         )
         client.check_login()
     CredentialStore().store(registry, credentials)
@@ -543,6 +515,8 @@ def login(
 @click.argument("server", required=False)
 def logout(server: str | None) -> None:
     """Remove stored credentials for a registry (default Docker Hub)."""
+    from fastpull.registry.credentials import CredentialStore
+
     registry = _login_server(server)
     if CredentialStore().erase(registry):
         click.echo(f"Removing login credentials for {registry}")
@@ -559,6 +533,10 @@ def version() -> None:
     click.echo(f"hashing: {hashing.BACKEND} ({hashing.BACKEND_DETAIL})")
     click.echo(f"libcurl: {pycurl.version}")
     click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
+
+
+for _command in archive.COMMANDS:
+    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""What ``fastpull images`` shows: one row per tagged image in the store."""
+"""What ``fastpull images`` shows: one row per tagged image in the store.
+
+The platforms of a multi-platform image have names of their own (``app:1.0-linux-arm64``,
+see :func:`fastpull.store.layout.platform_name`), each a row beside the image's.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,12 @@ from fastpull.registry.manifest import (
     parse_config,
     parse_document,
 )
-from fastpull.store.layout import REF_NAME_ANNOTATION, REPO_DIGEST_ANNOTATION, Store
+from fastpull.store.layout import (
+    PLATFORM_OF_ANNOTATION,
+    REF_NAME_ANNOTATION,
+    REPO_DIGEST_ANNOTATION,
+    Store,
+)
 
 
 @dataclass(frozen=True)
@@ -32,18 +41,19 @@ class ImageRow:
 
 
 def image_rows(store: Store, pattern: str | None = None) -> list[ImageRow]:
-    """Rows for every image whose reference matches ``pattern`` (``repo`` or ``repo:tag``)."""
+    """Rows for every image whose reference matches ``pattern`` (``repo`` or ``repo:tag``),
+    with the rows of its platforms' names."""
     wanted = _filter(pattern)
     rows: list[ImageRow] = []
     for entry in store.images():
         name = entry.annotations.get(REF_NAME_ANNOTATION)
         if not name:
             continue
-        try:
-            ref = Reference.parse(name)
-        except InvalidReference:
+        ref = _reference(name)
+        if ref is None:
             continue  # written by another tool with its own naming; not ours to show
-        if wanted is not None and not wanted(ref):
+        image = _reference(entry.annotations.get(PLATFORM_OF_ANNOTATION, ""))
+        if wanted is not None and not wanted(ref) and not (image is not None and wanted(image)):
             continue
         created, image_id, size = None, "<unknown>", entry.size
         try:
@@ -72,6 +82,13 @@ def image_rows(store: Store, pattern: str | None = None) -> list[ImageRow]:
         )
     rows.sort(key=lambda r: (r.repository, r.tag))
     return rows
+
+
+def _reference(name: str) -> Reference | None:
+    try:
+        return Reference.parse(name)
+    except InvalidReference:
+        return None
 
 
 def _filter(pattern: str | None) -> Callable[[Reference], bool] | None:

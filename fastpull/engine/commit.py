@@ -44,7 +44,9 @@ def judge(blob: BlobRun) -> Verdict:
         raise DigestMismatch(
             f"blob {blob.digest}: downloaded content has digest "
             f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}; refused after "
-            f"{blob.digest_attempts} attempts"
+            f"{blob.digest_attempts} attempts",
+            expected=str(blob.digest),
+            actual=f"{blob.digest.algorithm}:{blob.verifier.hexdigest()}",
         )
     blob.digest_attempts += 1
     blob.ingest.restart()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from fastpull import events
 from fastpull.engine.job import FailureListener, Job
 from fastpull.engine.pool import WorkerPool
-from fastpull.engine.records import BlobRun, BlobSource, BlobStats, EngineConfig
+from fastpull.engine.records import BlobRun, BlobSource, BlobStats, EngineConfig, Fetched
 from fastpull.engine.verify import Verifier
 from fastpull.registry.responses import RetryPolicy
 from fastpull.registry.transport import TLSConfig
@@ -73,7 +73,6 @@ class Downloader:
             stall_seconds=stall_seconds,
             emit=on_event,
         )
-        self.workers_used = 0
 
     def fetch(
         self,
@@ -81,7 +80,7 @@ class Downloader:
         source: BlobSource | Mapping[Digest, BlobSource],
         *,
         on_failure: FailureListener | None = None,
-    ) -> list[BlobStats]:
+    ) -> Fetched:
         """Download, verify and commit every blob; raise the first unrecoverable error.
 
         ``source`` serves every blob, or maps each digest to its own source (a batch
@@ -93,7 +92,7 @@ class Downloader:
         unique = sorted({d.digest: d for d in blobs}.values(), key=lambda d: str(d.digest))
         results: list[BlobStats] = []
         if not unique:
-            return results
+            return Fetched(())
         total = sum(d.size for d in unique)
         count = self.workers if self.workers is not None else default_workers(total)
         with contextlib.ExitStack() as stack:
@@ -117,10 +116,9 @@ class Downloader:
             stack.callback(disk.close)
             stack.callback(pool.close)
             if not todo:
-                return results
-            self.workers_used = count
+                return Fetched(tuple(results))
             results.extend(Job(self.config, todo, pool, disk, on_failure).run())
-        return results
+        return Fetched(tuple(results), count)
 
     def _claim(
         self,
@@ -137,7 +135,7 @@ class Downloader:
             if ingest.present:
                 blob_stack.close()
                 self.config.emit(events.LayerEvent(descriptor.digest, events.ALREADY_EXISTS))
-                results.append(BlobStats(descriptor.digest, descriptor.size, 0, 0.0, 0, 0, True))
+                results.append(BlobStats.already_stored(descriptor.digest, descriptor.size))
                 return None
             ingest.preallocate()
         except BaseException:
@@ -149,4 +147,11 @@ class Downloader:
         return BlobRun(descriptor, ingest, blob_stack, verifier, source, resumed=resumed)
 
 
-__all__ = ["BlobSource", "BlobStats", "Downloader", "FailureListener", "default_workers"]
+__all__ = [
+    "BlobSource",
+    "BlobStats",
+    "Downloader",
+    "FailureListener",
+    "Fetched",
+    "default_workers",
+]

@@ -1,5 +1,5 @@
 """The engine's records: its frozen configuration, one record per blob of a run and one per
-chunk in flight, and what a run returns per blob.
+chunk in flight, and what a run returns.
 
 The scheduler (``scheduler``) owns which byte ranges are done, queued or being fetched;
 these records hold the rest of what the engine knows, each fact once.
@@ -20,7 +20,7 @@ from fastpull.engine.routing import Route
 from fastpull.engine.verify import Verifier
 from fastpull.registry.responses import RetryPolicy
 from fastpull.registry.transport import Response, TLSConfig
-from fastpull.store.layout import Ingest
+from fastpull.store.ingest import Ingest
 from fastpull.types import Descriptor, Digest
 
 
@@ -66,6 +66,24 @@ class BlobStats:
     chunks: int = 0
     retries: int = 0
     resumed: int = 0
+    # The cluster worker that moved the blob; empty when this process did.
+    worker: str = ""
+
+    @classmethod
+    def already_stored(cls, digest: Digest, size: int) -> BlobStats:
+        """A blob that was in the store before this pull: nothing downloaded."""
+        return cls(
+            digest, size, downloaded=0, seconds=0.0, attempts=0, connections=0, already_present=True
+        )
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one engine run did: the numbers of every blob it stored or found stored, and
+    the worker processes it used (0: all transfers ran in the calling process)."""
+
+    blobs: tuple[BlobStats, ...]
+    workers: int = 0
 
 
 class Stage(enum.Enum):

@@ -128,6 +128,7 @@ def judge(
                 f"{what} is shorter than the {size} bytes its descriptor declares: the "
                 f"server has nothing at byte {position} (HTTP 416)",
                 expected=str(digest),
+                expected_size=size,
             )
             return route, Refuse(error, discard=True)
         case _:

@@ -179,7 +179,8 @@ class RegistryClient:
             )
         if reply.status != 200:
             raise ProtocolError(
-                f"token server {redact_url(request.url)} answered HTTP {reply.status}"
+                f"token server {redact_url(request.url)} answered HTTP {reply.status}",
+                status=reply.status,
             )
         token = auth.parse_token_response(reply.body, now=self._clock())
         self._tokens.put(key, token)

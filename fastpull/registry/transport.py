@@ -33,6 +33,7 @@ from fastpull.errors import (
     TLSFailure,
     TooManyRequests,
     Unauthorized,
+    parse_diagnostics,
     redact_url,
 )
 from fastpull.registry.responses import (
@@ -386,21 +387,46 @@ def http_error(response: Response, what: str) -> FastpullError:
     host = urlsplit(response.url).netloc.rpartition("@")[2]
     status = response.status
     if status == 401:
-        return Unauthorized(f"unauthorized: authentication required ({what})")
+        return Unauthorized(
+            f"unauthorized: authentication required ({what})",
+            status=status,
+            diagnostics=parse_diagnostics(response.body),
+            host=host,
+        )
     if status == 403:
-        return Denied(f"denied: requested access to the resource is denied ({what})")
+        return Denied(
+            f"denied: requested access to the resource is denied ({what})",
+            status=status,
+            diagnostics=parse_diagnostics(response.body),
+            host=host,
+        )
     if status == 404:
-        return NotFound(f"{what} not found: {detail or 'not found'}")
+        return NotFound(
+            f"{what} not found: {detail or 'not found'}",
+            status=status,
+            diagnostics=parse_diagnostics(response.body),
+            host=host,
+        )
     if status == 429:
         return TooManyRequests(
             f"toomanyrequests: {host} is rate limiting requests (HTTP 429, still after "
             "retries); wait, or log in for a higher limit",
+            status=status,
+            diagnostics=parse_diagnostics(response.body),
             host=host,
         )
     if status >= 500:
-        return ServerError(f"{what}: {host} answered HTTP {status} (still after retries)")
+        return ServerError(
+            f"{what}: {host} answered HTTP {status} (still after retries)",
+            status=status,
+            diagnostics=parse_diagnostics(response.body),
+            host=host,
+        )
     return ProtocolError(
-        f"{what}: {host} answered HTTP {status}" + (f": {detail}" if detail else "")
+        f"{what}: {host} answered HTTP {status}" + (f": {detail}" if detail else ""),
+        status=status,
+        diagnostics=parse_diagnostics(response.body),
+        host=host,
     )
 
 

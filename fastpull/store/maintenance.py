@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fastpull.errors import InvalidReference, ManifestError, StoreDamaged
 from fastpull.reference import Reference
 from fastpull.registry.manifest import MAX_MANIFEST_SIZE
+from fastpull.store.gc import delete_blob, ingests, remove_ingest, stored_blobs
 from fastpull.store.inventory import (
     CONFIG,
     LAYER,
@@ -27,12 +28,13 @@ from fastpull.store.inventory import (
     walk,
 )
 from fastpull.store.layout import (
+    PLATFORM_OF_ANNOTATION,
     REF_NAME_ANNOTATION,
     REPO_DIGEST_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,
     Store,
 )
-from fastpull.types import Descriptor, Digest
+from fastpull.types import Descriptor, Digest, Platform
 
 DEFAULT_TIMEOUT = 60.0
 """Seconds gc and rmi wait for running pulls before giving up."""
@@ -45,7 +47,8 @@ class StoredImage:
     """One index.json entry as maintenance sees it, usable or not.
 
     ``descriptor`` is None and ``error`` says why when fastpull cannot use the entry (written
-    by another tool with a digest algorithm fastpull does not verify, say).
+    by another tool with a digest algorithm fastpull does not verify, say). ``platform_of``
+    is the name of the multi-platform image this entry is one platform of, if it is one.
     """
 
     position: int
@@ -54,6 +57,7 @@ class StoredImage:
     repo_digest: Digest | None = None
     source_manifest: Digest | None = None
     error: str | None = None
+    platform_of: str | None = None
 
     @property
     def label(self) -> str:
@@ -73,17 +77,44 @@ def load_images(store: Store) -> list[StoredImage]:
     for position, raw in enumerate(store.index_entries(), start=1):
         annotations = raw.get("annotations")
         annotations = annotations if isinstance(annotations, dict) else {}
-        name = annotations.get(REF_NAME_ANNOTATION)
-        name = name if isinstance(name, str) and name else None
+        name = _text(annotations.get(REF_NAME_ANNOTATION))
+        platform_of = _text(annotations.get(PLATFORM_OF_ANNOTATION))
         try:
             descriptor = Descriptor.from_json(raw, f"index.json entry #{position}")
             repo_digest = _annotated_digest(descriptor, REPO_DIGEST_ANNOTATION)
             source = _annotated_digest(descriptor, SOURCE_MANIFEST_ANNOTATION)
         except ManifestError as exc:
-            images.append(StoredImage(position, name, None, error=str(exc)))
+            images.append(
+                StoredImage(position, name, None, error=str(exc), platform_of=platform_of)
+            )
             continue
-        images.append(StoredImage(position, name, descriptor, repo_digest, source))
+        images.append(
+            StoredImage(position, name, descriptor, repo_digest, source, platform_of=platform_of)
+        )
     return images
+
+
+def whole_images(images: Sequence[StoredImage]) -> list[StoredImage]:
+    """``images`` without the entries naming one platform of another image among them: those
+    blobs are that image's too, so counting or checking them again would tell nothing new."""
+    names = {image.name for image in images if image.name}
+    return [image for image in images if image.platform_of not in names]
+
+
+def platforms_of(images: Sequence[StoredImage], image: StoredImage) -> list[Platform]:
+    """The platforms that have names of their own as platforms of ``image``."""
+    return [
+        other.descriptor.platform
+        for other in images
+        if other.platform_of is not None
+        and other.platform_of == image.name
+        and other.descriptor is not None
+        and other.descriptor.platform is not None
+    ]
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _annotated_digest(descriptor: Descriptor, key: str) -> Digest | None:
@@ -179,6 +210,9 @@ def _remove(store: Store, refs: Sequence[Reference], *, prune: bool) -> Removal:
         if not matched:
             missing.append(ref.familiar)
         chosen.extend(image for image in matched if image not in chosen)
+    # The names of an image's platforms go with it.
+    named = {image.name for image in chosen}
+    chosen.extend(i for i in images if i.platform_of in named and i not in chosen)
     # Closures first: a removed image's manifest says which blobs it used.
     removed_closures = [closure_of(store, image) for image in chosen]
     names = list(dict.fromkeys(image.name for image in chosen if image.name))
@@ -201,7 +235,7 @@ def _remove(store: Store, refs: Sequence[Reference], *, prune: bool) -> Removal:
     candidates = list(_deletion_order(c for c in removed_closures if c is not None))
     deleted, freed = [], 0
     for digest in unreferenced(candidates, remaining_closures):
-        size = store.delete_blob(digest)
+        size = delete_blob(store, digest)
         if size is not None:
             deleted.append(digest)
             freed += size
@@ -305,18 +339,18 @@ def _collect(store: Store, *, dry_run: bool) -> GarbageReport:
         assert closure is not None
         closures.append(closure)
     removed: list[Collected] = []
-    blobs, _ = store.stored_blobs()
+    blobs, _ = stored_blobs(store)
     sizes = {blob.digest: blob for blob in blobs}
     for digest in unreferenced(sizes, closures):
         blob = sizes[digest]
-        freed = blob.size if dry_run else store.delete_blob(digest, blob.stat)
+        freed = blob.size if dry_run else delete_blob(store, digest, blob.stat)
         if freed is not None:
             removed.append(Collected("blob", str(digest), freed))
     in_progress = []
-    for ingest in store.ingests():
+    for ingest in ingests(store):
         freed = None if ingest.live else ingest.size
         if freed is not None and not dry_run:
-            freed = store.remove_ingest(ingest.name)
+            freed = remove_ingest(store, ingest.name)
         if freed is None:
             in_progress.append(ingest.name)
         else:
@@ -339,7 +373,7 @@ class Usage:
 
 def usage(store: Store) -> Usage:
     """Add up the store as it is now (no lock: a pull may be changing it meanwhile)."""
-    images = load_images(store)
+    images = whole_images(load_images(store))
     needed = []
     warnings = []
     for image in images:
@@ -348,10 +382,10 @@ def usage(store: Store) -> Usage:
         if reason is not None:
             warnings.append(f"cannot tell which blobs {image.label} uses: {reason}")
         needed.append(closure.digests if closure is not None else frozenset())
-    blobs, _ = store.stored_blobs()
+    blobs, _ = stored_blobs(store)
     stored = {blob.digest: blob.size for blob in blobs}
-    ingests = [(ingest.size, ingest.live) for ingest in store.ingests()]
-    return Usage(disk_usage(stored, needed, ingests), tuple(warnings))
+    downloads = [(ingest.size, ingest.live) for ingest in ingests(store)]
+    return Usage(disk_usage(stored, needed, downloads), tuple(warnings))
 
 
 __all__ = [
@@ -365,8 +399,10 @@ __all__ = [
     "collect_garbage",
     "disk_reader",
     "load_images",
+    "platforms_of",
     "read_manifest",
     "remove_images",
     "usage",
+    "whole_images",
     "why_unwalkable",
 ]

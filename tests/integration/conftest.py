@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +237,13 @@ def process_tree(pid: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def console_script() -> str:
+    """The installed ``fastpull`` command; its absence fails under ``CI=true``."""
+    script = shutil.which("fastpull")
+    if script is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the fastpull console script is not on PATH after installation")
+        pytest.skip("the fastpull console script is not installed")
+    return script

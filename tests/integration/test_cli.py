@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import fastpull
 from fastpull import hashing
 from fastpull.registry.transport import RetryPolicy
 from fastpull.store.layout import REF_NAME_ANNOTATION
-from tests.integration.conftest import blob, index_entries, one_line
+from tests.integration.conftest import blob, console_script, index_entries, one_line
 from tests.support.images import MiB, make_image, make_index, make_layer
 
 _IN_CI = os.environ.get("CI") == "true"
@@ -115,13 +114,7 @@ def test_python_m_fastpull_help() -> None:
 
 
 def test_console_script_is_installed() -> None:
-    script = shutil.which("fastpull")
-    if script is None:
-        if _IN_CI:
-            pytest.fail("the fastpull console script is not on PATH after installation")
-        pytest.skip("the fastpull console script is not installed")
-
-    done = _run(script, "version")
+    done = _run(console_script(), "version")
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"fastpull {fastpull.__version__}"

@@ -98,3 +98,61 @@ def test_skopeo_copies_out_of_the_store_back_to_a_registry(
     assert cli("pull", f"{registry.host}/{repo}:copied").code == 0
     out = cli("images", "--format", "json", f"{registry.host}/{repo}:copied").lines
     assert json.loads(out[0])["Digest"] == image.manifest_digest
+
+
+def test_umoci_and_skopeo_address_each_platform_of_a_multi_platform_pull(
+    registry: Any, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    """umoci refuses a name that points at an index ("tag is ambiguous"); each pulled
+    platform has a name of its own that it unpacks, and skopeo reads."""
+    skopeo = require_tool("skopeo")
+    umoci = require_tool("umoci")
+    shared = make_layer({"etc/os-release": b"ID=fastpull-test\n"}, seed=220)
+    platforms = {"linux/amd64": ("amd64", None), "linux/arm64": ("arm64", None)}
+    platforms["linux/arm/v7"] = ("arm", "v7")
+    oci = {
+        name: make_image(
+            [shared, make_layer({"arch.txt": name.encode()}, seed=221 + i)],
+            architecture=arch,
+            variant=variant,
+        )
+        for i, (name, (arch, variant)) in enumerate(platforms.items())
+    }
+    registry.pusher.push_index(repo, "all", make_index(list(oci.values())))
+    docker = {
+        name: make_image(
+            [make_layer({"arch.txt": f"docker {name}".encode()}, seed=231 + i, format="docker")],
+            architecture=arch,
+            variant=variant,
+            format="docker",
+        )
+        for i, (name, (arch, variant)) in enumerate(platforms.items())
+    }
+    registry.pusher.push_index(repo, "list", make_index(list(docker.values()), format="docker"))
+    all_ref, list_ref = f"{registry.host}/{repo}:all", f"{registry.host}/{repo}:list"
+    assert cli("pull", "-q", "--platform", "all", all_ref).code == 0
+    assert cli("pull", "-q", "--platform", "linux/arm64,linux/arm/v7", list_ref).code == 0
+    store = os.environ["FASTPULL_STORE"]
+    suffixes = {"linux/amd64": "linux-amd64", "linux/arm64": "linux-arm64"}
+    suffixes["linux/arm/v7"] = "linux-arm-v7"
+    wanted = [(all_ref, name, oci[name], name) for name in platforms]
+    wanted += [(list_ref, name, docker[name], f"docker {name}") for name in platforms]
+    wanted = [w for w in wanted if w[0] == all_ref or w[1] != "linux/amd64"]
+
+    for ref, platform, image, content in wanted:
+        name = f"{ref}-{suffixes[platform]}"
+        bundle = tmp_path / name.replace("/", "_").replace(":", "_")
+        _run(umoci, "unpack", "--rootless", "--image", f"{store}:{name}", str(bundle))
+        assert (bundle / "rootfs/arch.txt").read_text() == content
+        info = json.loads(_run(skopeo, "inspect", f"oci:{store}:{name}"))
+        assert (info["Os"], info["Architecture"]) == ("linux", platforms[platform][0])
+        assert info["Layers"][-1] == image.layers[-1].digest
+        if image.media_type == "application/vnd.oci.image.manifest.v1+json":
+            raw = _run(skopeo, "inspect", "--raw", f"oci:{store}:{name}")
+            assert raw.encode() == image.manifest_bytes
+    # The plain names still point at the index of the pulled platforms.
+    for ref, count in ((all_ref, 3), (list_ref, 2)):
+        index = json.loads(_run(skopeo, "inspect", "--raw", f"oci:{store}:{ref}"))
+        assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+        assert len(index["manifests"]) == count
+    assert not any(f"{list_ref}-linux-amd64" in line for line in cli("images").lines)

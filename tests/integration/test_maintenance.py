@@ -119,6 +119,10 @@ def _shared_pair(registry: Any, repo: str) -> tuple[str, Image, str, Image]:
     return f"{registry.host}/{repo}:oci", oci, f"{registry.host}/{repo}:docker", docker
 
 
+def _names(store: Path) -> list[str]:
+    return [e["annotations"]["org.opencontainers.image.ref.name"] for e in index_entries(store)]
+
+
 def _pull(cli: Any, *refs: str) -> None:
     for ref in refs:
         result = cli("pull", "-q", ref)
@@ -227,6 +231,65 @@ def test_rmi_of_an_unknown_image(registry: Any, repo: str, cli: Any, store: Path
     assert _one_error(mixed) == f"Error: No such image: {registry.host}/{repo}:2"
     assert mixed.lines[0] == f"Untagged: {ref}"
     assert index_entries(store) == []
+
+
+def test_the_names_of_platforms_go_with_their_image(
+    registry: Any, repo: str, cli: Any, store: Path
+) -> None:
+    base = make_layer({"etc/os-release": b"ID=multi\n"}, seed=320)
+    amd = make_image([base, make_layer(20_000, seed=321)])
+    arm = make_image([base, make_layer(25_000, seed=322)], architecture="arm64")
+    index = make_index([amd, arm])
+    registry.pusher.push_index(repo, "1", index)
+    ref = f"{registry.host}/{repo}:1"
+    names = [ref, f"{ref}-linux-amd64", f"{ref}-linux-arm64"]
+    result = cli("pull", "-q", "--platform", "all", ref)
+    assert result.code == 0, result.err
+    assert _names(store) == names
+    images = cli("images", ref).lines
+    assert [line.split()[:2] for line in images[1:]] == [
+        [f"{registry.host}/{repo}", tag] for tag in ("1", "1-linux-amd64", "1-linux-arm64")
+    ]
+    listed = cli("images", "--format", "json", f"{registry.host}/{repo}").lines
+    assert sorted(json.loads(line)["Tag"] for line in listed) == [
+        "1",
+        "1-linux-amd64",
+        "1-linux-arm64",
+    ]
+    # Everything is needed: gc finds nothing, verify and df count one image.
+    assert cli("gc", "--dry-run").lines == ["Would reclaim: 0B"]
+    blobs = 1 + 2 * 2 + 3  # index; two manifests and configs; three layers
+    assert cli("verify").lines[-1].startswith(f"Verified 1 image and {blobs} blobs (")
+    assert json.loads(cli("df", "--format", "json").out)["Images"] == 1
+    assert json.loads(cli("df", "--format", "json").out)["SharedBlobs"] == 0
+
+    # Repair pulls the image again with the platforms it had, names included.
+    _flip_a_byte(blob(store, arm.layers[1].digest))
+    found = cli("verify")
+    assert found.code == 7
+    assert found.lines[0].endswith(f"(layer of {ref})")
+    repaired = cli("verify", "--repair")
+    assert repaired.code == 0, repaired.err
+    assert blob(store, arm.layers[1].digest).read_bytes() == arm.layers[1].data
+    assert _names(store) == names
+    assert entry_for(store, ref)["digest"] == index.manifest_digest
+
+    # One platform's name alone goes, its blobs stay: the image still needs them.
+    alone = cli("rmi", f"{ref}-linux-arm64")
+    assert alone.code == 0, alone.err
+    assert alone.lines == [f"Untagged: {ref}-linux-arm64"]
+    assert blob(store, arm.layers[1].digest).exists()
+
+    result = cli("rmi", ref)
+
+    assert result.code == 0, result.err
+    assert result.lines[:3] == [
+        f"Untagged: {ref}",
+        f"Untagged: {ref}-linux-amd64",
+        f"Untagged: {registry.host}/{repo}@{index.manifest_digest}",
+    ]
+    assert index_entries(store) == []
+    assert _blob_files(store) == set()
 
 
 # -- gc ----------------------------------------------------------------------------------------

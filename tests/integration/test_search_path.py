@@ -9,7 +9,6 @@ installed fastpull keeps working.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,8 @@ from typing import Any
 import pytest
 
 from fastpull.engine.worker import command_line, import_roots
-from tests.integration.conftest import index_entries
+from tests.integration.conftest import console_script, index_entries
 from tests.support.images import MiB, make_image, make_layer
-
-_IN_CI = os.environ.get("CI") == "true"
 
 # Each planted module records that it ran, then breaks the import it shadows.
 _PLANTED = "open({marker!r}, 'a').write({name!r} + '\\n'); raise SystemExit('planted {name} ran')\n"
@@ -39,15 +36,6 @@ def _plant(directory: Path, marker: Path) -> None:
     (engine / "__init__.py").write_text(_PLANTED.format(marker=str(marker), name="engine"))
 
 
-def _console_script() -> str:
-    script = shutil.which("fastpull")
-    if script is None:
-        if _IN_CI:
-            pytest.fail("the fastpull console script is not on PATH after installation")
-        pytest.skip("the fastpull console script is not installed")
-    return script
-
-
 def test_workers_never_import_from_the_current_directory(
     registry: Any, repo: str, tmp_path: Path
 ) -> None:
@@ -63,7 +51,7 @@ def test_workers_never_import_from_the_current_directory(
     # ``--workers 2`` starts worker processes even for a small image.
     done = subprocess.run(
         [
-            _console_script(),
+            console_script(),
             "pull",
             "--workers",
             "2",

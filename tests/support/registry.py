@@ -125,7 +125,7 @@ class RegistryServer:
         if "pusher" in self.__dict__:
             self.__dict__.pop("pusher").close()
         if self._proc is not None:
-            _terminate(self._proc)
+            terminate(self._proc)
             self._proc = None
         if self._owns_token_server and self.token_server is not None:
             self.token_server.stop()
@@ -328,7 +328,7 @@ class RegistryServer:
             if self._wait_ready():
                 return
             returncode = self._proc.poll()
-            _terminate(self._proc)
+            terminate(self._proc)
             self._proc = None
             self._port = None
             with self.log_path.open("rb") as fh:
@@ -386,7 +386,7 @@ class RegistryServer:
             time.sleep(0.01)
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
     """Stop a process politely, then forcefully."""
     if proc.poll() is None:
         proc.terminate()

@@ -1,4 +1,5 @@
-"""Tests for fastpull.store.layout: the OCI image layout, on real files in temporary directories."""
+"""Tests for fastpull.store.layout and fastpull.store.ingest: the OCI image layout and downloads
+into it, on real files in temporary directories."""
 
 from __future__ import annotations
 
@@ -27,9 +28,16 @@ import pytest
 import xxhash
 
 from fastpull.errors import DigestMismatch, StoreError
+from fastpull.store.ingest import IngestPaths, ingest_name
 from fastpull.store.journal import Extent
-from fastpull.store.layout import REF_NAME_ANNOTATION, Store, resolve_store_path
-from fastpull.types import Descriptor, Digest
+from fastpull.store.layout import (
+    PLATFORM_OF_ANNOTATION,
+    REF_NAME_ANNOTATION,
+    Store,
+    platform_name,
+    resolve_store_path,
+)
+from fastpull.types import Descriptor, Digest, Platform
 from tests.support.tools import require_tool
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -536,6 +544,34 @@ def test_nested_ingest_of_one_digest_fails_instead_of_hanging(store: Store) -> N
         assert not again.present
 
 
+def test_ingest_busy_sees_a_download_in_progress_and_creates_nothing(store: Store) -> None:
+    digest = digest_of(b"busy")
+    paths = IngestPaths.of(store.root, digest)
+    assert not store.ingest_busy(digest)
+    assert not paths.lock.exists()
+    with store.ingest(digest, 4) as ing:
+        assert ing.path == paths.data and ing.journal_path == paths.journal
+        assert store.ingest_busy(digest)
+        assert not store.ingest_busy(digest_of(b"other"))
+    assert not store.ingest_busy(digest)
+    assert os.listdir(store.root / "ingest") == []
+
+
+def test_ingest_paths_name_one_digest_and_nothing_else(tmp_path: Path) -> None:
+    digest = digest_of(b"x")
+    paths = IngestPaths.of(tmp_path, digest)
+    assert paths == IngestPaths.named(tmp_path, f"sha256-{digest.hex}")
+    assert paths.lock == tmp_path / "ingest" / f"sha256-{digest.hex}.lock"
+    temp = paths.new_temp()
+    assert paths.owns(temp.name) and temp != paths.new_temp()
+    assert ingest_name(temp.name) == paths.name == ingest_name(paths.journal.name)
+    assert not paths.owns(f"sha256-{digest.hex}0.data")
+    assert ingest_name("unrelated") is None
+    for bad in ("../x", "sha256-XYZ", "sha256-ab/cd", ""):
+        with pytest.raises(ValueError, match="not an ingest name"):
+            IngestPaths.named(tmp_path, bad)
+
+
 def _hold_ingest(root: str, data: bytes, locked: Any) -> None:
     store = Store.open(Path(root))
     digest = digest_of(data)
@@ -585,7 +621,7 @@ def _contend(root: str, digest: Digest, rounds: int) -> int:
 
 def test_ingest_lock_is_exclusive_although_lock_files_are_deleted(store: Store) -> None:
     # Each holder deletes the lock file on exit while others wait on it; without the
-    # inode check in _lock, a waiter and a newcomer would both get in.
+    # inode check in locks.lock_file, a waiter and a newcomer would both get in.
     digest = digest_of(b"contended")
     with ProcessPoolExecutor(6, mp_context=SPAWN) as pool:
         overlaps = list(pool.map(_contend, [str(store.root)] * 6, [digest] * 6, [60] * 6))
@@ -691,6 +727,116 @@ def test_remove_image(store: Store) -> None:
     assert store.remove_image("r/x:1") is None
     assert [d.annotations[REF_NAME_ANNOTATION] for d in store.images()] == ["r/x:2"]
     assert store.has_blob(manifest.digest)
+
+
+# ── names of the platforms of a multi-platform image ──────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    ("name", "platform", "expected"),
+    [
+        ("docker.io/library/app:1.0", "linux/arm64", "docker.io/library/app:1.0-linux-arm64"),
+        ("docker.io/library/app:1.0", "linux/arm/v7", "docker.io/library/app:1.0-linux-arm-v7"),
+        ("localhost:5000/a/b:latest", "linux/amd64", "localhost:5000/a/b:latest-linux-amd64"),
+        (
+            f"localhost:5000/app@sha256:{'a' * 64}",
+            "linux/s390x",
+            "localhost:5000/app:linux-s390x",
+        ),
+        (f"quay.io/x/y:2@sha256:{'b' * 64}", "windows/amd64", "quay.io/x/y:2-windows-amd64"),
+        ("localhost:5000/app", "linux/ppc64le", "localhost:5000/app:linux-ppc64le"),
+    ],
+)
+def test_platform_names(name: str, platform: str, expected: str) -> None:
+    assert platform_name(name, Platform.parse(platform)) == expected
+
+
+def test_platform_names_keep_to_the_grammar_whatever_a_registry_sends() -> None:
+    odd = Platform("Linux OS", "arm/64", "-v8.x-")
+    assert platform_name("r.io/a:1", odd) == "r.io/a:1-linux_os-arm_64-v8_x"
+    assert platform_name("r.io/a:1", Platform("", "???", "")) == "r.io/a:1-unknown"
+
+
+def _platform_manifests(store: Store) -> tuple[Descriptor, list[Descriptor]]:
+    index = put_manifest(store, b'{"the":"index"}')
+    index = Descriptor("application/vnd.oci.image.index.v1+json", index.digest, index.size)
+    manifests = []
+    for text in ("linux/amd64", "linux/arm64", "linux/arm/v7"):
+        blob = put_manifest(store, text.encode())
+        manifests.append(Descriptor(MANIFEST_TYPE, blob.digest, blob.size, Platform.parse(text)))
+    return index, manifests
+
+
+def test_each_platform_of_an_index_gets_an_entry_of_its_own(store: Store) -> None:
+    index, manifests = _platform_manifests(store)
+    annotations = {
+        "io.fastpull.repo-digest": str(index.digest),
+        "io.containerd.image.name": "r.io/app:1",
+        "io.fastpull.source-manifest": str(manifests[0].digest),
+    }
+    unnamed = Descriptor(MANIFEST_TYPE, manifests[0].digest, manifests[0].size)
+    store.add_image(index, "r.io/app:1", annotations, [*manifests, unnamed])
+
+    entries = raw_index(store.root)["manifests"]
+    assert [e["annotations"][REF_NAME_ANNOTATION] for e in entries] == [
+        "r.io/app:1",
+        "r.io/app:1-linux-amd64",
+        "r.io/app:1-linux-arm64",
+        "r.io/app:1-linux-arm-v7",
+    ]
+    assert entries[0]["digest"] == str(index.digest)
+    assert entries[0]["annotations"] == {**annotations, REF_NAME_ANNOTATION: "r.io/app:1"}
+    for entry, manifest in zip(entries[1:], manifests, strict=True):
+        assert entry["digest"] == str(manifest.digest)
+        assert entry["platform"]["architecture"] == manifest.platform.architecture
+        assert entry["annotations"] == {
+            "io.fastpull.repo-digest": str(index.digest),
+            "io.containerd.image.name": entry["annotations"][REF_NAME_ANNOTATION],
+            PLATFORM_OF_ANNOTATION: "r.io/app:1",
+            REF_NAME_ANNOTATION: entry["annotations"][REF_NAME_ANNOTATION],
+        }
+    assert store.find_image("r.io/app:1-linux-arm64") == manifests[1]
+
+
+def test_a_new_pull_of_the_name_replaces_its_platform_entries(store: Store) -> None:
+    index, manifests = _platform_manifests(store)
+    store.add_image(index, "r.io/app:1", platforms=manifests)
+    store.add_image(index, "r.io/other:1", platforms=manifests[:1])
+    store.add_image(index, "r.io/app:1", platforms=manifests[1:2])
+    names = [d.annotations[REF_NAME_ANNOTATION] for d in store.images()]
+    assert sorted(names) == [
+        "r.io/app:1",
+        "r.io/app:1-linux-arm64",
+        "r.io/other:1",
+        "r.io/other:1-linux-amd64",
+    ]
+    # A single-platform pull of the name leaves it no platform names.
+    store.add_image(manifests[0], "r.io/app:1")
+    names = [d.annotations[REF_NAME_ANNOTATION] for d in store.images()]
+    assert sorted(names) == ["r.io/app:1", "r.io/other:1", "r.io/other:1-linux-amd64"]
+
+
+def test_a_platform_entry_needs_its_manifest_in_the_store(store: Store) -> None:
+    index, manifests = _platform_manifests(store)
+    missing = Descriptor(MANIFEST_TYPE, digest_of(b"absent"), 6, Platform.parse("linux/386"))
+    with pytest.raises(StoreError, match=re.escape("r.io/app:1-linux-386")):
+        store.add_image(index, "r.io/app:1", platforms=[*manifests, missing])
+    assert store.images() == []
+
+
+def test_remove_image_takes_the_platform_names_along(store: Store) -> None:
+    index, manifests = _platform_manifests(store)
+    store.add_image(index, "r.io/app:1", platforms=manifests)
+    store.add_image(index, "r.io/app:2", platforms=manifests)
+    assert store.remove_image("r.io/app:1-linux-arm64") == manifests[1]
+    assert store.remove_image("r.io/app:1") == index
+    names = [d.annotations[REF_NAME_ANNOTATION] for d in store.images()]
+    assert names == [
+        "r.io/app:2",
+        "r.io/app:2-linux-amd64",
+        "r.io/app:2-linux-arm64",
+        "r.io/app:2-linux-arm-v7",
+    ]
 
 
 def _add_many(root: str, worker: int, count: int, descriptor: Descriptor) -> None:

@@ -1,5 +1,6 @@
-"""Tests for what the store offers gc, rmi, verify and df: listing and deleting blobs, stale
-downloads under ingest/, and the store-wide lock that keeps gc away from running pulls."""
+"""Tests for what the store offers gc, rmi, verify and df (fastpull.store.gc): listing and deleting
+blobs, stale downloads under ingest/, and the store-wide lock that keeps gc away from running
+pulls."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from fastpull.errors import StoreError
 from fastpull.puller import Puller
+from fastpull.store.gc import delete_blob, ingests, remove_ingest, stored_blobs
 from fastpull.store.layout import Store
 from fastpull.types import Digest
 
@@ -31,7 +33,7 @@ def test_stored_blobs_and_strays(store: Store) -> None:
     (store.root / "blobs" / "sha384").mkdir()
     (store.root / "blobs" / "sha256" / "not-a-digest").write_bytes(b"?")
 
-    blobs, strays = store.stored_blobs()
+    blobs, strays = stored_blobs(store)
 
     assert sorted((blob.digest, blob.size) for blob in blobs) == sorted(
         [(digest_of(a), 5), (digest_of(b), 11)]
@@ -46,17 +48,17 @@ def test_delete_blob_only_deletes_the_file_it_was_shown(store: Store) -> None:
     data = b"content"
     d = digest_of(data)
     store.write_blob(d, data)
-    (seen,), _ = store.stored_blobs()
+    (seen,), _ = stored_blobs(store)
     # A pull replaces it (a new file, by rename) after it was looked at.
     replacement = store.root / "ingest" / "replacement"
     replacement.write_bytes(data)
     os.replace(replacement, store.blob_path(d))
 
-    assert store.delete_blob(d, seen.stat) is None
+    assert delete_blob(store, d, seen.stat) is None
     assert store.blob_path(d).read_bytes() == data
-    assert store.delete_blob(d) == len(data)
+    assert delete_blob(store, d) == len(data)
     assert not store.blob_path(d).exists()
-    assert store.delete_blob(d) is None
+    assert delete_blob(store, d) is None
 
 
 def test_ingests_tell_running_downloads_from_debris(store: Store) -> None:
@@ -71,7 +73,7 @@ def test_ingests_tell_running_downloads_from_debris(store: Store) -> None:
     with store.ingest(running, 100) as live:
         os.pwrite(live.fd, b"x" * 10, 0)
         journal = live.journal_path.stat().st_size
-        found = {i.name: (i.size, i.live) for i in store.ingests()}
+        found = {i.name: (i.size, i.live) for i in ingests(store)}
 
     assert found == {
         "sha256-aaaa": (7, False),
@@ -92,22 +94,22 @@ def test_remove_ingest_deletes_debris_and_spares_live_downloads(store: Store) ->
 
     with store.ingest(running, 100) as live:
         os.pwrite(live.fd, b"x" * 10, 0)
-        assert store.remove_ingest(name) is None
+        assert remove_ingest(store, name) is None
         assert live.path.exists()
         assert (ingest / f"{name}.lock").exists()
 
-    assert store.remove_ingest("sha256-aaaa") == 7
-    assert store.remove_ingest("sha256-cccc") == 12
+    assert remove_ingest(store, "sha256-aaaa") == 7
+    assert remove_ingest(store, "sha256-cccc") == 12
     assert sorted(p.name for p in ingest.iterdir()) == ["sha256-aaaa0.data"]
     with pytest.raises(ValueError):
-        store.remove_ingest("../x")
+        remove_ingest(store, "../x")
 
 
 def test_an_ingest_starting_during_gc_gets_a_lock_of_its_own(store: Store) -> None:
     # gc deletes the lock file it took; an ingest of that digest afterwards must still work.
     d = digest_of(b"later")
     (store.root / "ingest" / f"sha256-{d.hex}.data").write_bytes(b"old")
-    assert store.remove_ingest(f"sha256-{d.hex}") == 3
+    assert remove_ingest(store, f"sha256-{d.hex}") == 3
 
     with store.ingest(d, 5) as ingest:
         os.pwrite(ingest.fd, b"later", 0)

@@ -1,0 +1,1 @@
+"""Image archives: ``fastpull save`` writes the store's images as one tar, ``load`` reads one."""

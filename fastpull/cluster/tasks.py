@@ -1,0 +1,177 @@
+"""What runs on a Dask worker: one task's blobs through fastpull's own engine.
+
+A task brings plain data: the store's path (the same on every node), the settings, the
+blobs with the registry and repository each comes from, and, per registry, only the
+credentials that registry needs. Credentials travel inside :class:`~fastpull.types.Credentials`,
+whose ``repr`` hides every secret, because Dask logs a failed task's arguments; and a task
+never raises for a blob's failure (it returns it as data), which keeps it out of that log.
+
+The engine's worker processes are started with ``subprocess`` (Dask's worker processes are
+daemons and may not use ``multiprocessing``); they exit when their parent's socket closes,
+so a killed Dask worker leaves no orphans. A blob half-written when a worker died resumes
+from its journal on the shared store when Dask runs the task again elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastpull import cancel, events
+from fastpull.cluster.plan import BlobRef
+from fastpull.engine.download import BlobSource, BlobStats, Downloader
+from fastpull.errors import FastpullError, Interrupted
+from fastpull.puller import RepositoryBlobs
+from fastpull.registry.client import RegistryClient
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import Transport
+from fastpull.store.layout import Store
+from fastpull.types import Credentials, Digest
+
+# How often a running task looks for the client's stop request, and forwards progress.
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything a worker needs for one task; pickled by Dask."""
+
+    job: str
+    number: int
+    store: str
+    settings: Settings
+    blobs: tuple[BlobRef, ...]
+    credentials: tuple[tuple[str, Credentials], ...] = ()
+
+    def credentials_for(self, registry: str) -> Credentials:
+        return dict(self.credentials).get(registry, Credentials())
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """What one task did: blobs stored, blobs that could not be had, and where it ran."""
+
+    number: int
+    worker: str
+    stats: tuple[BlobStats, ...] = ()
+    failures: tuple[tuple[Digest, FastpullError], ...] = ()
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def progress_topic(job: str) -> str:
+    """The Dask event topic a job's progress travels on."""
+    return f"fastpull-progress-{job}"
+
+
+def stop_event(job: str) -> str:
+    """The name of the Dask ``Event`` the client sets to stop a job's running tasks."""
+    return f"fastpull-stop-{job}"
+
+
+def run_task(spec: TaskSpec) -> TaskResult:
+    """Fetch ``spec``'s blobs into the shared store (runs on a Dask worker)."""
+    from distributed import Event, get_client, get_worker
+
+    worker = get_worker()
+    name = str(worker.name)
+    forward = _Forwarder(lambda msg: worker.log_event(progress_topic(spec.job), msg), name)
+    # Bound to the worker's client explicitly: the watcher thread has no Dask context.
+    stop = Event(stop_event(spec.job), client=get_client())
+    watching = threading.Event()
+    watcher = threading.Thread(
+        target=_watch, args=(stop, watching), name="fastpull-stop-watch", daemon=True
+    )
+    started = time.monotonic()
+    failures: list[tuple[Digest, FastpullError]] = []
+    watcher.start()
+    try:
+        stats = _fetch(spec, forward, lambda d, e: failures.append((d, e)))
+    except Interrupted:
+        return TaskResult(spec.number, name, interrupted=True)
+    finally:
+        watching.set()
+        watcher.join()
+        cancel.clear()
+    return TaskResult(
+        spec.number, name, tuple(stats), tuple(failures), seconds=time.monotonic() - started
+    )
+
+
+def _watch(stop: object, done: threading.Event) -> None:
+    while not done.wait(POLL_SECONDS):
+        # A scheduler that does not answer for a moment is asked again at the next poll.
+        with contextlib.suppress(Exception):
+            if stop.is_set():  # type: ignore[attr-defined]
+                cancel.request()
+                return
+
+
+def _fetch(
+    spec: TaskSpec,
+    forward: Callable[[events.Event], None],
+    on_failure: Callable[[Digest, FastpullError], None],
+) -> list[BlobStats]:
+    settings = spec.settings
+    store = Store.open(spec.store, create=False)
+    with store.shared_use():
+        transport = Transport(tls_for=settings.tls_for, stall_seconds=settings.stall_timeout)
+        clients: dict[str, RegistryClient] = {}
+        sources: dict[Digest, BlobSource] = {}
+        for blob in spec.blobs:
+            if blob.registry not in clients:
+                clients[blob.registry] = RegistryClient(
+                    blob.registry,
+                    settings=settings,
+                    credentials=spec.credentials_for(blob.registry),
+                    transport=transport,
+                )
+            sources[blob.descriptor.digest] = RepositoryBlobs(
+                clients[blob.registry], blob.repository
+            )
+        engine = Downloader(
+            store,
+            tls_for=settings.tls_for,
+            connections=settings.connections,
+            workers=settings.workers,
+            stall_seconds=settings.stall_timeout,
+            on_event=forward,
+        )
+        fetched = engine.fetch([b.descriptor for b in spec.blobs], sources, on_failure=on_failure)
+        return list(fetched.blobs)
+
+
+@dataclass
+class _Forwarder:
+    """Layer events to the client, state changes at once and byte counts at most every
+    :data:`POLL_SECONDS` per blob."""
+
+    send: Callable[[dict[str, object]], None]
+    worker: str
+    _last: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, event: events.Event) -> None:
+        if not isinstance(event, events.LayerEvent):
+            return
+        digest = str(event.digest)
+        now = time.monotonic()
+        if event.state == events.DOWNLOADING and now - self._last.get(digest, 0.0) < POLL_SECONDS:
+            return
+        self._last[digest] = now
+        self.send(
+            {
+                "digest": digest,
+                "state": event.state,
+                "current": event.current,
+                "total": event.total,
+                "worker": self.worker,
+                "host": socket.gethostname(),
+            }
+        )
+
+
+__all__ = ["TaskResult", "TaskSpec", "progress_topic", "run_task", "stop_event"]
