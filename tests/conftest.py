@@ -3,6 +3,11 @@
 Registries are session-scoped and shared, so tests should push to repository names of their own.
 Without ``docker-registry`` installed the registry fixtures skip, except under ``CI=true`` where a
 missing registry is a failure.
+
+Property tests (hypothesis) run the ``ci`` profile under ``CI=true``: the same examples every run,
+chosen by a hash of each test (so a bug is caught every run or never, and a failure is
+reproducible), with the blob that replays a failure printed, and without deadlines (a loaded
+2-core machine makes example timings meaningless). Elsewhere they draw new examples each run.
 """
 
 from __future__ import annotations
@@ -13,9 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.dockerconfig import DockerConfig
 from tests.support.registry import RegistryServer, RegistryUnavailable
+
+# Tests that name their own max_examples keep it; the rest get twice hypothesis's default.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=200,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 # Variables from the developer's shell that would change what fastpull does under test.
 _LEAKY_PREFIXES = ("FASTPULL_", "DOCKER_")

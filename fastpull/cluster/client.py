@@ -219,10 +219,12 @@ class ClusterFetcher:
                 cancel.check()
                 for future in done:
                     stats += self._collect(future, futures[future], on_failure)
-        except Interrupted:
+        except BaseException:
+            # Ctrl-C, or a failure that stops the batch (--fail-fast): the running tasks
+            # journal what they wrote and stop; the queued ones never start.
             Event(stop_event(job), client=client).set()
             _settled(pending, _STOP_GRACE_SECONDS, every=True)
-            client.cancel(list(pending), reason="interrupted")
+            client.cancel(list(pending), reason="stopped")
             raise
         self._forward(progress)
         return stats

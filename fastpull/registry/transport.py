@@ -327,8 +327,9 @@ class Transport:
         """Send with retries (network errors, 408/429/5xx) and safe redirect following.
 
         Credentials (``Authorization``) are only kept while the redirect stays on the
-        original origin. The final response is returned whatever its status, except that
-        429 and 5xx still failing after all attempts raise.
+        original origin; a redirect that would carry a request body (an OAuth form with a
+        refresh token) to another origin is refused. The final response is returned
+        whatever its status, except that 429 and 5xx still failing after all attempts raise.
         """
         retries = self.retry.begin()
         current = url
@@ -348,11 +349,16 @@ class Transport:
             match action:
                 case Redirect(target, keep_auth):
                     hops += 1
+                    if response.status == 303:
+                        method, body = "GET", None
+                    if body and origin(target) != origin(current):
+                        raise ProtocolError(
+                            f"{redact_url(current)} redirected a {method} to another origin "
+                            f"({redact_url(target)}); refused, its body would go along"
+                        )
                     if not keep_auth:
                         hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
                     current = target
-                    if response.status == 303:
-                        method, body = "GET", None
                 case RetryAfter(seconds):
                     retries = retries.failed(0, time.monotonic())
                     if retries.exhausted:

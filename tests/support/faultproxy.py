@@ -17,12 +17,13 @@ per test, change what happens to chosen requests:
   (a wrong ``Content-Range``, ``Content-Type``, ``Docker-Content-Digest``...).
 
 A :class:`Rule` matches requests by method and a path regex (the URL-decoded path, without the
-query) and applies to the ``first``-th matching request and the ``times - 1`` after it (each
-rule counts the requests it matches, whatever other rules did to them). The first rule that
-applies wins; requests no rule claims are forwarded untouched.
+query), optionally only those that carry an ``Authorization`` header, and applies to the
+``first``-th matching request and the ``times - 1`` after it (each rule counts the requests it
+matches, whatever other rules did to them). The first rule that applies wins; requests no rule
+claims are forwarded untouched.
 
-Every request is recorded as the proxy received it (headers included, to check what the
-client sent where) with the status and body bytes it got back, so tests can count requests
+Every request is recorded as the proxy received it (headers and body included, to check what
+the client sent where) with the status and body bytes it got back, so tests can count requests
 and bytes per path. ``upstream_headers`` are added to every forwarded request: a second proxy
 posing as a CDN can reach a Basic-auth registry with credentials of its own while recording
 that the client sent none.
@@ -164,23 +165,27 @@ Action = (
 class Rule:
     """Apply ``action`` to requests number ``first`` .. ``first + times - 1`` (counting from
     1; ``times=None``: every one from ``first`` on) among those whose method is ``method``
-    (any if None) and whose decoded path matches the regex ``path`` in full."""
+    (any if None) and whose decoded path matches the regex ``path`` in full; with
+    ``authorized``, only among those that carry an ``Authorization`` header."""
 
     action: Action
     path: str = ".*"
     method: str | None = "GET"
     first: int = 1
     times: int | None = 1
+    authorized: bool = False
     seen: int = 0
 
     def __post_init__(self) -> None:
         self._pattern = re.compile(self.path)
 
-    def claims(self, method: str, path: str) -> bool:
+    def claims(self, request: ProxiedRequest) -> bool:
         """Count the request if it matches; whether this rule acts on it."""
-        if self.method is not None and method != self.method:
+        if self.method is not None and request.method != self.method:
             return False
-        if not self._pattern.fullmatch(path):
+        if not self._pattern.fullmatch(request.path):
+            return False
+        if self.authorized and request.header("Authorization") is None:
             return False
         self.seen += 1
         if self.seen < self.first:
@@ -203,6 +208,7 @@ class ProxiedRequest(RequestRecord):
     target: str
     headers: tuple[tuple[str, str], ...]
     action: Action
+    body: bytes = b""
     status: int = 0
     body_sent: int = 0
     hung_up: bool = False
@@ -280,9 +286,10 @@ class FaultProxy(LoopbackService):
         method: str | None = "GET",
         first: int = 1,
         times: int | None = 1,
+        authorized: bool = False,
     ) -> None:
-        """Shorthand for ``add(Rule(action, path, method, first, times))``."""
-        self.add(Rule(action, path, method, first, times))
+        """Shorthand for ``add(Rule(action, path, method, first, times, authorized))``."""
+        self.add(Rule(action, path, method, first, times, authorized))
 
     @property
     def requests(self) -> list[ProxiedRequest]:
@@ -305,10 +312,10 @@ class FaultProxy(LoopbackService):
 
     # -- serving ---------------------------------------------------------------------------
 
-    def _choose(self, method: str, path: str) -> Action:
+    def _choose(self, request: ProxiedRequest) -> Action:
         with self._lock:
             # Every rule counts the request, so "the n-th request for X" means just that.
-            claimed = [rule for rule in self._rules if rule.claims(method, path)]
+            claimed = [rule for rule in self._rules if rule.claims(request)]
         return claimed[0].action if claimed else Forward()
 
     def _handle(self, handler: _Handler) -> None:
@@ -316,8 +323,8 @@ class FaultProxy(LoopbackService):
         headers = tuple(handler.headers.items())
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
-        record = ProxiedRequest(method, handler.path, headers, Forward())
-        record.action = self._choose(method, record.path)
+        record = ProxiedRequest(method, handler.path, headers, Forward(), body or b"")
+        record.action = self._choose(record)
         with self._lock:
             self._requests.append(record)
         try:

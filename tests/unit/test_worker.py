@@ -111,7 +111,7 @@ def test_acceptance_follows_the_table(
     assert bool(transfer.accepted) == accepted
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(data=st.data(), span=requests(), status=st.sampled_from([200, 206, 416, 500]))
 def test_bytes_land_only_where_and_when_the_answer_says(
     loop: WorkerLoop, data: st.DataObject, span: tuple[int, int, int, int], status: int
