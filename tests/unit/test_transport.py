@@ -201,6 +201,16 @@ def test_a_303_turns_the_request_into_a_get_without_body() -> None:
     assert [(m, b) for m, _, _, b in transport.sent] == [("POST", b"grant_type=x"), ("GET", None)]
 
 
+def test_a_request_body_never_follows_a_redirect_to_another_origin() -> None:
+    form = b"grant_type=refresh_token&refresh_token=secret"
+    with (
+        Scripted(_to(307, "https://elsewhere.example/token")) as transport,
+        pytest.raises(ProtocolError, match="its body would go along"),
+    ):
+        transport.request("POST", "https://auth.example/token", body=form)
+    assert [url for _, url, _, _ in transport.sent] == ["https://auth.example/token"]
+
+
 def test_transient_answers_back_off_by_this_requests_attempts() -> None:
     with Scripted(_to(503), _to(429, retry_after="7"), _to(200)) as transport:
         assert transport.request("GET", "https://r.example/v2/").status == 200
