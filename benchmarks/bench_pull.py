@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_pull [--runs 5] [--scenario direct|capped|slow|tls|all]
+    python -m benchmarks.bench_pull [--runs 5] [--scenario direct|capped|slow|tls|faulty|all]
         [--images big|many|small|all] [--tools fastpull,curl,aria2c,skopeo,floor,disk] [--quick]
 
 It starts Debian's ``docker-registry`` on 127.0.0.1 (for the ``tls`` scenario a second one
@@ -12,6 +12,11 @@ cached between harness runs, then runs every tool ``--runs`` times per scenario 
 tool at a time, alternating tools in each round. It prints a table of medians, writes every
 run's raw numbers with machine information to ``benchmarks/results/pull-<timestamp>.json``,
 and draws ``pull-<timestamp>.png`` when matplotlib is installed. See benchmarks/README.md.
+
+The ``faulty`` scenario (only when asked for, not part of ``all``) pulls through the test
+suite's fault proxy breaking 30% of blob GETs at random (a reset or a short body part-way,
+a 503, a 429), to measure what retries cost; its pure-Python proxy caps throughput, so
+compare it with ``faulty --fault-share 0``, not with ``direct``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import signal
@@ -55,12 +61,15 @@ from benchmarks.tools import (
     tool_env,
     tool_version,
 )
+from tests.support.faultproxy import Action, FaultProxy, Forward, Reset, Status, Truncate
 from tests.support.images import Image
 from tests.support.netutil import HARNESS_USER_AGENT
 from tests.support.registry import RegistryServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("direct", "capped", "slow", "tls")
+# Only when asked for by name: not comparable with the others (a Python proxy in the path).
+EXTRA_SCENARIOS = ("faulty",)
 # Scenarios that pull through nginx, with their per-connection cap.
 CAPPED_SCENARIOS = ("capped", "slow")
 IMAGES = ("big", "many", "small")
@@ -78,6 +87,7 @@ class Options:
     tools: tuple[str, ...]
     quick: bool
     cap_mbps: float
+    fault_share: float
     slow_mibps: float
     fastpull_args: tuple[str, ...]
     cache_dir: Path
@@ -93,7 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         description="Benchmark fastpull against curl, aria2c and skopeo on a loopback registry.",
     )
     parser.add_argument("--runs", type=int, help="runs per tool, scenario and image (5; 2 quick)")
-    parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
+    parser.add_argument("--scenario", choices=(*SCENARIOS, *EXTRA_SCENARIOS, "all"), default="all")
     parser.add_argument("--images", choices=(*IMAGES, "all"), default="all")
     parser.add_argument(
         "--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}"
@@ -114,6 +124,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         type=float,
         default=8.0,
         help="per-connection cap of the slow scenario, in MiB/s (8: nginx's limit_rate 8m)",
+    )
+    parser.add_argument(
+        "--fault-share",
+        type=float,
+        default=0.3,
+        help="share of blob GETs the faulty scenario's proxy breaks (0.3)",
     )
     parser.add_argument(
         "--fastpull-args",
@@ -151,6 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--runs must be at least 1")
     if ns.cap_mbps <= 0 or ns.slow_mibps <= 0 or ns.timeout <= 0:
         parser.error("--cap-mbps, --slow-mibps and --timeout must be positive")
+    if not 0 <= ns.fault_share < 1:
+        parser.error("--fault-share must be at least 0 and below 1")
     return Options(
         runs=runs,
         scenarios=SCENARIOS if ns.scenario == "all" else (ns.scenario,),
@@ -158,6 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         tools=tuple(dict.fromkeys(tools)),
         quick=ns.quick,
         cap_mbps=ns.cap_mbps,
+        fault_share=ns.fault_share,
         slow_mibps=ns.slow_mibps,
         fastpull_args=tuple(shlex.split(ns.fastpull_args)),
         cache_dir=ns.workdir,
@@ -198,6 +217,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+class FlakyProxy(FaultProxy):
+    """The fault proxy breaking a share of blob GETs at random, the same ones every run
+    (seeded): a reset or a short body somewhere in the first 4 MiB, a 503 or a 429."""
+
+    def __init__(self, upstream: str, share: float, seed: int = 12) -> None:
+        super().__init__(upstream, max_response_seconds=600.0)
+        self.share = share
+        self._random = random.Random(seed)
+
+    def _choose(self, method: str, path: str) -> Action:
+        if method != "GET" or "/blobs/" not in path:
+            return Forward()
+        with self._lock:
+            if self._random.random() >= self.share:
+                return Forward()
+            after = self._random.randrange(4 << 20)
+            return self._random.choice(
+                [Reset(after), Truncate(after), Status(503, "0"), Status(429, "0")]
+            )
 
 
 class Bench:
@@ -270,11 +310,15 @@ class Bench:
                         )
                     )
                     host = proxy.host
+                elif scenario == "faulty":
+                    flaky = FlakyProxy(f"http://{registry.host}", opts.fault_share)
+                    host = stack.enter_context(flaky).host
                 capped = scenario in CAPPED_SCENARIOS
                 self.scenario_info[scenario] = {
                     "host": host,
                     "tls": scenario == "tls",
                     "cap_bytes_per_connection": self.rate_bytes(scenario) if capped else None,
+                    "fault_share": opts.fault_share if scenario == "faulty" else None,
                 }
                 for name in opts.images:
                     spec = specs[name]
@@ -518,6 +562,11 @@ class Bench:
             notes.append(
                 f"slow: the same with limit_rate {opts.slow_mibps:g} MiB/s per connection, as a "
                 "CDN edge or a long lossy path gives each TCP connection."
+            )
+        if "faulty" in opts.scenarios:
+            notes.append(
+                f"faulty: every tool pulls through a Python proxy that breaks "
+                f"{opts.fault_share:.0%} of blob GETs (reset or short body part-way, 503, 429)."
             )
         if "tls" in opts.scenarios:
             notes.append(

@@ -4,11 +4,13 @@ The packages are the layers of ``shared/design.md``'s data flow, and a package i
 from the packages before it in this list (never from one after it)::
 
     core       errors, types, cancel, events, hashing, reference   (anyone may import these)
-    registry/  transport, auth, credentials, settings, manifest, client, upload -- who, how
+    registry/  responses, transport, auth, credentials, settings,    -- who to talk to, how
+               manifest, client, upload
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
                inventory, maintenance                                  -- where bytes rest
     archive/   tarstream, documents, writer, reader                    -- images as one tar
-    engine/    scheduler, worker, verify, download                     -- how bytes move
+    engine/    scheduler, worker, pool, routing, resume, verify,       -- how bytes move
+               commit, records, job, download
     top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
     cluster/   plan, tasks, client                                     -- a batch over Dask
     cli/       commands, options, archive, mirror, progress, listing   -- the face
@@ -74,7 +76,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry": frozenset(),
     "registry.credentials": frozenset({"errors", "types"}),
     "registry.auth": frozenset({"errors", "types"}),
-    "registry.transport": frozenset({"cancel", "errors"}),
+    "registry.responses": frozenset({"errors"}),
+    "registry.transport": frozenset({"cancel", "errors", "registry.responses"}),
     "registry.settings": frozenset({"errors", "reference", "registry.transport"}),
     "registry.manifest": frozenset({"errors", "hashing", "types"}),
     "registry.client": _CORE
@@ -108,12 +111,22 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"archive.documents", "archive.tarstream"},
     # engine/: how bytes move
     "engine": frozenset(),
-    "engine.scheduler": frozenset({"errors", "types"}),
+    "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
-    "engine.download": _CORE
-    | {"registry.transport", "store.diskqueue", "store.ingest", "store.journal", "store.layout"}
-    | {"engine.scheduler", "engine.verify", "engine.worker"},
+    "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
+    "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})
+    | {"store.ingest", "engine.routing", "engine.verify"},
+    "engine.resume": frozenset({"store.journal", "engine.worker"}),
+    "engine.commit": frozenset({"errors", "engine.records"}),
+    "engine.pool": frozenset({"errors", "engine.worker"}),
+    "engine.job": _CORE
+    | {"registry.responses", "registry.transport", "store.diskqueue"}
+    | {"engine.commit", "engine.pool", "engine.records", "engine.resume", "engine.routing"}
+    | {"engine.scheduler", "engine.worker"},
+    "engine.download": frozenset({"events", "types", "registry.responses", "registry.transport"})
+    | {"store.diskqueue", "store.layout"}
+    | {"engine.job", "engine.pool", "engine.records", "engine.verify"},
     # top: one image, a batch
     "batchfile": frozenset({"errors", "reference", "types"}),
     "puller": _CORE
@@ -165,7 +178,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 IO_MODULES = frozenset(
     {"registry.transport", "registry.client", "registry.upload", "store.journal"}
     | {"store.diskqueue", "store.files", "store.locks", "store.ingest", "store.layout"}
-    | {"store.gc", "engine.worker", "engine.download", "puller", "bulk", "pusher", "mirror"}
+    | {"store.gc", "engine.worker", "engine.pool", "engine.job", "engine.download"}
+    | {"puller", "bulk", "pusher", "mirror"}
 )
 PURE_MODULES = (
     "errors",
@@ -174,6 +188,7 @@ PURE_MODULES = (
     "events",
     "registry.auth",
     "registry.manifest",
+    "registry.responses",
     "store.inventory",
     "engine.scheduler",
     "batchfile",

@@ -5,14 +5,16 @@ Pure bookkeeping, no I/O, so every rule here is tested on its own
 asks how far each blob is contiguous from byte 0 (what may be hashed).
 
 Rules:
-- A blob at most 1.5 chunks long is one request; a larger one is cut into chunks whose size
+- A blob under 1.5 chunks long is one request; a larger one is cut into chunks whose size
   follows the whole job (``total / (connections * 4)``, between ``min_chunk`` and
   ``max_chunk``), so one 1 GiB layer alone keeps every connection busy, and so do many
   small layers.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
   blob's hash frontier advances while it downloads.
 - A failed chunk keeps what it wrote: the written part counts as done and only the rest
-  goes back in the queue, after a backoff. Attempts are counted per byte range and bounded.
+  goes back in the queue, after a backoff. Each byte range carries its own retry history
+  (``responses.Retries``): only attempts that made no progress count against its attempts,
+  with ceilings on all attempts and on the time without progress.
 - Endgame: when a connection is idle and nothing is queued, the active chunk with the most
   bytes left is split at the middle of its remainder (aria2's rule), so a slow connection
   never holds the tail. The split takes effect only once the worker has acknowledged the
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from fastpull.registry.responses import Retries, RetryPolicy
 
 MIB = 1 << 20
 
@@ -36,7 +40,8 @@ class Chunk:
     blob: int
     start: int
     end: int
-    attempt: int = 1
+    attempt: int = 1  # counting only attempts that made no progress
+    retries: Retries | None = None  # the range's failed attempts so far (None: none)
 
     @property
     def length(self) -> int:
@@ -76,6 +81,8 @@ class Policy:
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
     max_attempts: int = 6
+    # The other bounds on a range's retries (progress, total, time); ``max_attempts`` wins.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class Scheduler:
@@ -90,6 +97,7 @@ class Scheduler:
         """``done[i]`` lists ranges of blob ``i`` already written (resumed): they are not
         fetched again."""
         self.policy = policy or Policy()
+        self._retry = replace(self.policy.retry, attempts=self.policy.max_attempts)
         self._blobs = [_Blob(size) for size in sizes]
         self._next_id = 0
         self._pending: list[tuple[float, Chunk]] = []
@@ -103,9 +111,11 @@ class Scheduler:
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
 
-    def _new(self, blob: int, start: int, end: int, attempt: int) -> Chunk:
+    def _new(
+        self, blob: int, start: int, end: int, attempt: int, retries: Retries | None = None
+    ) -> Chunk:
         self._next_id += 1
-        return Chunk(self._next_id, blob, start, end, attempt)
+        return Chunk(self._next_id, blob, start, end, attempt, retries)
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:
         """The byte ranges of a blob that are neither done, nor being fetched, nor queued."""
@@ -191,26 +201,38 @@ class Scheduler:
         self._mark_done(active.chunk.blob, active.chunk.start, active.chunk.end)
         return active.chunk
 
-    def fail(self, chunk_id: int, position: int, ready_at: float) -> Outcome:
-        """The transfer stopped at ``position``: keep what was written, requeue the rest."""
+    def retries(self, chunk_id: int, position: int, now: float) -> Retries:
+        """The retry history of active chunk ``chunk_id``'s range if its transfer failed
+        at ``position`` at time ``now`` (what its backoff is based on)."""
+        chunk = self._active[chunk_id].chunk
+        # A single-stream blob restarts from byte 0: what it wrote is no progress.
+        kept = 0 if self._blobs[chunk.blob].single_stream else position - chunk.start
+        history = chunk.retries or self._retry.begin()
+        return history.failed(max(0, min(kept, chunk.length)), now)
+
+    def fail(
+        self, chunk_id: int, position: int, ready_at: float, now: float | None = None
+    ) -> Outcome:
+        """The transfer stopped at ``position`` (at ``now``, by default ``ready_at``): keep
+        what was written, requeue the rest to start at ``ready_at``."""
+        retries = self.retries(chunk_id, position, ready_at if now is None else now)
         active = self._active.pop(chunk_id)
         chunk = active.chunk
         info = self._blobs[chunk.blob]
-        if chunk.attempt >= self.policy.max_attempts:
+        if retries.exhausted:
             return Outcome.EXHAUSTED
         if info.single_stream:
             # Without Range support nothing can resume: start the blob over.
             info.done.clear()
             info.prefix = 0
             info.restarts += 1
-            self._pending.insert(
-                0, (ready_at, self._new(chunk.blob, 0, info.size, chunk.attempt + 1))
-            )
+            again = self._new(chunk.blob, 0, info.size, retries.attempt, retries)
+            self._pending.insert(0, (ready_at, again))
             return Outcome.RESTARTED
         position = max(chunk.start, min(position, chunk.end))
         self._mark_done(chunk.blob, chunk.start, position)
         if position < chunk.end:
-            retry = self._new(chunk.blob, position, chunk.end, chunk.attempt + 1)
+            retry = self._new(chunk.blob, position, chunk.end, retries.attempt, retries)
             self._pending.insert(0, (ready_at, retry))
         return Outcome.REQUEUED
 
@@ -220,7 +242,7 @@ class Scheduler:
         chunk = active.chunk
         if active.position > chunk.start and not self._blobs[chunk.blob].single_stream:
             self._mark_done(chunk.blob, chunk.start, active.position)
-            chunk = self._new(chunk.blob, active.position, chunk.end, chunk.attempt)
+            chunk = self._new(chunk.blob, active.position, chunk.end, chunk.attempt, chunk.retries)
         self._pending.insert(0, (0.0, chunk))
 
     # -- endgame -------------------------------------------------------------------------
@@ -251,8 +273,8 @@ class Scheduler:
         new_end = max(old.start, min(new_end, old.end))
         if new_end >= old.end:
             return None
-        active.chunk = Chunk(old.id, old.blob, old.start, new_end, old.attempt)
-        tail = self._new(old.blob, new_end, old.end, old.attempt)
+        active.chunk = replace(old, end=new_end)
+        tail = self._new(old.blob, new_end, old.end, old.attempt, old.retries)
         self._pending.insert(0, (0.0, tail))
         return tail
 

@@ -18,15 +18,10 @@ from fastpull.types import Digest
 # Hash at most this much per call (about 10 ms), so the engine's loop answers its workers
 # promptly: a connection whose chunk ended waits for the loop to hand it the next one.
 STEP = 16 << 20
-# Released ranges are released again once hashing is this far past them, and at least
-# RELEASE_AGAIN_MIN at a time. The first release starts the write-out, but pages still dirty
-# or being written stay cached; by now they are clean, so this one frees them, and the
-# workers' next writes reuse those pages instead of fresh ones. On the project's VMs a fresh
-# page is at times far dearer (the host backs it on first touch). In interleaved pulls of the
-# 2 GB image at such a time (releasing again 64 or 128 MiB behind) the worker used 1.0-1.3
-# CPU s/GB against 1.7-1.9 without, and the pull took about 4.5 s instead of 5.5 s; when
-# fresh pages were cheap, wall time was the same and the parent paid about 0.15 s/GB more
-# for freeing the pages.
+# A range is released again this far behind hashing (RELEASE_AGAIN_MIN at a time): its pages,
+# dirty at the first release, are clean now and really freed, so workers reuse them instead of
+# fresh ones (worker 1.0-1.3 against 1.7-1.9 CPU s/GB on the 2 GB image:
+# `python -m benchmarks.bench_pull --images big --tools fastpull`).
 RELEASE_AGAIN_AFTER = 64 << 20
 RELEASE_AGAIN_MIN = 16 << 20
 

@@ -34,11 +34,12 @@ from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, Stor
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
 from fastpull.store.journal import new_checksum
 
-# libcurl's receive buffer per transfer: large reads mean few Python callbacks and few
-# pwrite calls (512 KiB → 4 MiB took the engine from ~2.2 to ~1.7 CPU s/GB on loopback).
+# Large reads mean few Python callbacks and pwrite calls (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
+# `python -m benchmarks.bench_pull --images big --tools fastpull`).
 _BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
-_PROGRESS_INTERVAL = 0.1
+# How often a transfer's progress is reported, and so how often the parent re-renders it.
+PROGRESS_INTERVAL = 0.1
 
 
 # -- commands (parent → worker) ------------------------------------------------------------
@@ -110,26 +111,61 @@ class Accepted:
     etag: str
 
 
-@dataclass(frozen=True)
-class Finished:
-    """A transfer ended.
+# A transfer ended: one of the five types below. ``position`` is how far the chunk is
+# written; where bytes may have been written, ``checksum`` is the xxh3-128 of those from the
+# chunk's start up to ``position`` (for the resume journal; '' when nothing was written).
 
-    ``kind`` is ``done`` (the chunk is written), ``status`` (an HTTP answer that is not
-    data: redirect, 401, 429, 5xx...), ``range-ignored`` (200 to a Range request; nothing
-    written), ``error`` (network failure, short body, bad Content-Range: ``error`` says
-    which) or ``cancelled``. ``position`` is how far the chunk is written, and
-    ``checksum`` the xxh3-128 of the bytes written from the chunk's start up to there
-    (for the resume journal; '' when nothing was written).
-    """
+
+@dataclass(frozen=True)
+class Done:
+    """The chunk is written, up to its (possibly shrunk) end."""
 
     chunk_id: int
-    kind: str
     position: int
-    status: int = 0
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """Stopped on the parent's ``Cancel`` (or at shutdown)."""
+
+    chunk_id: int
+    position: int
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Network failure, short body, bad ``Content-Range``, a write error: ``error`` says
+    which."""
+
+    chunk_id: int
+    position: int
+    error: FastpullError
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class Answered:
+    """An HTTP answer that is not data (redirect, 401, 429, 5xx...); nothing written.
+    ``body`` is at most 64 KiB of it."""
+
+    chunk_id: int
+    position: int
+    status: int
     headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
-    error: FastpullError | None = None
-    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class RangeIgnored:
+    """A 200 to a Range request: the server sends the whole blob; nothing written."""
+
+    chunk_id: int
+    position: int
+
+
+Finished = Done | Cancelled | Failed | Answered | RangeIgnored
 
 
 @dataclass(frozen=True)
@@ -140,7 +176,7 @@ class Shrunk:
     end: int
 
 
-Report = Accepted | Progress | Finished | Shrunk
+Report = Accepted | Progress | Done | Cancelled | Failed | Answered | RangeIgnored | Shrunk
 
 
 @dataclass
@@ -203,7 +239,7 @@ class WorkerLoop:
             fd = os.open(fetch.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             error = StoreError(f"cannot open ingest file {fetch.path}: {exc.strerror}")
-            self._out.append(Finished(fetch.chunk_id, "error", fetch.start, error=error))
+            self._out.append(Failed(fetch.chunk_id, fetch.start, error))
             return
         easy = pycurl.Curl()
         headers = dict(fetch.headers)
@@ -291,7 +327,7 @@ class WorkerLoop:
         if not self._out:
             self._wait(timeout, wake)
         now = time.monotonic()
-        if self._transfers and now - self._last_progress >= _PROGRESS_INTERVAL:
+        if self._transfers and now - self._last_progress >= PROGRESS_INTERVAL:
             self._last_progress = now
             positions = tuple(
                 (cid, t.position) for cid, t in self._transfers.items() if t.position != t.reported
@@ -335,39 +371,7 @@ class WorkerLoop:
         os.close(t.fd)
         if t.position != t.reported:
             self._out.append(Progress(((fetch.chunk_id, t.position),)))
-        checksum = t.checksum.hexdigest() if t.position > fetch.start else ""
-        report = Finished(fetch.chunk_id, "error", t.position)
-        if t.cancelled:
-            report = Finished(fetch.chunk_id, "cancelled", t.position, checksum=checksum)
-        elif t.position >= t.limit and t.accepted:
-            report = Finished(fetch.chunk_id, "done", t.position, checksum=checksum)
-        elif t.failure is not None:
-            report = Finished(
-                fetch.chunk_id,
-                "error",
-                t.position,
-                t.status or 0,
-                error=t.failure,
-                checksum=checksum,
-            )
-        elif t.status == 200 and fetch.ranged:
-            report = Finished(fetch.chunk_id, "range-ignored", t.position, 200)
-        elif t.status is not None and not t.accepted:
-            headers = tuple(t.headers)
-            report = Finished(
-                fetch.chunk_id, "status", t.position, t.status, headers, bytes(t.body)
-            )
-        elif curl_failure is not None:
-            error = curl_error(curl_failure[0], curl_failure[1], fetch.url)
-            report = Finished(
-                fetch.chunk_id, "error", t.position, t.status or 0, error=error, checksum=checksum
-            )
-        else:
-            error = _short_body(fetch, t.position)
-            report = Finished(
-                fetch.chunk_id, "error", t.position, t.status or 0, error=error, checksum=checksum
-            )
-        self._out.append(report)
+        self._out.append(_outcome(t, curl_failure))
 
     def close(self) -> None:
         """Abort every transfer and release libcurl."""
@@ -376,6 +380,27 @@ class WorkerLoop:
             self._finish(transfer, None)
         self._out.clear()
         self._multi.close()
+
+
+def _outcome(t: _Transfer, curl_failure: tuple[int, str] | None) -> Finished:
+    """How a transfer that was just taken off the multi handle ended."""
+    fetch = t.fetch
+    checksum = t.checksum.hexdigest() if t.position > fetch.start else ""
+    if t.cancelled:
+        return Cancelled(fetch.chunk_id, t.position, checksum)
+    if t.position >= t.limit and t.accepted:
+        return Done(fetch.chunk_id, t.position, checksum)
+    if t.failure is not None:
+        return Failed(fetch.chunk_id, t.position, t.failure, checksum)
+    if t.status == 200 and fetch.ranged:
+        return RangeIgnored(fetch.chunk_id, t.position)
+    if t.status is not None and not t.accepted:
+        return Answered(fetch.chunk_id, t.position, t.status, tuple(t.headers), bytes(t.body))
+    if curl_failure is not None:
+        error = curl_error(curl_failure[0], curl_failure[1], fetch.url)
+    else:
+        error = _short_body(fetch, t.position)
+    return Failed(fetch.chunk_id, t.position, error, checksum)
 
 
 def _short_body(fetch: Fetch, position: int) -> FastpullError:
@@ -396,7 +421,7 @@ def worker_main(conn: Connection) -> None:
                 if isinstance(command, Shutdown):
                     return
                 loop.submit(command)
-            reports = loop.poll(_PROGRESS_INTERVAL if loop.busy else 0.5, wake=conn.fileno())
+            reports = loop.poll(PROGRESS_INTERVAL if loop.busy else 0.5, wake=conn.fileno())
             if reports:
                 conn.send(reports)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):

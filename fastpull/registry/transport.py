@@ -1,10 +1,9 @@
 """HTTP over libcurl: one place that configures handles, follows redirects safely,
 retries, and turns curl failures into fastpull errors.
 
-Why fastpull follows redirects itself instead of ``FOLLOWLOCATION``: the registry's
-``Authorization`` header must never reach another origin (libcurl CVE-2018-1000007,
-CVE-2022-27774/27776; the distribution spec now says so too). :func:`next_hop` is the
-single rule for that, used here and by the blob downloader.
+Redirects are followed here, never by libcurl (``FOLLOWLOCATION`` is off), and every
+answer is judged by the one response policy in :mod:`fastpull.registry.responses`, which
+the blob engine uses too.
 
 Every transfer runs on a ``CurlMulti`` polled in short slices, so Ctrl-C is seen within
 a fraction of a second even while a server is silent.
@@ -12,14 +11,12 @@ a fraction of a second even while a server is silent.
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 import pycurl
@@ -39,9 +36,19 @@ from fastpull.errors import (
     parse_diagnostics,
     redact_url,
 )
+from fastpull.registry.responses import (
+    MAX_REDIRECTS,
+    RETRYABLE_STATUS,
+    Redirect,
+    RetryAfter,
+    RetryPolicy,
+    classify,
+    next_hop,
+    origin,
+    parse_retry_after,
+)
 
 USER_AGENT = "fastpull/0.1 (+libcurl)"
-MAX_REDIRECTS = 5
 # Error and token bodies are capped; manifests have their own cap (manifest.MAX_MANIFEST_SIZE).
 MAX_SMALL_BODY = 1 << 20
 # The speed below which a transfer counts as stalled (bytes per second).
@@ -116,32 +123,6 @@ def parse_header_line(line: bytes, headers: list[tuple[str, str]]) -> int | None
     if sep and name and name == name.strip():
         headers.append((name.lower(), value.strip()))
     return None
-
-
-def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) with the default port filled in."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def next_hop(current: str, location: str | None) -> str:
-    """Where a 3xx points, refusing what would be unsafe to follow.
-
-    The caller must drop credentials unless ``origin(new) == origin(current)``.
-    """
-    if not location:
-        raise ProtocolError(f"redirect from {redact_url(current)} without a Location header")
-    target = urljoin(current, location.strip())
-    scheme = urlsplit(target).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise ProtocolError(f"redirect to unsupported scheme {scheme!r} refused")
-    if urlsplit(current).scheme.lower() == "https" and scheme == "http":
-        raise TLSFailure(
-            f"redirect from {redact_url(current)} to plain HTTP {redact_url(target)} refused"
-        )
-    return target
 
 
 def configure_easy(
@@ -253,42 +234,6 @@ class _Capture:
             return 0  # abort the transfer: a body this large is not what we asked for
         self.chunks.append(data)
         return None
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff with jitter; Retry-After wins when the server sends one."""
-
-    attempts: int = 5
-    base: float = 0.5
-    cap: float = 30.0
-    max_retry_after: float = 120.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to sleep before attempt number ``attempt + 1`` (attempt counts from 1)."""
-        if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
-        backoff = min(self.cap, self.base * (2 ** (attempt - 1)))
-        return backoff / 2 + random.uniform(0, backoff / 2)
-
-
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class Transport:
@@ -405,42 +350,42 @@ class Transport:
         refresh token) to another origin is refused. The final response is returned
         whatever its status, except that 429 and 5xx still failing after all attempts raise.
         """
-        attempt = 0
+        retries = self.retry.begin()
         current = url
         hdrs = dict(headers or {})
+        registry = origin(url)
         hops = 0
         while True:
-            attempt += 1
             try:
                 response = self.send(method, current, hdrs, body, max_body)
             except ConnectionFailed:
-                if attempt >= self.retry.attempts:
+                retries = retries.failed(0, time.monotonic())
+                if retries.exhausted:
                     raise
-                self._pause(self.retry.delay(attempt))
+                self._pause(retries.delay())
                 continue
-            if response.status in (301, 302, 303, 307, 308):
-                hops += 1
-                if hops > MAX_REDIRECTS:
-                    raise ProtocolError(f"too many redirects from {redact_url(url)}")
-                target = next_hop(current, response.header("location"))
-                if response.status == 303:
-                    method, body = "GET", None
-                if origin(target) != origin(current):
-                    if body:
+            action = classify(response.status, dict(response.headers), current, registry, hops=hops)
+            match action:
+                case Redirect(target, keep_auth):
+                    hops += 1
+                    if response.status == 303:
+                        method, body = "GET", None
+                    if body and origin(target) != origin(current):
                         raise ProtocolError(
                             f"{redact_url(current)} redirected a {method} to another origin "
                             f"({redact_url(target)}); refused, its body would go along"
                         )
-                    hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
-                current = target
-                continue
-            if response.status in RETRYABLE_STATUS:
-                if attempt < self.retry.attempts:
-                    wait = parse_retry_after(response.header("retry-after"))
-                    self._pause(self.retry.delay(attempt, wait))
-                    continue
-                raise http_error(response, redact_url(url))
-            return response
+                    if not keep_auth:
+                        hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
+                    current = target
+                case RetryAfter(seconds):
+                    retries = retries.failed(0, time.monotonic())
+                    if retries.exhausted:
+                        raise http_error(response, redact_url(url))
+                    self._pause(retries.delay(seconds))
+                case _:
+                    # A refusal is the caller's to judge (a 401 is answered by logging in).
+                    return response
 
 
 def http_error(response: Response, what: str) -> FastpullError:
@@ -511,7 +456,9 @@ def http_error(response: Response, what: str) -> FastpullError:
 
 
 __all__ = [
+    "MAX_REDIRECTS",
     "MAX_SMALL_BODY",
+    "RETRYABLE_STATUS",
     "STALL_FLOOR",
     "Response",
     "RetryPolicy",

@@ -32,6 +32,7 @@ import pytest
 
 import fastpull
 from fastpull.engine.download import BlobStats
+from fastpull.engine.scheduler import Policy, Scheduler
 from fastpull.puller import PullResult
 from tests.integration.conftest import (
     Start,
@@ -111,14 +112,40 @@ def _stats(result: PullResult, digest: str) -> BlobStats:
 def _planned_chunks(size: int, job: int, connections: int) -> int:
     """How many chunks the scheduler's rule cuts a ``size``-byte blob into."""
     chunk = max(2 * MIB, min(64 * MIB, job // (connections * 4)))
-    if size <= chunk * 3 // 2:
-        return 1
     count = position = 0
     while position < size:
         stop = min(size, position + chunk)
         position = size if size - stop < chunk // 2 else stop
         count += 1
     return count
+
+
+# (blob size, job size, connections, chunks): worked out by hand from the rule in
+# scheduler.py's docstring, so the oracle above is checked against something it did not copy.
+PLANNED_CHUNKS = [
+    (1 * MIB, 1 * MIB, 4, 1),  # below the 2 MiB floor
+    (3 * MIB - 1, 3 * MIB - 1, 4, 1),  # under 1.5 chunks of 2 MiB: one request
+    (3 * MIB, 3 * MIB, 4, 2),  # 1.5 chunks: the 1 MiB tail is half a chunk, its own request
+    (24 * MIB, 24 * MIB, 4, 12),  # 24 MiB / 16 is below the floor: twelve 2 MiB chunks
+    (25 * MIB, 25 * MIB, 4, 13),  # a 1 MiB tail is half a chunk: its own request
+    (25 * MIB - 1, 25 * MIB - 1, 4, 12),  # just under half: joined to the last chunk
+    (100 * MIB, 2048 * MIB, 16, 3),  # 32 MiB chunks, the 4 MiB tail joined
+    (1024 * MIB, 1024 * MIB, 16, 64),  # 16 MiB chunks
+    (1024 * MIB, 1024 * MIB, 1, 16),  # capped at 64 MiB
+]
+
+
+@pytest.mark.parametrize(("size", "job", "connections", "chunks"), PLANNED_CHUNKS)
+def test_planned_chunks_follow_the_table(
+    size: int, job: int, connections: int, chunks: int
+) -> None:
+    assert _planned_chunks(size, job, connections) == chunks
+    sizes = [size] if job == size else [size, job - size]
+    scheduler = Scheduler(sizes, Policy(connections=connections))
+    planned = []
+    while (chunk := scheduler.next_chunk(0.0)) is not None:
+        planned.append(chunk)
+    assert len([c for c in planned if c.blob == 0]) == chunks
 
 
 def _span(request: RecordedRequest) -> tuple[int, int]:

@@ -14,6 +14,8 @@ Chunk-level faults of big blobs (one bad chunk among many, endgame) are in
 from __future__ import annotations
 
 import base64
+import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any
 
 import pytest
 
+from fastpull.engine import job
+from fastpull.engine.scheduler import MIB, Policy
 from fastpull.registry.transport import MAX_REDIRECTS, RetryPolicy, Transport
 from tests.integration.conftest import (
     CliResult,
@@ -209,6 +213,37 @@ def test_resume_after_a_clean_close_asks_for_exactly_the_missing_bytes(
     assert (first.header("Range"), first.body_sent) == (None, CUT)
     assert second.header("Range") == f"bytes={CUT}-{layer.size - 1}"
     assert (second.status, second.body_sent) == (206, layer.size - CUT)
+    assert blob(store, layer.digest).read_bytes() == layer.data
+
+
+def test_a_link_that_cuts_every_answer_after_a_mib_still_delivers_a_64_mib_chunk(
+    registry: Any,
+    repo: str,
+    proxies: Proxy,
+    pull: Callable[..., CliResult],
+    store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A middlebox with a response-size limit: every attempt makes progress, so none counts
+    # against the range's attempts, and the one 64 MiB request resumes until it is whole.
+    monkeypatch.setattr(job, "Policy", functools.partial(Policy, min_chunk=64 * MIB))
+    image = make_image([make_layer(64 * MIB, seed=102, compression="none")])
+    layer = image.layers[0]
+    registry.pusher.push_image(repo, "1", image)
+    proxy = proxies(registry)
+    path = blob_path(repo, layer.digest)
+    proxy.on(path, Truncate(MIB), times=None)
+
+    result = pull("--connections", "1", f"{proxy.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    asked = proxy.requests_for(path)
+    assert len(asked) == math.ceil(layer.size / MIB)
+    assert asked[0].header("Range") is None  # one request for the whole blob, then resumes
+    assert [r.header("Range") for r in asked[1:3]] == [
+        f"bytes={MIB}-{layer.size - 1}",
+        f"bytes={2 * MIB}-{layer.size - 1}",
+    ]
     assert blob(store, layer.digest).read_bytes() == layer.data
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpull.engine.scheduler import MIB, Chunk, Outcome, Policy, Scheduler
+from fastpull.registry.responses import RetryPolicy
 
 
 def _drain(s: Scheduler, now: float = 0.0) -> list[Chunk]:
@@ -59,6 +60,42 @@ def test_failure_keeps_written_bytes_and_requeues_the_rest() -> None:
     assert s.fail(retry.id, retry.start, 0.0) is Outcome.REQUEUED
     third = next(c for c in _drain(s, 10.0) if c.start == 100)
     assert s.fail(third.id, third.start, 0.0) is Outcome.EXHAUSTED
+
+
+def test_each_range_retries_on_its_own_history() -> None:
+    # Many failures of one range of a blob leave the other ranges' first failure at the
+    # first-attempt backoff: nothing blob-wide feeds the delay.
+    s = Scheduler([8 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=50))
+    first, second = _drain(s)
+    for _ in range(10):
+        assert s.fail(first.id, first.start, 0.0) is Outcome.REQUEUED
+        first = next(c for c in _drain(s) if c.start == first.start)
+    assert first.attempt == 11
+    retries = s.retries(second.id, second.start, 0.0)
+    assert (retries.attempt, retries.fruitless) == (2, 1)
+
+
+def test_attempts_that_make_progress_do_not_count() -> None:
+    policy = Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB, max_attempts=2)
+    s = Scheduler([64 * MIB], policy)
+    (chunk,) = _drain(s)
+    for _ in range(63):  # every answer cut after 1 MiB
+        assert s.fail(chunk.id, chunk.start + MIB, 0.0) is Outcome.REQUEUED
+        (chunk,) = _drain(s)
+        assert chunk.attempt == 1
+    assert (chunk.start, chunk.end) == (63 * MIB, 64 * MIB)
+    assert s.fail(chunk.id, chunk.start, 0.0) is Outcome.REQUEUED  # no progress: counts
+    (chunk,) = _drain(s)
+    assert s.fail(chunk.id, chunk.start + 10, 0.0) is Outcome.EXHAUSTED  # 10 bytes: none
+
+
+def test_a_range_without_progress_for_too_long_gives_up() -> None:
+    retry = RetryPolicy(max_idle=60.0)
+    s = Scheduler([4 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=50, retry=retry))
+    (chunk,) = _drain(s)
+    assert s.fail(chunk.id, chunk.start, ready_at=101.0, now=100.0) is Outcome.REQUEUED
+    (chunk,) = _drain(s, 200.0)
+    assert s.fail(chunk.id, chunk.start, ready_at=170.0, now=161.0) is Outcome.EXHAUSTED
 
 
 def test_endgame_split_waits_for_the_acknowledged_end() -> None:

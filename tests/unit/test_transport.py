@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Mapping
 
 import orjson
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from fastpull.errors import (
     ConnectionFailed,
     Denied,
+    FastpullError,
     NotFound,
     ProtocolError,
     ServerError,
@@ -21,8 +23,10 @@ from fastpull.errors import (
     redact_url,
 )
 from fastpull.registry.transport import (
+    MAX_REDIRECTS,
     Response,
     RetryPolicy,
+    Transport,
     curl_error,
     http_error,
     next_hop,
@@ -132,3 +136,112 @@ def test_redact_url_drops_userinfo_and_query() -> None:
 def test_header_parser_never_raises(line: bytes) -> None:
     headers: list[tuple[str, str]] = []
     parse_header_line(line, headers)
+
+
+# -- the request loop, on scripted answers ---------------------------------------------------
+
+
+class Scripted(Transport):
+    """A transport whose ``send`` answers from a script and records what it was asked;
+    backoffs are recorded instead of slept."""
+
+    def __init__(self, *answers: Response | FastpullError) -> None:
+        super().__init__(retry=RetryPolicy(attempts=3))
+        self.answers = list(answers)
+        self.sent: list[tuple[str, str, dict[str, str], bytes | None]] = []
+        self.paused: list[float] = []
+
+    def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        max_body: int = 0,
+    ) -> Response:
+        self.sent.append((method, url, dict(headers or {}), body))
+        answer = self.answers.pop(0)
+        if isinstance(answer, FastpullError):
+            raise answer
+        return Response(answer.status, answer.headers, answer.body, url)
+
+    def _pause(self, seconds: float) -> None:
+        self.paused.append(seconds)
+
+
+def _to(status: int, location: str = "", retry_after: str = "") -> Response:
+    headers = (("location", location),) if location else ()
+    headers += (("retry-after", retry_after),) if retry_after else ()
+    return Response(status, headers, b"", "")
+
+
+AUTH = {"Authorization": "Bearer secret"}
+
+
+def test_credentials_stay_on_the_registry_origin_across_redirects() -> None:
+    with Scripted(
+        _to(307, "/v2/x/manifests/2"),
+        _to(302, "https://cdn.example/m"),
+        _to(302, "https://r.example/v2/x/manifests/3"),
+        _to(200),
+    ) as transport:
+        response = transport.request("GET", "https://r.example/v2/x/manifests/1", AUTH)
+    assert response.status == 200
+    assert [(url, "Authorization" in headers) for _, url, headers, _ in transport.sent] == [
+        ("https://r.example/v2/x/manifests/1", True),
+        ("https://r.example/v2/x/manifests/2", True),  # same origin: kept
+        ("https://cdn.example/m", False),  # another origin: dropped
+        ("https://r.example/v2/x/manifests/3", False),  # and never picked up again
+    ]
+
+
+def test_a_303_turns_the_request_into_a_get_without_body() -> None:
+    with Scripted(_to(303, "/token/2"), _to(200)) as transport:
+        transport.request("POST", "https://auth.example/token", body=b"grant_type=x")
+    assert [(m, b) for m, _, _, b in transport.sent] == [("POST", b"grant_type=x"), ("GET", None)]
+
+
+def test_a_request_body_never_follows_a_redirect_to_another_origin() -> None:
+    form = b"grant_type=refresh_token&refresh_token=secret"
+    with (
+        Scripted(_to(307, "https://elsewhere.example/token")) as transport,
+        pytest.raises(ProtocolError, match="its body would go along"),
+    ):
+        transport.request("POST", "https://auth.example/token", body=form)
+    assert [url for _, url, _, _ in transport.sent] == ["https://auth.example/token"]
+
+
+def test_transient_answers_back_off_by_this_requests_attempts() -> None:
+    with Scripted(_to(503), _to(429, retry_after="7"), _to(200)) as transport:
+        assert transport.request("GET", "https://r.example/v2/").status == 200
+    assert len(transport.paused) == 2
+    assert 0.25 <= transport.paused[0] <= 0.5  # the first attempt's backoff
+    assert transport.paused[1] == 7.0  # Retry-After wins
+
+
+def test_transient_answers_raise_once_attempts_run_out() -> None:
+    with Scripted(_to(503), _to(503), _to(503)) as transport, pytest.raises(ServerError):
+        transport.request("GET", "https://r.example/v2/")
+    assert len(transport.sent) == 3
+
+
+def test_network_failures_are_retried_then_raised() -> None:
+    reset = ConnectionFailed("connection reset")
+    with Scripted(reset, _to(200)) as transport:
+        assert transport.request("GET", "https://r.example/v2/").status == 200
+    with Scripted(reset, reset, reset) as transport, pytest.raises(ConnectionFailed):
+        transport.request("GET", "https://r.example/v2/")
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 400])
+def test_refusals_are_the_callers_to_judge(status: int) -> None:
+    with Scripted(_to(status)) as transport:
+        assert transport.request("GET", "https://r.example/v2/").status == status
+    assert transport.paused == []
+
+
+def test_redirect_loops_end() -> None:
+    loop = [_to(302, "/again")] * (MAX_REDIRECTS + 1)
+    with Scripted(*loop) as transport, pytest.raises(ProtocolError, match="too many redirects"):
+        transport.request("GET", "https://r.example/v2/")
+    assert len(transport.sent) == MAX_REDIRECTS + 1

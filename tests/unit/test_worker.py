@@ -69,6 +69,48 @@ def _accepted_by_the_rules(status: int, ranged: bool, header: str | None, fetch:
     return header.startswith(prefix) and header.rpartition("/")[2] in ("*", str(fetch.total))
 
 
+# (status, asked start, end, total, Content-Range, accepted): written out by hand, so the
+# rules above are checked against something they did not copy.
+ACCEPTANCE = [
+    (200, 0, 1000, 1000, None, True),  # no Range asked: the whole blob
+    (200, 100, 200, 1000, None, False),  # Range ignored: the wrong bytes
+    (206, 100, 200, 1000, "bytes 100-199/1000", True),
+    (206, 100, 200, 1000, "bytes 100-199/*", True),  # size unknown to the server
+    (206, 100, 200, 1000, "  bytes 100-199/1000 ", True),  # spaces are not the value
+    (206, 0, 1000, 1000, "bytes 0-999/1000", True),
+    (206, 100, 200, 1000, None, False),
+    (206, 100, 200, 1000, "bytes 100-199/999", False),
+    (206, 100, 200, 1000, "bytes 100-199/1000x", False),
+    (206, 100, 200, 1000, "bytes 100-200/1000", False),
+    (206, 100, 200, 1000, "bytes 100-1999/1000", False),
+    (206, 100, 200, 1000, "bytes 0-199/1000", False),
+    (206, 100, 200, 1000, "bytes 101-199/1000", False),
+    (206, 100, 200, 1000, "bytes=100-199/1000", False),
+    (416, 100, 200, 1000, "bytes */1000", False),
+    (500, 100, 200, 1000, None, False),
+]
+
+
+@pytest.mark.parametrize(("status", "start", "end", "total", "header", "accepted"), ACCEPTANCE)
+def test_acceptance_follows_the_table(
+    loop: WorkerLoop,
+    status: int,
+    start: int,
+    end: int,
+    total: int,
+    header: str | None,
+    accepted: bool,
+) -> None:
+    fetch = Fetch(1, "http://registry.invalid/blob", (), "", start, end, total, TLSConfig())
+    assert _accepted_by_the_rules(status, fetch.ranged, header, fetch) == accepted
+    transfer = _Transfer(fetch, -1, None, end, start)  # type: ignore[arg-type]
+    loop._on_header(transfer, f"HTTP/1.1 {status} X\r\n".encode())
+    if header is not None:
+        loop._on_header(transfer, f"Content-Range: {header}\r\n".encode())
+    loop._on_header(transfer, b"\r\n")
+    assert bool(transfer.accepted) == accepted
+
+
 @settings(max_examples=1000, deadline=None)
 @given(data=st.data(), span=requests(), status=st.sampled_from([200, 206, 416, 500]))
 def test_bytes_land_only_where_and_when_the_answer_says(
