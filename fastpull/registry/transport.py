@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import orjson
 import pycurl
 
 from fastpull import cancel
@@ -28,6 +27,7 @@ from fastpull.errors import (
     FastpullError,
     NotFound,
     ProtocolError,
+    RegistryError,
     ResponseTooLarge,
     ServerError,
     TLSFailure,
@@ -394,64 +394,40 @@ def http_error(response: Response, what: str) -> FastpullError:
     The single place where HTTP statuses become fastpull errors; at most 64 KiB of the
     body is read, and only the registry's error codes and messages are shown.
     """
-    codes: list[str] = []
-    try:
-        body = orjson.loads(response.body[:65536]) if response.body else None
-    except orjson.JSONDecodeError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("errors"), list):
-        for err in body["errors"][:4]:
-            if isinstance(err, dict):
-                # MANIFEST_UNKNOWN reads as docker prints it: "manifest unknown".
-                code = str(err.get("code", "")).strip()[:60].lower().replace("_", " ")
-                message = str(err.get("message", "")).strip()[:200]
-                for text in (code, message):
-                    if text and text.lower() not in codes:
-                        codes.append(text.lower())
-    detail = ": ".join(codes)
+    diagnostics = parse_diagnostics(response.body)
+    shown: list[str] = []
+    for diagnostic in diagnostics:
+        # MANIFEST_UNKNOWN reads as docker prints it: "manifest unknown".
+        for text in (diagnostic.code.lower().replace("_", " "), diagnostic.message.lower()):
+            if text and text not in shown:
+                shown.append(text)
+    detail = ": ".join(shown)
     host = urlsplit(response.url).netloc.rpartition("@")[2]
     status = response.status
+    kind: type[RegistryError]
     if status == 401:
-        return Unauthorized(
-            f"unauthorized: authentication required ({what})",
-            status=status,
-            diagnostics=parse_diagnostics(response.body),
-            host=host,
-        )
-    if status == 403:
-        return Denied(
-            f"denied: requested access to the resource is denied ({what})",
-            status=status,
-            diagnostics=parse_diagnostics(response.body),
-            host=host,
-        )
-    if status == 404:
-        return NotFound(
-            f"{what} not found: {detail or 'not found'}",
-            status=status,
-            diagnostics=parse_diagnostics(response.body),
-            host=host,
-        )
-    if status == 429:
-        return TooManyRequests(
+        kind, message = Unauthorized, f"unauthorized: authentication required ({what})"
+    elif status == 403:
+        kind, message = Denied, f"denied: requested access to the resource is denied ({what})"
+    elif status == 404:
+        kind, message = NotFound, f"{what} not found: {detail or 'not found'}"
+    elif status == 429:
+        kind = TooManyRequests
+        message = (
             f"toomanyrequests: {host} is rate limiting requests (HTTP 429, still after "
-            "retries); wait, or log in for a higher limit",
-            status=status,
-            diagnostics=parse_diagnostics(response.body),
-            host=host,
+            "retries); wait, or log in for a higher limit"
         )
-    if status >= 500:
-        return ServerError(
-            f"{what}: {host} answered HTTP {status} (still after retries)",
-            status=status,
-            diagnostics=parse_diagnostics(response.body),
-            host=host,
-        )
-    return ProtocolError(
-        f"{what}: {host} answered HTTP {status}" + (f": {detail}" if detail else ""),
+    elif status >= 500:
+        kind, message = ServerError, f"{what}: {host} answered HTTP {status} (still after retries)"
+    else:
+        kind = ProtocolError
+        message = f"{what}: {host} answered HTTP {status}" + (f": {detail}" if detail else "")
+    return kind(
+        message,
         status=status,
-        diagnostics=parse_diagnostics(response.body),
+        diagnostics=diagnostics,
         host=host,
+        retry_after=parse_retry_after(response.header("retry-after")),
     )
 
 

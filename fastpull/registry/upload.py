@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import quote
 
-import orjson
-
 from fastpull import cancel
 from fastpull.errors import (
     Denied,
@@ -47,6 +45,7 @@ from fastpull.errors import (
     RegistryError,
     StoreError,
     Unauthorized,
+    parse_diagnostics,
     redact_url,
 )
 from fastpull.registry import auth
@@ -60,7 +59,6 @@ from fastpull.registry.transport import (
     http_error,
     next_hop,
     origin,
-    parse_retry_after,
 )
 from fastpull.types import Descriptor, Digest
 
@@ -99,18 +97,6 @@ def parse_range_end(value: str | None) -> int | None:
     if not sep or start != "0" or not end.isdigit():
         return None
     return int(end)
-
-
-def error_codes(response: Response) -> list[str]:
-    """The ``code`` of each error in a registry's JSON error body (empty if none)."""
-    try:
-        body = orjson.loads(response.body[:65536]) if response.body else None
-    except orjson.JSONDecodeError:
-        return []
-    errors = body.get("errors") if isinstance(body, dict) else None
-    if not isinstance(errors, list):
-        return []
-    return [str(e.get("code", "")) for e in errors[:8] if isinstance(e, dict)]
 
 
 @dataclass(frozen=True)
@@ -344,10 +330,7 @@ class Uploader:
     def _error(self, response: Response, scope: str, what: str) -> FastpullError:
         if response.status in (401, 403):
             return _refused(response, self.auth.client, scope)
-        error = http_error(response, what)
-        if isinstance(error, RegistryError):
-            error.retry_after = parse_retry_after(response.header("retry-after"))
-        return error
+        return http_error(response, what)
 
     def upload(
         self,
@@ -468,7 +451,8 @@ class Uploader:
             return
         if response.status == 404:
             raise _SessionLost(f"upload of {blob.digest.short} was lost by the registry")
-        if response.status == 400 and "DIGEST_INVALID" in error_codes(response):
+        codes = {d.code for d in parse_diagnostics(response.body)}
+        if response.status == 400 and "DIGEST_INVALID" in codes:
             raise DigestMismatch(
                 f"{repository}: the registry computed another digest than "
                 f"{blob.digest} for the bytes sent"
@@ -549,7 +533,6 @@ __all__ = [
     "BlobResult",
     "PushAuth",
     "Uploader",
-    "error_codes",
     "parse_range_end",
     "push_scope",
     "with_digest",

@@ -13,8 +13,7 @@ from fastpull.errors import BatchFileError, UsageError
 from fastpull.mirror import destination, entry_destination
 from fastpull.pusher import BlobHolders
 from fastpull.reference import Reference
-from fastpull.registry.transport import Response
-from fastpull.registry.upload import error_codes, parse_range_end, push_scope, with_digest
+from fastpull.registry.upload import parse_range_end, push_scope, with_digest
 from fastpull.types import Digest
 
 DIGEST = Digest("sha256", "a" * 64)
@@ -48,16 +47,6 @@ def test_push_scopes_add_pull_on_the_mount_source() -> None:
     assert push_scope("a/b") == "repository:a/b:pull,push"
     assert push_scope("a/b", "c") == "repository:a/b:pull,push repository:c:pull"
     assert push_scope("a/b", "a/b") == "repository:a/b:pull,push"
-
-
-def test_error_codes_come_from_the_json_body_only() -> None:
-    def response(body: bytes) -> Response:
-        return Response(400, (), body, "http://r/v2/")
-
-    body = b'{"errors":[{"code":"DIGEST_INVALID","message":"x"},{"code":"SIZE_INVALID"}]}'
-    assert error_codes(response(body)) == ["DIGEST_INVALID", "SIZE_INVALID"]
-    assert error_codes(response(b"404 page not found")) == []
-    assert error_codes(response(b'{"errors":"no"}')) == []
 
 
 def test_destination_keeps_the_repository_path_and_tag() -> None:
