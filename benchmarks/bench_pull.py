@@ -61,7 +61,15 @@ from benchmarks.tools import (
     tool_env,
     tool_version,
 )
-from tests.support.faultproxy import Action, FaultProxy, Forward, Reset, Status, Truncate
+from tests.support.faultproxy import (
+    Action,
+    FaultProxy,
+    Forward,
+    ProxiedRequest,
+    Reset,
+    Status,
+    Truncate,
+)
 from tests.support.images import Image
 from tests.support.netutil import HARNESS_USER_AGENT
 from tests.support.registry import RegistryServer
@@ -228,8 +236,8 @@ class FlakyProxy(FaultProxy):
         self.share = share
         self._random = random.Random(seed)
 
-    def _choose(self, method: str, path: str) -> Action:
-        if method != "GET" or "/blobs/" not in path:
+    def _choose(self, request: ProxiedRequest) -> Action:
+        if request.method != "GET" or "/blobs/" not in request.path:
             return Forward()
         with self._lock:
             if self._random.random() >= self.share:
