@@ -552,8 +552,8 @@ class Bench:
             + ") and do NOT verify its digest.",
             "CPU s/GB: user+system seconds of the tool's whole process tree (wait4 rusage) "
             "per 10^9 payload bytes; srv s/GB: registry + nginx CPU during the run. "
-            "x floor: CPU s/GB over the floor row's (curl -o FILE, then sha256sum FILE, of the "
-            "largest layer, same scenario).",
+            "x floor: CPU s/GB over the floor row's (curl -o FILE, then openssl dgst -sha256 "
+            "FILE, of the largest layer, same scenario).",
             "RSS MB: highest (over runs) peak of the summed VmRSS of the tool's process tree, "
             "sampled every 50 ms; pages shared between processes count once per process. "
             "The JSON also has the sum of every process's VmHWM, an upper bound.",

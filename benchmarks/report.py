@@ -24,7 +24,7 @@ SPEED_TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
     ("direct", "small", "skopeo", 1.0, "best"),
     ("tls", "big", "skopeo", 1.6, "median"),
 )
-# fastpull's client CPU per GB over the floor row's (curl -o FILE + sha256sum), direct.
+# fastpull's client CPU per GB over the floor row's (curl -o FILE + openssl dgst -sha256), direct.
 FLOOR_CPU_TARGET = 1.25
 RSS_TARGET_MB = 200.0
 
