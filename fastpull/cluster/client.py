@@ -41,6 +41,9 @@ ENV_ADDRESS = "FASTPULL_CLUSTER"
 CONNECT_TIMEOUT = float(os.environ.get("FASTPULL_CLUSTER_TIMEOUT", "10"))
 # Smallest task worth a Dask round trip and an engine start (``plan.MIN_TASK_BYTES``).
 TASK_BYTES = int(os.environ.get("FASTPULL_CLUSTER_TASK_BYTES", MIN_TASK_BYTES))
+# Dask notices a hung worker (alive, silent) only after its worker-ttl, 5 minutes by default
+# and up to twice that: a run that hears nothing of its tasks for this long gives them up.
+STALL_SECONDS = float(os.environ.get("FASTPULL_CLUSTER_STALL", "600"))
 _WAIT_SECONDS = 0.2
 # After Ctrl-C: how long running tasks get to notice the stop and journal what they wrote.
 _STOP_GRACE_SECONDS = 10.0
@@ -211,14 +214,20 @@ class ClusterFetcher:
         }
         stats: list[BlobStats] = []
         pending = set(futures)
+        heard = time.monotonic()
         try:
             while pending:
                 done = _settled(pending, _WAIT_SECONDS)
                 pending -= done
-                self._forward(progress)
+                if self._forward(progress) or done:
+                    heard = time.monotonic()
                 cancel.check()
                 for future in done:
                     stats += self._collect(future, futures[future], on_failure)
+                if pending and time.monotonic() - heard > STALL_SECONDS:
+                    self._give_up(job, [futures[f] for f in pending], on_failure)
+                    client.cancel(list(pending), reason="stalled")
+                    pending.clear()
         except BaseException:
             # Ctrl-C, or a failure that stops the batch (--fail-fast): the running tasks
             # journal what they wrote and stop; the queued ones never start.
@@ -255,12 +264,36 @@ class ClusterFetcher:
             on_failure(digest, error)
         return stats
 
-    def _forward(self, progress: queue.SimpleQueue[dict[str, Any]]) -> None:
+    def _give_up(
+        self,
+        job: str,
+        stalled: list[Task],
+        on_failure: Callable[[Digest, FastpullError], None] | None,
+    ) -> None:
+        """Fail the blobs of tasks nothing was heard of for :data:`STALL_SECONDS`; should
+        their worker wake up, the job's stop event ends them."""
+        from distributed import Event
+
+        Event(stop_event(job), client=self.cluster.client).set()
+        for task in stalled:
+            error = ClusterError(
+                f"no word from the cluster about task {task.number} for {STALL_SECONDS:g} s "
+                "(a worker may hang); its blobs were given up"
+            )
+            for blob in task.blobs:
+                if on_failure is None:
+                    raise error
+                on_failure(blob.descriptor.digest, error)
+
+    def _forward(self, progress: queue.SimpleQueue[dict[str, Any]]) -> int:
+        """Emit the progress the tasks sent; how many events there were."""
+        forwarded = 0
         while True:
             try:
                 message = progress.get_nowait()
             except queue.Empty:
-                return
+                return forwarded
+            forwarded += 1
             self.emit(
                 events.LayerEvent(
                     Digest.parse(str(message["digest"])),

@@ -224,7 +224,9 @@ class _SlowPull:
 
 
 @contextlib.contextmanager
-def _slow_pull(registry: Any, repo: str, tmp_path: Path, seed: int) -> Iterator[_SlowPull]:
+def _slow_pull(
+    registry: Any, repo: str, tmp_path: Path, seed: int, env: dict[str, str] | None = None
+) -> Iterator[_SlowPull]:
     layer = make_layer(6 * MiB, seed=seed)
     registry.pusher.push_image(f"{repo}/big", "1", make_image([layer]))
     with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
@@ -237,6 +239,7 @@ def _slow_pull(registry: Any, repo: str, tmp_path: Path, seed: int) -> Iterator[
         args = ["pull", "-f", str(listing), "--store", str(store), "--cluster", cluster.address]
         client = subprocess.Popen(
             [sys.executable, "-m", "fastpull", *args, "--stall-timeout", "120"],
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -302,6 +305,29 @@ def test_ctrl_c_on_the_client_stops_the_tasks_and_the_next_run_completes(
         assert done.returncode == 0, done.stderr
     assert len(index_entries(run.store)) == 1
     assert _fastpull("verify", "--store", str(run.store)).returncode == 0
+
+
+def test_a_hung_worker_is_given_up_after_the_stall_time_not_waited_for(
+    registry: Any, repo: str, tmp_path: Path
+) -> None:
+    with _slow_pull(
+        registry, repo, tmp_path, seed=670, env=_env(FASTPULL_CLUSTER_STALL="3")
+    ) as run:
+        worker = run.cluster.workers["w1"]
+        # Alive and connected, but silent: what Dask itself notices only after minutes.
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            _, err = run.client.communicate(timeout=60)
+            waited = time.monotonic() - started
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+
+        assert run.client.returncode == 5, err
+        assert "no word from the cluster about task 0 for 3 s (a worker may hang)" in err
+        assert waited < 30
+        assert_store_consistent(run.store, killed=True)
+        assert index_entries(run.store) == []
 
 
 def test_credentials_reach_the_workers_but_no_log_or_output(
