@@ -39,11 +39,11 @@ from urllib.parse import unquote
 
 from benchmarks.bench_batch import build_images
 from benchmarks.measure import run_measured
-from benchmarks.proxy import RateCappedProxy
 from benchmarks.report import write_json
 from benchmarks.synthetic import build_image, image_specs
 from benchmarks.tools import tool_env
 from tests.support.images import Image
+from tests.support.nginxproxy import RateCappedProxy
 from tests.support.registry import LoggedRequest, RegistryServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

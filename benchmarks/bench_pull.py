@@ -42,7 +42,6 @@ from types import FrameType
 from typing import Any
 
 from benchmarks.measure import run_measured
-from benchmarks.proxy import RateCappedProxy
 from benchmarks.report import (
     RunResult,
     check_targets,
@@ -72,6 +71,7 @@ from tests.support.faultproxy import (
 )
 from tests.support.images import Image
 from tests.support.netutil import HARNESS_USER_AGENT
+from tests.support.nginxproxy import RateCappedProxy
 from tests.support.registry import RegistryServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

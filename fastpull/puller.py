@@ -348,7 +348,7 @@ class Puller:
             seconds=time.monotonic() - plan.started,
             up_to_date=up_to_date,
             workers=workers,
-            connections=self.settings.connections,
+            connections=self.settings.connections or self.settings.max_connections,
             platforms=tuple(d.platform for d, _ in stored if d.platform is not None),
         )
 
@@ -452,6 +452,7 @@ class Puller:
             self.store,
             tls_for=self.settings.tls_for,
             connections=self.settings.connections,
+            max_connections=self.settings.max_connections,
             workers=self.settings.workers,
             stall_seconds=self.settings.stall_timeout,
             on_event=on_event,

@@ -9,8 +9,8 @@ from the packages before it in this list (never from one after it)::
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
                inventory, maintenance                                  -- where bytes rest
     archive/   tarstream, documents, writer, reader                    -- images as one tar
-    engine/    scheduler, worker, pool, routing, resume, verify,       -- how bytes move
-               commit, records, job, download
+    engine/    scheduler, connections, worker, pool, routing, resume,   -- how bytes move
+               verify, commit, records, job, download
     top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
     cluster/   plan, tasks, client                                     -- a batch over Dask
     cli/       commands, options, archive, mirror, progress, listing   -- the face
@@ -112,6 +112,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     # engine/: how bytes move
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
+    "engine.connections": frozenset(),
     "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
@@ -123,7 +124,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.job": _CORE
     | {"registry.responses", "registry.transport", "store.diskqueue"}
     | {"engine.commit", "engine.pool", "engine.records", "engine.resume", "engine.routing"}
-    | {"engine.scheduler", "engine.worker"},
+    | {"engine.connections", "engine.scheduler", "engine.worker"},
     "engine.download": frozenset({"events", "types", "registry.responses", "registry.transport"})
     | {"store.diskqueue", "store.layout"}
     | {"engine.job", "engine.pool", "engine.records", "engine.verify"},
@@ -191,6 +192,7 @@ PURE_MODULES = (
     "registry.responses",
     "store.inventory",
     "engine.scheduler",
+    "engine.connections",
     "batchfile",
     "cluster.plan",
 )

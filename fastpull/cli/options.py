@@ -41,6 +41,7 @@ class SettingsOptions:
     insecure: tuple[str, ...] = ()
     ca_cert: str | None = None
     connections: int | None = None
+    max_connections: int | None = None
     workers: int | None = None
     stall_timeout: int | None = None
 
@@ -53,6 +54,7 @@ class SettingsOptions:
             ca_cert=self.ca_cert,
             store=self.store,
             connections=self.connections,
+            max_connections=self.max_connections,
             workers=self.workers,
             stall_timeout=self.stall_timeout,
         )
@@ -76,8 +78,14 @@ _TRANSFER = (
         "--connections",
         "--max-concurrent-downloads",
         "connections",
-        type=click.IntRange(1, 64),
-        help="Transfers at once, across all blobs and chunks (default 16).",
+        type=click.IntRange(1, 256),
+        help="Pin the transfers at once, across all blobs and chunks (default: from 16, "
+        "more while they raise the total rate, up to --max-connections).",
+    ),
+    click.option(
+        "--max-connections",
+        type=click.IntRange(1, 256),
+        help="The most transfers an adaptive run opens (default 64).",
     ),
     click.option(
         "--workers",

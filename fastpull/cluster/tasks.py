@@ -137,6 +137,7 @@ def _fetch(
             store,
             tls_for=settings.tls_for,
             connections=settings.connections,
+            max_connections=settings.max_connections,
             workers=settings.workers,
             stall_seconds=settings.stall_timeout,
             on_event=forward,

@@ -36,6 +36,7 @@ from fastpull.types import Descriptor, Digest
 # Below this many bytes in total, starting worker processes costs more than it saves.
 INLINE_BELOW = 64 << 20
 DEFAULT_CONNECTIONS = 16
+DEFAULT_MAX_CONNECTIONS = 64
 
 
 def default_workers(total_bytes: int) -> int:
@@ -51,14 +52,17 @@ def default_workers(total_bytes: int) -> int:
 
 
 class Downloader:
-    """Fetch blobs into a store over ``connections`` transfers in ``workers`` processes."""
+    """Fetch blobs into a store over up to ``max_connections`` transfers (as many as raise
+    the total rate, from :data:`DEFAULT_CONNECTIONS`; exactly ``connections`` when given) in
+    ``workers`` processes."""
 
     def __init__(
         self,
         store: Store,
         *,
         tls_for: Callable[[str], TLSConfig],
-        connections: int = DEFAULT_CONNECTIONS,
+        connections: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         workers: int | None = None,
         retry: RetryPolicy | None = None,
         stall_seconds: int = 30,
@@ -68,7 +72,9 @@ class Downloader:
         self.workers = workers
         self.config = EngineConfig(
             tls_for=tls_for,
-            connections=max(1, connections),
+            connections=max(1, connections or min(DEFAULT_CONNECTIONS, max_connections)),
+            max_connections=max(1, connections or max_connections),
+            pinned=connections is not None,
             retry=retry or RetryPolicy(attempts=6),
             stall_seconds=stall_seconds,
             emit=on_event,

@@ -4,8 +4,8 @@ workers, reads their reports, and keeps one blob's failure from stopping the oth
 The decisions are made elsewhere, each in its own module: which bytes next (``scheduler``),
 what an HTTP answer means for a blob (``routing``), what goes into the resume journal and
 whether resumed bytes still hold (``resume``), when a blob is verified and published
-(``commit``). This module applies them to the records (``records``) and talks to the
-workers (``pool``).
+(``commit``), how many transfers the link rewards (``connections``). This module applies
+them to the records (``records``) and talks to the workers (``pool``).
 
 Per chunk, until its blob is committed or its attempts run out:
 - 3xx: the first request of a blob follows redirects (other chunks wait), then every
@@ -31,6 +31,7 @@ from collections.abc import Callable
 from fastpull import cancel, events
 from fastpull.engine import commit
 from fastpull.engine.commit import Verdict
+from fastpull.engine.connections import ConnectionController
 from fastpull.engine.pool import WorkerPool
 from fastpull.engine.records import BlobRun, BlobStats, EngineConfig, InFlight, Stage
 from fastpull.engine.resume import Validator, judge_etag, written
@@ -97,12 +98,20 @@ class Job:
         self.on_failure = on_failure
         self.blobs = blobs
         self.pool = pool
+        # Chunks are cut for the most transfers the run may grow to, so that a grown count
+        # finds work queued rather than waiting for the endgame to split running chunks.
         policy = Policy(
-            connections=config.connections, max_attempts=config.retry.attempts, retry=config.retry
+            connections=config.max_connections,
+            max_attempts=config.retry.attempts,
+            retry=config.retry,
         )
         resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
         self.sched = Scheduler([b.size for b in blobs], policy, resumed)
-        self.per_worker = math.ceil(config.connections / pool.size)
+        self.connections = ConnectionController(
+            start=config.connections, ceiling=config.max_connections, pinned=config.pinned
+        )
+        # Bytes received since the controller last heard of them.
+        self._received = 0
         self.flights: dict[int, InFlight] = {}
         self.results: list[BlobStats] = []
 
@@ -116,6 +125,9 @@ class Job:
                     self._guarded(index, self._handle, report)
                 # Refill freed connections before hashing, which may take milliseconds.
                 self._dispatch(self.clock())
+                # After the refill: a transfer that just ended is not a free connection.
+                self.connections.observe(self.clock(), self._received, len(self.flights))
+                self._received = 0
                 for index, blob in enumerate(self.blobs):
                     if blob.stage is Stage.COMMITTING:
                         assert blob.commit is not None
@@ -215,7 +227,8 @@ class Job:
         return blob.route.resolved or not self.sched.active_chunks(index)
 
     def _room(self) -> bool:
-        return self.pool.has_room(self.config.connections, self.per_worker)
+        limit = self.connections.limit
+        return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
 
     def _dispatch(self, now: float) -> None:
         while self._room():
@@ -309,6 +322,7 @@ class Job:
         if delta > 0:
             flight.position = position
             blob.downloaded += delta
+            self._received += delta
             blob.route = blob.route.data_from(flight.url)
             self.sched.progress(chunk_id, position)
             now = self.clock()
@@ -386,6 +400,8 @@ class Job:
                 blob.source.reauthorize(challenge)
                 self.sched.retry_now(flight.chunk_id)
             case Backoff(wait, error):
+                if report.status in (429, 503):
+                    self.connections.pushed_back(self.clock())
                 self._retry(index, flight.chunk_id, report.position, wait, error)
             case Refuse(error, discard):
                 if discard:

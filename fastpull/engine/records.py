@@ -45,7 +45,11 @@ class EngineConfig:
     """What a run of the engine is told: its limits, TLS per origin, whom to tell, its clock."""
 
     tls_for: Callable[[str], TLSConfig]
+    # Transfers at the start; the run adds more up to ``max_connections`` while they raise
+    # the total rate, unless ``pinned`` (see engine/connections.py).
     connections: int = 16
+    max_connections: int = 64
+    pinned: bool = False
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=6))
     stall_seconds: int = 30
     emit: events.Listener = events.ignore

@@ -29,10 +29,14 @@ from fastpull.errors import ConfigError, UsageError
 from fastpull.reference import is_loopback_registry, split_registry
 from fastpull.registry.transport import TLSConfig
 
+# The most transfers one run may have at once (``--connections``, ``--max-connections``).
+MAX_CONNECTIONS = 256
+
 _CONFIG_KEYS = {
     "insecure-registries",
     "store",
     "connections",
+    "max-connections",
     "workers",
     "stall-timeout",
     "ca-cert",
@@ -75,7 +79,13 @@ def _load_config_file(path: Path) -> dict[str, object]:
     for key in ("store", "ca-cert"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{path}: {key} must be a string")
-    for key, low, high in (("connections", 1, 64), ("workers", 0, 16), ("stall-timeout", 1, 3600)):
+    limits = (
+        ("connections", 1, MAX_CONNECTIONS),
+        ("max-connections", 1, MAX_CONNECTIONS),
+        ("workers", 0, 16),
+        ("stall-timeout", 1, 3600),
+    )
+    for key, low, high in limits:
         value = data.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ConfigError(f"{path}: {key} must be an integer from {low} to {high}")
@@ -122,7 +132,9 @@ class Settings:
     insecure_registries: tuple[str, ...] = ()
     ca_cert: str | None = None
     store: str | None = None
-    connections: int = 16
+    # None: as many transfers as raise the rate, up to max_connections; a number pins it.
+    connections: int | None = None
+    max_connections: int = 64
     workers: int | None = None
     stall_timeout: int = 30
 
@@ -134,6 +146,7 @@ class Settings:
         ca_cert: str | None = None,
         store: str | None = None,
         connections: int | None = None,
+        max_connections: int | None = None,
         workers: int | None = None,
         stall_timeout: int | None = None,
     ) -> Settings:
@@ -150,7 +163,8 @@ class Settings:
             insecure_registries=tuple(_check_insecure_entry(e) for e in insecure),
             ca_cert=str(ca) if ca else None,
             store=store or data.get("store"),  # type: ignore[arg-type]
-            connections=connections or int(data.get("connections", 16)),  # type: ignore[call-overload]
+            connections=connections or data.get("connections"),  # type: ignore[arg-type]
+            max_connections=max_connections or int(data.get("max-connections", 64)),  # type: ignore[call-overload]
             workers=workers if workers is not None else data.get("workers"),  # type: ignore[arg-type]
             stall_timeout=stall_timeout or int(data.get("stall-timeout", 30)),  # type: ignore[call-overload]
         )

@@ -31,7 +31,8 @@ def _one_line(result: CliResult) -> str:
     ("args", "message"),
     [
         (("--connections", "abc"), "Error: Invalid value for '--connections'"),
-        (("--connections", "65"), "Error: Invalid value for '--connections'"),
+        (("--connections", "257"), "Error: Invalid value for '--connections'"),
+        (("--max-connections", "0"), "Error: Invalid value for '--max-connections'"),
         (("--workers", "-1"), "Error: Invalid value for '--workers'"),
         (("--workers", "17"), "Error: Invalid value for '--workers'"),
         (("--stall-timeout", "0"), "Error: Invalid value for '--stall-timeout'"),
@@ -123,7 +124,7 @@ def _fastpull_config_is_a_directory(tmp: Path, env: pytest.MonkeyPatch, docker: 
 def _fastpull_config_with_a_wrong_value(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:
     (tmp / "fp.json").write_text('{"connections": "many"}')
     env.setenv("FASTPULL_CONFIG", str(tmp / "fp.json"))
-    return (NOWHERE,), 2, "connections must be an integer from 1 to 64"
+    return (NOWHERE,), 2, "connections must be an integer from 1 to 256"
 
 
 def _fastpull_config_with_an_unknown_key(tmp: Path, env: pytest.MonkeyPatch, docker: Any) -> Any:

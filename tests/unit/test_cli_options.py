@@ -74,6 +74,7 @@ def test_a_command_gets_its_shared_options_as_one_object() -> None:
         "--insecure-registry",
         "--ca-cert",
         "--connections",
+        "--max-connections",
         "--workers",
         "--stall-timeout",
     ]
@@ -92,12 +93,13 @@ def test_options_a_command_does_not_take_are_refused() -> None:
 def test_loading_merges_them_as_settings_load_does(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    given = SettingsOptions("/s", ("reg.example:5000",), str(ca), 3, 1, 7)
+    given = SettingsOptions("/s", ("reg.example:5000",), str(ca), 3, 100, 1, 7)
     assert given.load() == Settings.load(
         insecure_registries=("reg.example:5000",),
         ca_cert=str(ca),
         store="/s",
         connections=3,
+        max_connections=100,
         workers=1,
         stall_timeout=7,
     )

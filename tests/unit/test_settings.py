@@ -65,12 +65,23 @@ def test_insecure_sources_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "{nope",
         '{"unknown-key": 1}',
         '{"max-concurrent-downloads": 0}',
+        '{"max-connections": 0}',
+        '{"max-connections": 257}',
+        '{"connections": true}',
     ],
 )
 def test_bad_config_files_are_reported(tmp_path: Path, content: str) -> None:
     (tmp_path / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=r"config\.json"):
         Settings.load()
+
+
+def test_connections_adapt_unless_pinned(tmp_path: Path) -> None:
+    assert (Settings.load().connections, Settings.load().max_connections) == (None, 64)
+    (tmp_path / "config.json").write_text('{"max-connections": 128, "connections": 8}')
+    assert (Settings.load().connections, Settings.load().max_connections) == (8, 128)
+    pinned = Settings.load(connections=3, max_connections=4)
+    assert (pinned.connections, pinned.max_connections) == (3, 4)
 
 
 def test_missing_ca_file_is_a_usage_error(tmp_path: Path) -> None:

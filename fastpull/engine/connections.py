@@ -1,0 +1,100 @@
+"""How many transfers a run keeps open: measured, not guessed (pure; the loop feeds it).
+
+Registries behind CDNs, S3 or a long lossy path give each TCP connection a modest share,
+so the link wants as many connections as it takes to fill it; on loopback or a fast LAN
+the CPU is the limit long before that. The controller starts at ``start`` and, each time a
+window of :data:`WINDOW` seconds ran with every allowed transfer busy (the first such window
+is the warm-up and only starts the count), doubles the limit if the last doubling raised the
+total rate by at least :data:`GAIN`; a doubling that did not is taken back and growth stops
+for the run. A server that pushes back (429, 503) halves
+the limit and holds it there for :data:`HOLD` seconds. The limit stays within ``floor`` and
+``ceiling``; a pinned controller (``--connections N``) never moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# A window long enough for new connections to get going, short enough to reach 64 from 16
+# within about a second and a half.
+WINDOW = 0.5
+# What a doubling must add to the total rate to be kept.
+GAIN = 1.2
+# After a push-back, how long the limit is held before growing may start again.
+HOLD = 10.0
+# Share of a window's samples that must have every allowed transfer busy to judge it.
+_SATURATED = 0.8
+
+
+@dataclass
+class ConnectionController:
+    """The number of transfers a run may have at once (:attr:`limit`)."""
+
+    start: int
+    ceiling: int
+    pinned: bool = False
+    floor: int = 2
+    limit: int = field(init=False)
+    _window_start: float | None = field(default=None, init=False)
+    _window_bytes: int = field(default=0, init=False)
+    _samples: int = field(default=0, init=False)
+    _busy_samples: int = field(default=0, init=False)
+    # The rate before the last doubling, while its effect is being judged.
+    _before: float | None = field(default=None, init=False)
+    _growing: bool = field(default=True, init=False)
+    _hold_until: float = field(default=0.0, init=False)
+    # The first busy window is the connections' warm-up: its rate says nothing yet.
+    _warm: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.ceiling = max(1, self.ceiling)
+        self.floor = min(self.floor, self.ceiling)
+        self.limit = max(self.floor, min(self.start, self.ceiling))
+
+    def observe(self, now: float, received: int, active: int) -> None:
+        """``received`` bytes arrived since the last call, with ``active`` transfers open."""
+        if self.pinned:
+            return
+        if self._window_start is None:
+            self._window_start = now
+        self._window_bytes += received
+        self._samples += 1
+        self._busy_samples += active >= self.limit
+        elapsed = now - self._window_start
+        if elapsed < WINDOW:
+            return
+        saturated = self._busy_samples >= _SATURATED * self._samples
+        rate = self._window_bytes / elapsed
+        self._window_start, self._window_bytes = now, 0
+        self._samples = self._busy_samples = 0
+        if saturated and now >= self._hold_until:
+            if self._warm:
+                self._judge(rate)
+            self._warm = True
+
+    def _judge(self, rate: float) -> None:
+        if self._before is not None:
+            gained = rate >= self._before * GAIN
+            self._before = None
+            if not gained:
+                self.limit = max(self.floor, self.limit // 2)
+                self._growing = False
+                return
+        if self._growing and self.limit < self.ceiling:
+            self._before = rate
+            self.limit = min(self.ceiling, self.limit * 2)
+
+    def pushed_back(self, now: float) -> None:
+        """The server asked us to slow down (429, 503): halve the limit and hold it."""
+        if self.pinned:
+            return
+        self.limit = max(self.floor, self.limit // 2)
+        self._before = None
+        self._growing = True
+        self._hold_until = now + HOLD
+        self._warm = False
+        self._window_start, self._window_bytes = None, 0
+        self._samples = self._busy_samples = 0
+
+
+__all__ = ["GAIN", "HOLD", "WINDOW", "ConnectionController"]

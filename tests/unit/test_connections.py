@@ -1,0 +1,121 @@
+"""Tests for fastpull.engine.connections: the controller against a simulated link."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastpull.engine.connections import HOLD, WINDOW, ConnectionController
+
+TICK = 0.05
+MB = 1_000_000
+
+
+@dataclass
+class Link:
+    """Each connection gets at most ``per_connection`` bytes/s, all together ``total``."""
+
+    per_connection: float
+    total: float
+
+    def rate(self, connections: int) -> float:
+        return min(connections * self.per_connection, self.total)
+
+
+def _run(controller: ConnectionController, link: Link, seconds: float, start: float = 0.0) -> float:
+    now = start
+    while now < start + seconds:
+        now += TICK
+        active = controller.limit
+        controller.observe(now, int(link.rate(active) * TICK), active)
+    return now
+
+
+def test_a_per_connection_cap_gets_connections_up_to_the_ceiling() -> None:
+    # 8 MB/s per connection, a 1 GB/s path: 64 connections are worth it.
+    controller = ConnectionController(start=16, ceiling=64)
+
+    _run(controller, Link(8 * MB, 1000 * MB), 3.0)
+
+    assert controller.limit == 64
+
+
+def test_it_stops_where_the_link_stops_adding() -> None:
+    # 8 MB/s per connection but 300 MB/s in all: 32 fill it, 64 add nothing.
+    controller = ConnectionController(start=16, ceiling=64)
+
+    _run(controller, Link(8 * MB, 300 * MB), 5.0)
+
+    assert controller.limit == 32
+
+
+def test_without_a_per_connection_cap_it_keeps_the_start() -> None:
+    # Loopback: the CPU caps the total at 600 MB/s whatever the connections.
+    controller = ConnectionController(start=16, ceiling=64)
+
+    _run(controller, Link(1000 * MB, 600 * MB), 5.0)
+
+    assert controller.limit == 16
+
+
+def test_the_first_busy_window_is_warm_up_and_judges_nothing() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+
+    _run(controller, Link(8 * MB, 1000 * MB), WINDOW + TICK)
+
+    assert controller.limit == 16
+
+
+def test_windows_without_every_transfer_busy_decide_nothing() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    now = 0.0
+    for _ in range(200):
+        now += TICK
+        controller.observe(now, 1 * MB, active=4)  # not enough work to fill 16
+
+    assert controller.limit == 16
+
+
+def test_a_push_back_halves_and_holds_then_growth_resumes() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    now = _run(controller, Link(8 * MB, 1000 * MB), 3.0)
+    assert controller.limit == 64
+
+    controller.pushed_back(now)
+    assert controller.limit == 32
+    now = _run(controller, Link(8 * MB, 1000 * MB), HOLD - 1.0, start=now)
+    assert controller.limit == 32
+
+    _run(controller, Link(8 * MB, 1000 * MB), 3.0, start=now)
+    assert controller.limit == 64
+
+
+def test_pinned_never_moves() -> None:
+    controller = ConnectionController(start=16, ceiling=64, pinned=True)
+
+    now = _run(controller, Link(8 * MB, 1000 * MB), 5.0)
+    controller.pushed_back(now)
+
+    assert controller.limit == 16
+
+
+@given(
+    st.integers(min_value=1, max_value=256),
+    st.integers(min_value=1, max_value=256),
+    st.floats(min_value=1e5, max_value=1e9),
+    st.floats(min_value=1e6, max_value=1e10),
+    st.lists(st.floats(min_value=0.5, max_value=30.0), max_size=3),
+)
+def test_the_limit_stays_within_floor_and_ceiling(
+    start: int, ceiling: int, per_connection: float, total: float, pushbacks: list[float]
+) -> None:
+    controller = ConnectionController(start=start, ceiling=ceiling)
+    link = Link(per_connection, total)
+    now = 0.0
+    for pause in [*pushbacks, 3.0]:
+        now = _run(controller, link, pause, start=now)
+        assert controller.floor <= controller.limit <= max(1, ceiling)
+        controller.pushed_back(now)
+        assert controller.floor <= controller.limit <= max(1, ceiling)
