@@ -84,7 +84,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"reference", "registry.auth", "registry.credentials", "registry.manifest"}
     | {"registry.settings", "registry.transport"},
     "registry.upload": frozenset({"cancel", "errors", "types"})
-    | {"registry.auth", "registry.client", "registry.manifest", "registry.transport"},
+    | {"registry.auth", "registry.client", "registry.manifest", "registry.responses"}
+    | {"registry.transport"},
     # store/: where bytes rest
     "store": frozenset(),
     "store.diskqueue": frozenset(),

@@ -51,8 +51,8 @@ from fastpull.errors import (
 from fastpull.registry import auth
 from fastpull.registry.client import RegistryClient
 from fastpull.registry.manifest import digest_of
+from fastpull.registry.responses import Reauthenticate, Redirect, classify
 from fastpull.registry.transport import (
-    MAX_REDIRECTS,
     Response,
     RetryPolicy,
     Transport,
@@ -243,27 +243,27 @@ class Uploader:
         """One request with authorization (a 401 is answered once) and method-preserving
         redirects; ``body`` is (file or bytes, offset, length). Returns the response and
         the body bytes read for it (every redirect hop counted)."""
-        base = self.auth.base_url
+        registry = origin(self.auth.base_url)
         credentials = self.auth.headers(scope)
         renewed = False
         hops = 0
         sent = 0
         while True:
-            own = origin(url) == origin(base)
+            own = origin(url) == registry
             hdrs = {**_NO_EXPECT, **(headers or {}), **(credentials if own else {})}
             response, read = self._send(method, url, hdrs, body, progress)
             sent += read
-            if response.status == 401 and own and not renewed:
-                credentials = self.auth.renew(response, scope, credentials)
-                renewed = True
-                continue
-            if response.status in (301, 302, 307, 308):
-                hops += 1
-                if hops > MAX_REDIRECTS:
-                    raise ProtocolError(f"too many redirects from {redact_url(url)}")
-                url = next_hop(url, response.header("location"))
-                continue
-            return response, sent
+            action = classify(response.status, dict(response.headers), url, registry, hops=hops)
+            match action:
+                # A 303 answers an upload (it asks for no resend of the body).
+                case Redirect(target) if response.status != 303:
+                    hops += 1
+                    url = target
+                case Reauthenticate() if not renewed:
+                    credentials = self.auth.renew(response, scope, credentials)
+                    renewed = True
+                case _:
+                    return response, sent
 
     def _send(
         self,

@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import xxhash
 from fastpull.cli.commands import main
 from tests.support.faultproxy import FaultProxy
 from tests.support.faultserver import FaultServer
+from tests.support.tools import require_tool
 
 _counter = itertools.count()
 
@@ -241,9 +241,4 @@ def process_tree(pid: int) -> set[int]:
 
 def console_script() -> str:
     """The installed ``fastpull`` command; its absence fails under ``CI=true``."""
-    script = shutil.which("fastpull")
-    if script is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the fastpull console script is not on PATH after installation")
-        pytest.skip("the fastpull console script is not installed")
-    return script
+    return require_tool("fastpull")

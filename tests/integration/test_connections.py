@@ -4,8 +4,6 @@ share). The counts are checked, never the time."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +14,13 @@ import fastpull
 from fastpull.engine.download import DEFAULT_CONNECTIONS
 from tests.support.images import MiB, make_image, make_layer
 from tests.support.nginxproxy import RateCappedProxy
-
-NGINX = "/usr/sbin/nginx"
+from tests.support.tools import require_tool
 
 
 @pytest.fixture
 def capped(registry: Any, repo: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A 96 MiB layer behind nginx at 2 MB/s per connection: (reference, layer digest)."""
-    if shutil.which(NGINX) is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("nginx is needed for the connection tests (apt-get install nginx-light)")
-        pytest.skip("nginx is not installed")
+    require_tool("nginx")
     layer = make_layer(96 * MiB, compression="none", seed=71, workdir=tmp_path)
     registry.pusher.push_image(repo, "1", make_image([layer]))
     access_log = tmp_path / "nginx-access.log"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from tests.support.faultproxy import CutUpload, ExpireToken, Redirect, SetHeader
 from tests.support.images import Image, PushError, make_image, make_index, make_layer
 from tests.support.netutil import free_loopback_port
 from tests.support.registry import LoggedRequest, RegistryServer
+from tests.support.tools import require_tool
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,7 @@ def _pulled(cli: Any, registry: RegistryServer, repo: str, tag: str, image: Imag
 
 def _raw_manifest(registry: Any, repo: str, reference: str, creds: str | None = None) -> bytes:
     """What skopeo reads back from the registry (or a proxy: anything with ``host``)."""
-    skopeo = shutil.which("skopeo")
-    if skopeo is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("skopeo is required when CI=true")
-        pytest.skip("skopeo not installed")
+    skopeo = require_tool("skopeo")
     separator = "@" if reference.startswith("sha256:") else ":"
     return subprocess.run(
         [
