@@ -18,7 +18,7 @@ from fastpull.errors import FastpullError, ManifestError, PlatformNotFound
 from fastpull.reference import Reference
 from fastpull.registry import auth
 from fastpull.registry.client import RegistryClient
-from fastpull.registry.credentials import CredentialStore
+from fastpull.registry.credentials import CredentialSource, CredentialStore
 from fastpull.registry.manifest import (
     MAX_CONFIG_SIZE,
     OCI_INDEX,
@@ -170,7 +170,7 @@ class Puller:
         *,
         settings: Settings | None = None,
         platform: Platform | PlatformSelection | None = None,
-        credentials: CredentialStore | None = None,
+        credentials: CredentialSource | None = None,
         on_event: events.Listener = events.ignore,
     ) -> None:
         self.store = store

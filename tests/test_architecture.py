@@ -142,8 +142,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cluster": frozenset(),
     "cluster.plan": frozenset({"types"}),
     "cluster.tasks": _CORE
-    | {"cluster.plan", "engine.download", "puller", "registry.client", "registry.settings"}
-    | {"registry.transport", "store.layout"},
+    | {"cluster.plan", "engine.download", "puller", "registry.settings", "store.layout"},
     "cluster.client": _CORE
     | {PACKAGE_NAME, "cluster.plan", "cluster.tasks", "engine.download", "puller"}
     | {"registry.settings"},

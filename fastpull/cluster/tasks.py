@@ -23,12 +23,10 @@ from dataclasses import dataclass, field
 
 from fastpull import cancel, events
 from fastpull.cluster.plan import BlobRef
-from fastpull.engine.download import BlobSource, BlobStats, Downloader
+from fastpull.engine.download import BlobSource, BlobStats
 from fastpull.errors import FastpullError, Interrupted
-from fastpull.puller import RepositoryBlobs
-from fastpull.registry.client import RegistryClient
+from fastpull.puller import Puller, RepositoryBlobs
 from fastpull.registry.settings import Settings
-from fastpull.registry.transport import Transport
 from fastpull.store.layout import Store
 from fastpull.types import Credentials, Digest
 
@@ -47,7 +45,8 @@ class TaskSpec:
     blobs: tuple[BlobRef, ...]
     credentials: tuple[tuple[str, Credentials], ...] = ()
 
-    def credentials_for(self, registry: str) -> Credentials:
+    def get(self, registry: str) -> Credentials:
+        """The credentials this task carries for ``registry`` (a ``CredentialSource``)."""
         return dict(self.credentials).get(registry, Credentials())
 
 
@@ -116,32 +115,13 @@ def _fetch(
     forward: Callable[[events.Event], None],
     on_failure: Callable[[Digest, FastpullError], None],
 ) -> list[BlobStats]:
-    settings = spec.settings
     store = Store.open(spec.store, create=False)
-    with store.shared_use():
-        transport = Transport(tls_for=settings.tls_for, stall_seconds=settings.stall_timeout)
-        clients: dict[str, RegistryClient] = {}
-        sources: dict[Digest, BlobSource] = {}
-        for blob in spec.blobs:
-            if blob.registry not in clients:
-                clients[blob.registry] = RegistryClient(
-                    blob.registry,
-                    settings=settings,
-                    credentials=spec.credentials_for(blob.registry),
-                    transport=transport,
-                )
-            sources[blob.descriptor.digest] = RepositoryBlobs(
-                clients[blob.registry], blob.repository
-            )
-        engine = Downloader(
-            store,
-            tls_for=settings.tls_for,
-            connections=settings.connections,
-            max_connections=settings.max_connections,
-            workers=settings.workers,
-            stall_seconds=settings.stall_timeout,
-            on_event=forward,
-        )
+    with Puller(store, settings=spec.settings, credentials=spec) as puller:
+        sources: dict[Digest, BlobSource] = {
+            b.descriptor.digest: RepositoryBlobs(puller.client(b.registry), b.repository)
+            for b in spec.blobs
+        }
+        engine = puller.downloader(forward)
         fetched = engine.fetch([b.descriptor for b in spec.blobs], sources, on_failure=on_failure)
         return list(fetched.blobs)
 

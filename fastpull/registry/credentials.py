@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from fastpull.errors import ConfigError, CredentialError
@@ -194,6 +194,15 @@ def _first_line(data: bytes) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+class CredentialSource(Protocol):
+    """Where a registry client's credentials come from: a :class:`CredentialStore`, or the
+    credentials a cluster task carries for its registries."""
+
+    def get(self, registry: str) -> Credentials:
+        """The credentials for ``registry`` (empty: anonymous)."""
+        ...
 
 
 class CredentialStore:
@@ -422,6 +431,7 @@ class CredentialStore:
 __all__ = [
     "DOCKER_HUB_KEY",
     "HELPER_TIMEOUT",
+    "CredentialSource",
     "CredentialStore",
     "Credentials",
     "config_key",
