@@ -23,6 +23,7 @@ from fastpull.cli import archive, mirror
 from fastpull.cli.options import (
     SettingsOptions,
     check_output_path,
+    read_batch,
     settings_options,
     timeout_option,
     write_json,
@@ -30,7 +31,6 @@ from fastpull.cli.options import (
 from fastpull.cli.progress import human_size, renderer_for, summary_table
 from fastpull.errors import (
     BatchFailed,
-    BatchFileError,
     FastpullError,
     NoSuchImage,
     StoreDamaged,
@@ -136,7 +136,7 @@ def pull(
         raise UsageError("--all-tags needs a repository NAME")
     entries = [command_line_entry(name, all_tags)] if name is not None else []
     # Every batch file is read and checked before anything is downloaded.
-    entries += [entry for path in batch_files for entry in parse_batch(_read_batch(path), path)]
+    entries += [entry for path in batch_files for entry in parse_batch(read_batch(path), path)]
     loaded = settings.load()
     target = PlatformSelection.parse(platform_text) if platform_text is not None else None
     render = renderer_for(quiet=quiet, json_output=json_output, batch=bool(batch_files))
@@ -170,18 +170,6 @@ def _cluster(address: str | None) -> Iterator[Cluster | None]:
 
     with Cluster(address) as cluster:
         yield cluster
-
-
-def _read_batch(path: str) -> str:
-    """A batch file's text; ``-`` is standard input."""
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise BatchFileError(f"cannot read batch file {path}: {why}") from None
 
 
 def _finish_batch(

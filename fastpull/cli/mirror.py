@@ -7,12 +7,18 @@ Errors reach :func:`fastpull.cli.commands.main`, which prints them as one line.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import click
 
 from fastpull import cancel, events
-from fastpull.cli.options import SettingsOptions, check_output_path, settings_options, write_json
+from fastpull.cli.options import (
+    SettingsOptions,
+    check_output_path,
+    read_batch,
+    settings_options,
+    write_json,
+)
 from fastpull.cli.progress import renderer_for, summary_table
 from fastpull.errors import BatchFailed, NoSuchImage, UsageError
 from fastpull.reference import Reference
@@ -112,7 +118,6 @@ def _tags_of(store: Store, ref: Reference) -> list[Reference]:
     "--file",
     "batch_files",
     multiple=True,
-    type=click.File("r", encoding="utf-8"),
     metavar="FILE",
     help="Copy every image a batch file lists (repeatable; - for stdin).",
 )
@@ -136,7 +141,7 @@ def _tags_of(store: Store, ref: Reference) -> list[Reference]:
 def copy(
     source: str | None,
     dest: str | None,
-    batch_files: tuple[TextIO, ...],
+    batch_files: tuple[str, ...],
     to: str | None,
     platform_text: str | None,
     no_keep: bool,
@@ -163,7 +168,7 @@ def copy(
     loaded = settings.load()
     platforms = PlatformSelection.parse(platform_text) if platform_text is not None else None
     if batch_files:
-        entries = [e for f in batch_files for e in parse_batch(f.read(), f.name)]
+        entries = [e for path in batch_files for e in parse_batch(read_batch(path), path)]
         render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
         with cancel.handled(ignore_after_stop=True):
             batch = copy_batch(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import orjson
 
-from fastpull.errors import UsageError
+from fastpull.errors import BatchFileError, UsageError
 
 if TYPE_CHECKING:
     from fastpull.registry.settings import Settings
@@ -152,6 +153,18 @@ def check_output_path(option: str, path: str | None) -> None:
         raise UsageError(f"{option} {path}: cannot write a file there")
 
 
+def read_batch(path: str) -> str:
+    """A batch file's text (``pull -f``, ``copy -f``); ``-`` is standard input."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise BatchFileError(f"cannot read batch file {path}: {why}") from None
+
+
 def write_json(path: str, document: Any) -> None:
     """An output file (``--report``, ``--stats``) as indented JSON."""
     with open(path, "wb") as out:
@@ -162,6 +175,7 @@ __all__ = [
     "STORE_HELP",
     "SettingsOptions",
     "check_output_path",
+    "read_batch",
     "settings_options",
     "timeout_option",
     "write_json",

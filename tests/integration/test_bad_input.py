@@ -245,6 +245,22 @@ def test_unusable_files_and_helpers_are_one_line_errors(
     assert fragment in _one_line(result)
 
 
+@pytest.mark.parametrize("scenario", [_batch_file_missing, _batch_file_is_a_directory])
+def test_copy_reads_batch_files_as_pull_does(
+    scenario: Scenario,
+    cli: Callable[..., CliResult],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    docker_config: Any,
+) -> None:
+    args, code, fragment = scenario(tmp_path, monkeypatch, docker_config)
+
+    result = cli("copy", *args, "--to", "127.0.0.1:1/mirror")
+
+    assert result.code == code, result.err
+    assert fragment in _one_line(result)
+
+
 def test_helper_secrets_stay_out_of_its_error(
     cli: Callable[..., CliResult],
     tmp_path: Path,
