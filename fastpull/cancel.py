@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -23,6 +24,16 @@ _EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 def _handler(signum: int, _frame: FrameType | None) -> None:
     global _received
     _received = signum
+
+
+def pause(seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Sleep ``seconds`` in slices, so that a stop requested meanwhile (Ctrl-C during a
+    backoff) is raised at once rather than after the whole wait."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        check()
+        sleep(min(left, 0.2))
+    check()
 
 
 def request(signum: int = signal.SIGINT) -> None:

@@ -271,12 +271,7 @@ class Transport:
         self.close()
 
     def _pause(self, seconds: float) -> None:
-        """Sleep in slices so that Ctrl-C during a backoff is seen at once."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            cancel.check()
-            self._sleep(min(left, 0.2))
-        cancel.check()
+        cancel.pause(seconds, self._sleep)
 
     def send(
         self,

@@ -298,11 +298,7 @@ class Uploader:
     def _pause(self, attempt: int, error: FastpullError) -> None:
         """Back off before another attempt; a Retry-After the registry sent wins."""
         wait = error.retry_after if isinstance(error, RegistryError) else None
-        deadline = time.monotonic() + self.retry.delay(attempt, wait)
-        while (left := deadline - time.monotonic()) > 0:
-            cancel.check()
-            self._sleep(min(left, 0.2))
-        cancel.check()
+        cancel.pause(self.retry.delay(attempt, wait), self._sleep)
 
     def _retrying(self, action: Callable[[], _R]) -> _R:
         attempt = 0
