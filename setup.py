@@ -38,7 +38,7 @@ setup(
         Extension(
             "fastpull._native",
             sources=["csrc/native.c"],
-            libraries=["crypto"],
+            libraries=["crypto", "xxhash"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             # Lets `build_ext --inplace` skip copying an extension that was not built.
             optional=not REQUIRE_NATIVE,
