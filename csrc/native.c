@@ -27,6 +27,15 @@
 
 #include <xxhash.h>
 
+/*
+ * Debian's libxxhash also exports XXH3 entry points that pick SSE2, AVX2 or AVX-512 at run
+ * time (xxh_x86dispatch.c); the plain ones use what the library was compiled for, SSE2 on
+ * x86-64: 0.065 against 0.029 CPU s/GB on this project's AVX-512 VM. Declared weak, so a
+ * libxxhash built without the dispatcher still loads, and the plain update is used.
+ */
+extern XXH_errorcode XXH3_128bits_update_dispatch(XXH3_state_t *, const void *, size_t)
+    __attribute__((weak));
+
 #if OPENSSL_VERSION_NUMBER < 0x30000000L
 #error "fastpull._native needs OpenSSL 3 (EVP_MD_get_size and friends)"
 #endif
@@ -591,6 +600,15 @@ writer_dealloc(ChunkWriterObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static XXH_errorcode
+checksum_update(XXH3_state_t *state, const void *data, size_t len)
+{
+    if (XXH3_128bits_update_dispatch != NULL) {
+        return XXH3_128bits_update_dispatch(state, data, len);
+    }
+    return XXH3_128bits_update(state, data, len);
+}
+
 /*
  * Write buf[*done, end) at position, advancing *done, position and the checksum as bytes
  * land. Runs without the GIL, holding the lock. Returns 0 when all is written, else the
@@ -609,7 +627,7 @@ writer_pwrite(ChunkWriterObject *self, const char *buf, Py_ssize_t end, Py_ssize
         if (wrote == 0) {
             return EIO; /* a regular file never takes nothing; do not spin on it */
         }
-        if (XXH3_128bits_update(self->checksum, buf + *done, (size_t)wrote) != XXH_OK) {
+        if (checksum_update(self->checksum, buf + *done, (size_t)wrote) != XXH_OK) {
             return EIO;
         }
         *done += wrote;
