@@ -160,9 +160,7 @@ def test_bytes_land_at_their_offset_never_past_the_limit_with_their_checksum(
     assert run.answers == answers
     assert run.position == start + len(written)
     assert run.contents == (
-        bytes([SENTINEL]) * start
-        + written
-        + bytes([SENTINEL]) * (total - start - len(written))
+        bytes([SENTINEL]) * start + written + bytes([SENTINEL]) * (total - start - len(written))
     )
     # What the resume journal checks old extents with, so it must match byte for byte.
     assert run.checksum == xxhash.xxh3_128(written).hexdigest()
