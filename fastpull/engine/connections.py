@@ -9,10 +9,15 @@ total rate by at least :data:`GAIN`; a doubling that did not is taken back and g
 for the run. A server that pushes back (429, 503) halves
 the limit and holds it there for :data:`HOLD` seconds. The limit stays within ``floor`` and
 ``ceiling``; a pinned controller (``--connections N``) never moves.
+
+Each registry host gets its own controller (:class:`HostConnections`): a batch that pulls
+from a CDN-backed registry and from a LAN mirror at once needs many transfers to the first
+and few to the second, and a push-back from one host says nothing about the other.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 # A window long enough for new connections to get going, short enough to reach 64 from 16
@@ -97,4 +102,37 @@ class ConnectionController:
         self._samples = self._busy_samples = 0
 
 
-__all__ = ["GAIN", "HOLD", "WINDOW", "ConnectionController"]
+@dataclass
+class HostConnections:
+    """One :class:`ConnectionController` per registry host, made when first needed.
+
+    ``ceiling_for(host)`` is that host's ceiling (configurable per registry). A pinned run
+    (``--connections N``) pins the whole run, not each host, to ``start`` transfers.
+    """
+
+    start: int
+    ceiling_for: Callable[[str], int]
+    pinned: bool = False
+    _controllers: dict[str, ConnectionController] = field(default_factory=dict, init=False)
+
+    def __getitem__(self, host: str) -> ConnectionController:
+        controller = self._controllers.get(host)
+        if controller is None:
+            ceiling = self.start if self.pinned else self.ceiling_for(host)
+            controller = ConnectionController(self.start, ceiling, pinned=self.pinned)
+            self._controllers[host] = controller
+        return controller
+
+    def total(self, hosts: Iterable[str]) -> int:
+        """The most transfers at once across ``hosts`` (those with work left)."""
+        if self.pinned:
+            return self.start
+        return sum(self[host].limit for host in set(hosts))
+
+    def observe(self, now: float, received: Mapping[str, int], active: Mapping[str, int]) -> None:
+        """Feed every host's controller what arrived from it, with its open transfers."""
+        for host, controller in self._controllers.items():
+            controller.observe(now, received.get(host, 0), active.get(host, 0))
+
+
+__all__ = ["GAIN", "HOLD", "WINDOW", "ConnectionController", "HostConnections"]

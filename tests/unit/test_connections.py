@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpull.engine.connections import HOLD, WINDOW, ConnectionController
+from fastpull.engine.connections import HOLD, WINDOW, ConnectionController, HostConnections
 
 TICK = 0.05
 MB = 1_000_000
@@ -119,3 +119,35 @@ def test_the_limit_stays_within_floor_and_ceiling(
         assert controller.floor <= controller.limit <= max(1, ceiling)
         controller.pushed_back(now)
         assert controller.floor <= controller.limit <= max(1, ceiling)
+
+
+def test_each_host_is_judged_on_its_own_link() -> None:
+    ceilings = {"cdn.example": 64, "mirror.lan": 64, "small.example": 8}
+    hosts = HostConnections(16, ceilings.__getitem__)
+    links = {
+        "cdn.example": Link(8 * MB, 1000 * MB),  # per-connection cap: wants many
+        "mirror.lan": Link(1000 * MB, 600 * MB),  # fast: more add nothing
+        "small.example": Link(8 * MB, 1000 * MB),  # wants many, configured for 8
+    }
+    now = 0.0
+    while now < 5.0:
+        now += TICK
+        active = {h: hosts[h].limit for h in links}
+        received = {h: int(link.rate(active[h]) * TICK) for h, link in links.items()}
+        hosts.observe(now, received, active)
+
+    assert {h: hosts[h].limit for h in links} == {
+        "cdn.example": 64,
+        "mirror.lan": 16,
+        "small.example": 8,
+    }
+    assert hosts.total(["cdn.example", "mirror.lan", "mirror.lan"]) == 80
+    hosts["cdn.example"].pushed_back(now)
+    assert (hosts["cdn.example"].limit, hosts["mirror.lan"].limit) == (32, 16)
+
+
+def test_a_pinned_run_pins_the_total_not_each_host() -> None:
+    hosts = HostConnections(6, lambda _host: 64, pinned=True)
+
+    assert hosts.total(["a.example", "b.example"]) == 6
+    assert hosts["a.example"].limit == 6
