@@ -40,7 +40,6 @@ from fastpull.engine.resume import Validator, judge_etag, written
 from fastpull.engine.routing import Backoff, Reauthorize, Refuse, Resend, judge
 from fastpull.engine.scheduler import Chunk, Outcome, Policy, Scheduler
 from fastpull.engine.worker import (
-    PROGRESS_INTERVAL,
     Accepted,
     Answered,
     Cancel,
@@ -68,6 +67,8 @@ DRAIN_SECONDS = 0.5
 # record either way, the page cache outlives it; only a power cut can lose the newest,
 # which costs a refetch of their ranges, never a wrong byte.
 SYNC_INTERVAL = 0.5
+# How often a blob's progress is told to listeners (the bars), at most.
+EVENT_INTERVAL = 0.1
 # How often the loop looks for finished commits while nothing else can wake it.
 _COMMIT_POLL = 0.005
 
@@ -339,7 +340,7 @@ class Job:
             blob.route = blob.route.data_from(flight.url)
             self.sched.progress(chunk_id, position)
             now = self.clock()
-            if now - blob.reported >= PROGRESS_INTERVAL:
+            if now - blob.reported >= EVENT_INTERVAL:
                 blob.reported = now
                 received = self.sched.received(flight.blob)
                 self.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, received, blob.size))
