@@ -18,6 +18,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -48,6 +50,13 @@ _Static_assert(sizeof(off_t) >= 8, "fastpull._native needs a 64-bit off_t");
 
 /* hash_fd_range() reads through one buffer of this size, reused for the whole range. */
 #define READ_BUFFER_SIZE (1024 * 1024)
+
+/* ... or, asked to map the file, maps at most this much of it at a time. */
+#define MAP_WINDOW (64 * 1024 * 1024)
+
+#ifndef MAP_POPULATE
+#define MAP_POPULATE 0
+#endif
 
 typedef struct {
     const char *name;
@@ -418,25 +427,72 @@ feed_from_fd(EVP_MD_CTX *ctx, int fd, unsigned char *buf, size_t bufsize,
     return 0;
 }
 
+/*
+ * Hash bytes of fd from *offset up to *offset + *remaining or its end of file, whichever
+ * comes first, through read-only mappings: the bytes are hashed where they lie in the page
+ * cache instead of being copied out first. Advances *offset and *remaining past what it
+ * hashed. Runs without the GIL. Returns 0, leaving whatever it could not map (a file type
+ * without mmap, no read access, no address space) to pread; -1 if OpenSSL fails.
+ *
+ * A mapped page past the end of the file is SIGBUS, so the caller must own the file: no
+ * one may shrink it while it is hashed.
+ */
+static int
+feed_from_mapping(EVP_MD_CTX *ctx, int fd, long long *offset, long long *remaining)
+{
+    long long page = sysconf(_SC_PAGESIZE);
+    long long end = *offset + *remaining;
+    struct stat st;
+
+    if (page <= 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        return 0;
+    }
+    if (end > (long long)st.st_size) {
+        end = (long long)st.st_size;
+    }
+    while (*offset < end) {
+        long long base = *offset - *offset % page;
+        long long stop = end - *offset > MAP_WINDOW ? *offset + MAP_WINDOW : end;
+        size_t span = (size_t)(stop - base);
+        void *map = mmap(NULL, span, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, (off_t)base);
+        int ok;
+
+        if (map == MAP_FAILED) {
+            return 0;
+        }
+        ok = EVP_DigestUpdate(ctx, (const char *)map + (*offset - base), (size_t)(stop - *offset));
+        munmap(map, span);
+        if (!ok) {
+            return -1;
+        }
+        *remaining -= stop - *offset;
+        *offset = stop;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(hash_fd_range_doc,
-             "hash_fd_range(hasher, fd, offset, length, /)\n--\n\n"
+             "hash_fd_range(hasher, fd, offset, length, mapped=False, /)\n--\n\n"
              "Feed bytes [offset, offset + length) of the open file descriptor fd into\n"
              "hasher (a SHA256 or SHA512 object), reading with pread() without the GIL.\n"
-             "Stops early at end of file; returns the number of bytes hashed.");
+             "Stops early at end of file; returns the number of bytes hashed.\n"
+             "mapped: hash through mmap() instead, without copying the bytes out of the\n"
+             "page cache (pread() takes over where mapping fails). Only for a file no one\n"
+             "shrinks meanwhile: a mapped page past its end is SIGBUS.");
 
 static PyObject *
 hash_fd_range(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *obj;
     HasherObject *hasher;
-    int fd;
+    int fd, mapped = 0;
     long long offset, length, remaining;
     unsigned char *buf = NULL;
     size_t bufsize;
     int status;
     PyObject *result = NULL;
 
-    if (!PyArg_ParseTuple(args, "OiLL:hash_fd_range", &obj, &fd, &offset, &length)) {
+    if (!PyArg_ParseTuple(args, "OiLL|p:hash_fd_range", &obj, &fd, &offset, &length, &mapped)) {
         return NULL;
     }
     if (!is_hasher(obj)) {
@@ -457,15 +513,29 @@ hash_fd_range(PyObject *Py_UNUSED(module), PyObject *args)
         return PyLong_FromLong(0);
     }
     hasher = (HasherObject *)obj;
+    remaining = length;
+    if (mapped) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(hasher->lock, WAIT_LOCK);
+        status = feed_from_mapping(hasher->ctx, fd, &offset, &remaining);
+        PyThread_release_lock(hasher->lock);
+        Py_END_ALLOW_THREADS
+        if (status < 0) {
+            raise_openssl_error("EVP_DigestUpdate");
+            return NULL;
+        }
+        if (remaining == 0) {
+            return PyLong_FromLongLong(length);
+        }
+    }
     /* Small ranges (the engine's typical increments) need no 1 MiB allocation. */
-    bufsize = length < READ_BUFFER_SIZE ? (size_t)length : READ_BUFFER_SIZE;
+    bufsize = remaining < READ_BUFFER_SIZE ? (size_t)remaining : READ_BUFFER_SIZE;
     buf = PyMem_RawMalloc(bufsize);
     if (buf == NULL) {
         PyErr_NoMemory();
         return NULL;
     }
 
-    remaining = length;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(hasher->lock, WAIT_LOCK);

@@ -40,8 +40,11 @@ class SHA512:
     def hexdigest(self) -> str: ...
     def copy(self) -> SHA512: ...
 
-def hash_fd_range(hasher: SHA256 | SHA512, fd: int, offset: int, length: int, /) -> int:
-    """Hash bytes [offset, offset + length) of fd without the GIL; returns bytes hashed."""
+def hash_fd_range(
+    hasher: SHA256 | SHA512, fd: int, offset: int, length: int, mapped: bool = False, /
+) -> int:
+    """Hash bytes [offset, offset + length) of fd without the GIL; returns bytes hashed.
+    ``mapped``: through mmap instead of pread (the file must not shrink meanwhile)."""
 
 @final
 class ChunkWriter:
