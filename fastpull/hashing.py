@@ -125,10 +125,10 @@ def hash_fd_range(
     GIL; any other hasher by a Python loop with the same semantics.
 
     ``mapped=True`` lets a native hasher read the bytes through ``mmap`` instead, hashing
-    them where they lie in the page cache rather than copying them out (the engine's
-    verifier saves about 0.1 CPU s/GB). Only for a file the caller owns: one that shrinks
-    while it is mapped kills the process with SIGBUS, and an I/O error does the same
-    instead of raising. Results are the same either way.
+    them where they lie in the page cache rather than copying them out (SHA-256 of a cached
+    1 GiB file in 16 MiB steps: 0.78 against 0.86 CPU s/GB). Only for a file the caller owns:
+    one that shrinks while it is mapped kills the process with SIGBUS, and an I/O error does
+    the same instead of raising. Results are the same either way.
 
     Raises :class:`ValueError` for a negative ``offset`` or ``length`` (or a range past
     the largest file offset) and :class:`OSError` when reading fails.
