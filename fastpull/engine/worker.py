@@ -220,6 +220,11 @@ class _Transfer:
             self.body += data[: _ERROR_BODY_CAP - len(self.body)]
         return None
 
+    def cancel(self) -> None:
+        """Write nothing more for this transfer."""
+        self.cancelled = True
+        self.writer.stop()
+
     def write_failure(self) -> StoreError | None:
         """Why writing stopped, if a write failed."""
         if not self.writer.error:
@@ -257,8 +262,7 @@ class WorkerLoop:
         elif isinstance(command, Cancel):
             transfer = self._transfers.get(command.chunk_id)
             if transfer is not None:
-                transfer.cancelled = True
-                transfer.writer.stop()
+                transfer.cancel()
                 self._finish(transfer, None)
         elif isinstance(command, Shutdown):
             self.close()
@@ -384,8 +388,7 @@ class WorkerLoop:
     def close(self) -> None:
         """Abort every transfer and release libcurl."""
         for transfer in list(self._transfers.values()):
-            transfer.cancelled = True
-            transfer.writer.stop()
+            transfer.cancel()
             self._finish(transfer, None)
         self._out.clear()
         self._multi.close()
