@@ -732,7 +732,8 @@ writer_call(ChunkWriterObject *self, PyObject *args, PyObject *kwargs)
         return PyLong_FromLong(0);
     }
     if (!self->writing) {
-        return PyObject_CallOneArg(self->other, data);
+        /* other is NULL only once the collector has cleared this writer: take nothing. */
+        return self->other != NULL ? PyObject_CallOneArg(self->other, data) : PyLong_FromLong(0);
     }
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
         return NULL;

@@ -34,8 +34,10 @@ from fastpull.engine.sink import ChunkWriter, new_chunk_writer
 from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
 
-# Large reads mean few Python callbacks and pwrite calls (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
-# `python -m benchmarks.bench_pull --images big --tools fastpull`).
+# A large receive buffer (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
+# `python -m benchmarks.bench_pull --images big --tools fastpull`). The write callback still
+# gets at most 16 KiB a call (libcurl 8's CURL_MAX_WRITE_SIZE, whatever this is): about 65,700
+# calls per GiB, which is why the callback is C where the extension is built (engine/sink.py).
 _BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
 # How often transfers' progress is reported: the connection controller measures rates from
