@@ -55,7 +55,13 @@ from fastpull.engine.worker import (
     Shrink,
     Shrunk,
 )
-from fastpull.errors import FastpullError, Interrupted, ProtocolError, StoreError
+from fastpull.errors import (
+    ConnectionFailed,
+    FastpullError,
+    Interrupted,
+    ProtocolError,
+    StoreError,
+)
 from fastpull.registry.responses import origin
 from fastpull.registry.transport import Response
 from fastpull.store.diskqueue import DiskQueue
@@ -375,6 +381,8 @@ class Job:
             case Failed(error=error):
                 if not error.retryable:
                     raise error
+                if isinstance(error, ConnectionFailed) and error.refused:
+                    self.connections[self.hosts[index]].pushed_back(self.clock())
                 self._retry(index, chunk_id, report.position, None, error)
             case _:
                 raise TypeError(f"not a worker outcome: {report!r}")
