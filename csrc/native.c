@@ -100,18 +100,24 @@ raise_openssl_error(const char *what)
 }
 
 /*
- * Take self->lock while holding the GIL. Try without blocking first; if another
- * thread owns the lock it is probably hashing with the GIL released, so wait for it
+ * Take an object's lock while holding the GIL. Try without blocking first; if another
+ * thread owns the lock it is probably working with the GIL released, so wait for it
  * without the GIL, or that thread could never re-acquire the GIL to finish.
  */
 static void
-hasher_acquire(HasherObject *self)
+acquire_with_gil(PyThread_type_lock lock)
 {
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+    if (!PyThread_acquire_lock(lock, NOWAIT_LOCK)) {
         Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        PyThread_acquire_lock(lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
+}
+
+static void
+hasher_acquire(HasherObject *self)
+{
+    acquire_with_gil(self->lock);
 }
 
 static void
@@ -588,16 +594,6 @@ typedef struct {
 
 static PyTypeObject ChunkWriterType;
 
-/* Take self->lock with the GIL held, waiting for it (if need be) without the GIL. */
-static void
-writer_acquire(ChunkWriterObject *self)
-{
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
-}
 
 static PyObject *
 writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -725,7 +721,7 @@ writer_call(ChunkWriterObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_UnpackTuple(args, "ChunkWriter", 1, 1, &data)) {
         return NULL;
     }
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     stopped = self->stopped;
     PyThread_release_lock(self->lock);
     if (stopped) {
@@ -779,7 +775,7 @@ PyDoc_STRVAR(writer_stop_doc,
 static PyObject *
 writer_stop(ChunkWriterObject *self, PyObject *Py_UNUSED(ignored))
 {
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     self->stopped = 1;
     PyThread_release_lock(self->lock);
     Py_RETURN_NONE;
@@ -797,7 +793,7 @@ writer_hexdigest(ChunkWriterObject *self, PyObject *Py_UNUSED(ignored))
     XXH128_canonical_t canonical;
     char hex[2 * sizeof(canonical.digest)];
 
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     XXH128_canonicalFromHash(&canonical, XXH3_128bits_digest(self->checksum));
     PyThread_release_lock(self->lock);
     for (size_t i = 0; i < sizeof(canonical.digest); i++) {
@@ -813,7 +809,7 @@ writer_read(ChunkWriterObject *self, const long long *field)
 {
     long long value;
 
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     value = *field;
     PyThread_release_lock(self->lock);
     return value;
@@ -845,7 +841,7 @@ writer_set_limit(ChunkWriterObject *self, PyObject *value, void *Py_UNUSED(closu
     if (limit == -1 && PyErr_Occurred()) {
         return -1;
     }
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     below = limit < self->position;
     if (!below) {
         self->limit = limit;
@@ -886,7 +882,7 @@ writer_get_stopped(ChunkWriterObject *self, void *Py_UNUSED(closure))
 {
     int stopped;
 
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     stopped = self->stopped;
     PyThread_release_lock(self->lock);
     return PyBool_FromLong(stopped);
@@ -897,7 +893,7 @@ writer_get_error(ChunkWriterObject *self, void *Py_UNUSED(closure))
 {
     int error;
 
-    writer_acquire(self);
+    acquire_with_gil(self->lock);
     error = self->error;
     PyThread_release_lock(self->lock);
     return PyLong_FromLong(error);
