@@ -594,7 +594,6 @@ typedef struct {
 
 static PyTypeObject ChunkWriterType;
 
-
 static PyObject *
 writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -712,7 +711,7 @@ writer_call(ChunkWriterObject *self, PyObject *args, PyObject *kwargs)
     PyObject *data;
     Py_buffer view;
     Py_ssize_t done = 0;
-    int status, stopped;
+    int status, stopped, taken_all;
 
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
         PyErr_SetString(PyExc_TypeError, "ChunkWriter takes no keyword arguments");
@@ -760,9 +759,10 @@ writer_call(ChunkWriterObject *self, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
+    taken_all = done == view.len;
     PyBuffer_Release(&view);
     /* A failed write, or bytes past the limit (another chunk's): make libcurl stop. */
-    if (done < view.len) {
+    if (!taken_all) {
         return PyLong_FromLong(0);
     }
     Py_RETURN_NONE;
