@@ -18,6 +18,10 @@ What holds whatever happens, ``kill -9`` and power loss included:
 
 - A file enters ``blobs/`` only by ``rename`` from ``ingest/``, after its digest and size
   matched and its data was fsynced. A name in ``blobs/`` is never a partial file.
+- Before ``index.json`` names an image, every ``blobs/<alg>/`` directory is fsynced, so the
+  renames that published its blobs (by this process or another) are durable before anything
+  durable refers to them. One directory fsync per image instead of one per blob: a rename
+  that a power cut takes back leaves a blob nothing names yet, fetched again when needed.
 - ``index.json`` is only ever replaced by renaming a complete, fsynced temp file over it, so a
   reader always sees the old or the new version, never a torn one. Writers hold an exclusive
   flock on ``index.json.lock`` across read-modify-write, so two fastpull processes never drop
@@ -312,7 +316,8 @@ class Store:
             self.publish(path, digest)
 
     def publish(self, source: Path, digest: Digest) -> None:
-        """Rename a verified, fsynced file into ``blobs/`` and make the rename durable."""
+        """Rename a verified, fsynced file into ``blobs/``. The rename is made durable by
+        :meth:`sync_blobs`, which :meth:`add_image` runs before naming anything."""
         target = self.blob_path(digest)
         try:
             target.parent.mkdir()
@@ -321,11 +326,18 @@ class Store:
         else:
             fsync_dir(target.parent.parent)
         # Replacing is right: a blob already there is identical, or corrupt if its size
-        # differed (has_blob said it was missing).
+        # differed (has_blob said it was missing). Until the directory is synced a power cut
+        # may take the rename back: the file is then in ingest/ again, debris that the next
+        # ingest of this digest truncates, and no index.json entry names the blob yet.
         os.replace(source, target)
-        # Only the new name must survive a crash; if the old name in ingest/ comes back it is
-        # debris that the next ingest of this digest truncates.
-        fsync_dir(target.parent)
+
+    def sync_blobs(self) -> None:
+        """Make every rename into ``blobs/<alg>/`` so far durable, whichever process made it."""
+        blobs = self.root / "blobs"
+        with os_errors(self.root, "sync blobs"):
+            for name in sorted(os.listdir(blobs)):
+                if (blobs / name).is_dir():
+                    fsync_dir(blobs / name)
 
     def ingest(self, digest: Digest, size: int) -> Ingest:
         """A context manager for downloading one blob of ``size`` bytes into ``ingest/``.
@@ -412,6 +424,9 @@ class Store:
         entries = [_entry(descriptor, {**annotations, REF_NAME_ANNOTATION: ref_name})]
         for name, manifest in list(named.items())[1:]:
             entries.append(_entry(manifest, _platform_annotations(annotations, ref_name, name)))
+        # The image's blobs were published without syncing their directory (see publish);
+        # one sync here, before index.json names them, covers all of them.
+        self.sync_blobs()
         with self._index_lock():
             index = self._read_index()
             kept = [
