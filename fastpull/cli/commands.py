@@ -13,13 +13,13 @@ import os
 import platform as _platform
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import click
 import orjson
 
 from fastpull import __version__, cancel, events, hashing
-from fastpull.cli import archive, mirror
 from fastpull.cli.options import (
     SettingsOptions,
     check_output_path,
@@ -63,7 +63,36 @@ def _waiting_message(store: Store, timeout: float) -> Callable[[], None]:
     return notify
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands defined in modules of their own, by name, and the module: imported only when the
+# command runs (or --help lists every command), so a pull does not load push, copy, save, load.
+LAZY_COMMANDS = {"push": "mirror", "copy": "mirror", "save": "archive", "load": "archive"}
+
+
+def command_module(name: str) -> ModuleType:
+    """The module of :data:`LAZY_COMMANDS` called ``name``, imported now."""
+    if name == "mirror":
+        from fastpull.cli import mirror
+
+        return mirror
+    from fastpull.cli import archive
+
+    return archive
+
+
+class _Commands(click.Group):
+    """A group that imports the modules of :data:`LAZY_COMMANDS` on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            for command in command_module(LAZY_COMMANDS[cmd_name]).COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Pull container images from OCI / Docker registries at line rate."""
 
@@ -514,10 +543,6 @@ def version() -> None:
     click.echo(f"hashing: {hashing.BACKEND} ({hashing.BACKEND_DETAIL})")
     click.echo(f"libcurl: {pycurl.version}")
     click.echo(f"python: {_platform.python_version()} on {Platform.host()}")
-
-
-for _command in (*mirror.COMMANDS, *archive.COMMANDS):
-    cli.add_command(_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
