@@ -9,6 +9,7 @@ load the pull, batch and maintenance machinery.
 from __future__ import annotations
 
 import contextlib
+import gc as _gc
 import os
 import platform as _platform
 import sys
@@ -546,7 +547,22 @@ def version() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: run the command, map errors to one stderr line and an exit code."""
+    """Entry point: run the command, map errors to one stderr line and an exit code.
+
+    Without ``argv`` (the ``fastpull`` program, ``python -m fastpull``) the process is about
+    to exit: every object is frozen out of the garbage collector's reach, which spares the
+    interpreter's last full collections over everything the imports made (10-20 ms, more
+    than a small pull's fsyncs). Nothing depends on them: files are closed by ``with`` and
+    the store's own calls, atexit handlers run anyway, and the standard streams are flushed
+    by the interpreter.
+    """
+    code = _run(argv)
+    if argv is None:
+        _gc.freeze()
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         cli.main(
             args=list(argv) if argv is not None else None,
