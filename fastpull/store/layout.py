@@ -317,7 +317,7 @@ class Store:
 
     def publish(self, source: Path, digest: Digest) -> None:
         """Rename a verified, fsynced file into ``blobs/``. The rename is made durable by
-        :meth:`sync_blobs`, which :meth:`add_image` runs before naming anything."""
+        :meth:`add_image`, before it names anything."""
         target = self.blob_path(digest)
         try:
             target.parent.mkdir()
@@ -331,13 +331,12 @@ class Store:
         # ingest of this digest truncates, and no index.json entry names the blob yet.
         os.replace(source, target)
 
-    def sync_blobs(self) -> None:
-        """Make every rename into ``blobs/<alg>/`` so far durable, whichever process made it."""
+    def _blob_directories(self) -> list[Path]:
+        """``blobs/<alg>/``: syncing them makes every rename into them durable, whichever
+        process made it."""
         blobs = self.root / "blobs"
-        with os_errors(self.root, "sync blobs"):
-            for name in sorted(os.listdir(blobs)):
-                if (blobs / name).is_dir():
-                    fsync_dir(blobs / name)
+        with os_errors(self.root, "list blobs"):
+            return [blobs / name for name in sorted(os.listdir(blobs)) if (blobs / name).is_dir()]
 
     def ingest(self, digest: Digest, size: int) -> Ingest:
         """A context manager for downloading one blob of ``size`` bytes into ``ingest/``.
@@ -424,9 +423,6 @@ class Store:
         entries = [_entry(descriptor, {**annotations, REF_NAME_ANNOTATION: ref_name})]
         for name, manifest in list(named.items())[1:]:
             entries.append(_entry(manifest, _platform_annotations(annotations, ref_name, name)))
-        # The image's blobs were published without syncing their directory (see publish);
-        # one sync here, before index.json names them, covers all of them.
-        self.sync_blobs()
         with self._index_lock():
             index = self._read_index()
             kept = [
@@ -435,7 +431,9 @@ class Store:
                 if not _named(e, ref_name) and not any(_ref_name(e) == n for n in named)
             ]
             index["manifests"] = [*kept, *entries]
-            self._write_index(index)
+            # The image's blobs were published without syncing their directory (see
+            # publish); one sync here, before index.json names them, covers all of them.
+            self._write_index(index, durable_first=self._blob_directories())
 
     def remove_image(self, ref_name: str) -> Descriptor | None:
         """Drop every index.json entry named ``ref_name``, and the entries of its platforms;
@@ -545,9 +543,10 @@ class Store:
             raise self._not_a_layout("index.json has no 'manifests' list of objects")
         return index
 
-    def _write_index(self, index: dict[str, Any]) -> None:
+    def _write_index(self, index: dict[str, Any], durable_first: Sequence[Path] = ()) -> None:
         with os_errors(self.root, "update index.json"):
-            atomic_write(self.root, "index.json", orjson.dumps(index) + b"\n", replace=True)
+            body = orjson.dumps(index) + b"\n"
+            atomic_write(self.root, "index.json", body, replace=True, durable_first=durable_first)
 
 
 def _entry(descriptor: Descriptor, annotations: Mapping[str, str]) -> dict[str, Any]:

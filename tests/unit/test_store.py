@@ -1061,8 +1061,11 @@ def test_blobs_are_durable_before_index_json_names_them(
     assert any(max(into_blobs) < i < index_write for i in dir_syncs)
     # One directory sync for the whole image, not one per blob.
     assert len(dir_syncs) == 1
-    # index.json itself: fsynced temp file, rename, then the root directory.
-    assert calls[index_write - 1][0] == "fsync" and ".index.json." in calls[index_write - 1][1]
+    # index.json itself: fsynced temp file (meanwhile: the blobs' directory), rename, then
+    # the root directory.
+    before = [path for call, path in calls[max(into_blobs) + 1 : index_write] if call == "fsync"]
+    assert len(before) == 2 and blob_dir in before
+    assert any(Path(path).name.startswith(".index.json.") for path in before)
     assert calls[index_write + 1] == ("fsync", str(store.root))
 
 
@@ -1084,3 +1087,22 @@ def test_a_new_ingest_journal_is_not_synced_but_one_with_records_is(
         assert [e.end for e in ing.resumed] == [1000]
         journal_temp = str(ing.journal_path) + ".tmp"
         assert ("fsync", journal_temp) in calls
+
+
+def test_index_json_is_not_changed_when_the_blobs_cannot_be_made_durable(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = put_manifest(store)
+    before = (store.root / "index.json").read_bytes()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/blobs/sha256"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StoreError, match=r"update index\.json in store .*Input/output error"):
+        store.add_image(manifest, "example.com/app:1")
+    assert (store.root / "index.json").read_bytes() == before
+    assert not [n for n in os.listdir(store.root) if n.startswith(".index.json.")]
