@@ -466,6 +466,7 @@ class Puller:
             tls_for=self.settings.tls_for,
             connections=self.settings.connections,
             max_connections=self.settings.max_connections,
+            ceiling_for=self.settings.ceiling_for,
             workers=self.settings.workers,
             stall_seconds=self.settings.stall_timeout,
             on_event=on_event,

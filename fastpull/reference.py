@@ -45,6 +45,9 @@ DEFAULT_REGISTRY = "docker.io"
 DEFAULT_TAG = "latest"
 """The tag of references that give neither a tag nor a digest."""
 
+DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+"""The host that serves Docker Hub's registry API (``docker.io`` itself does not)."""
+
 _LEGACY_REGISTRY = "index.docker.io"
 _OFFICIAL_PREFIX = "library/"
 _LOCALHOST = "localhost"
@@ -303,6 +306,11 @@ def split_registry(registry: str) -> tuple[str, int | None]:
     return host.lower(), int(port.lstrip("0")[:6] or "0") if port else None
 
 
+def endpoint_host(registry: str) -> str:
+    """The host that serves a registry name (Docker Hub is not served at docker.io)."""
+    return DOCKER_HUB_ENDPOINT if registry == DEFAULT_REGISTRY else registry
+
+
 def is_loopback_registry(registry: str) -> bool:
     """Whether a registry (``host[:port]``) is this machine: ``localhost``, 127/8, ``::1``.
 
@@ -322,4 +330,12 @@ def is_loopback_registry(registry: str) -> bool:
     return address.is_loopback
 
 
-__all__ = ["DEFAULT_REGISTRY", "DEFAULT_TAG", "Reference", "is_loopback_registry", "split_registry"]
+__all__ = [
+    "DEFAULT_REGISTRY",
+    "DEFAULT_TAG",
+    "DOCKER_HUB_ENDPOINT",
+    "Reference",
+    "endpoint_host",
+    "is_loopback_registry",
+    "split_registry",
+]

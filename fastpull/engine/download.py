@@ -56,9 +56,10 @@ def default_workers(total_bytes: int) -> int:
 
 
 class Downloader:
-    """Fetch blobs into a store over up to ``max_connections`` transfers (as many as raise
-    the total rate, from :data:`DEFAULT_CONNECTIONS`; exactly ``connections`` when given) in
-    ``workers`` processes."""
+    """Fetch blobs into a store over up to ``max_connections`` transfers per registry host
+    (``ceiling_for(host)`` where given; as many as raise the total rate, from
+    :data:`DEFAULT_CONNECTIONS`; exactly ``connections`` when given) in ``workers``
+    processes."""
 
     def __init__(
         self,
@@ -67,6 +68,7 @@ class Downloader:
         tls_for: Callable[[str], TLSConfig],
         connections: int | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        ceiling_for: Callable[[str], int] | None = None,
         workers: int | None = None,
         retry: RetryPolicy | None = None,
         stall_seconds: int = 30,
@@ -79,6 +81,7 @@ class Downloader:
             connections=max(1, connections or min(DEFAULT_CONNECTIONS, max_connections)),
             max_connections=max(1, connections or max_connections),
             pinned=connections is not None,
+            ceiling_for=ceiling_for,
             retry=retry or RetryPolicy(attempts=6),
             stall_seconds=stall_seconds,
             emit=on_event,

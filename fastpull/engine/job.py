@@ -26,22 +26,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future
 from concurrent.futures import wait as wait_for
+from urllib.parse import urlsplit
 
 from fastpull import cancel, events
 from fastpull.engine import commit
 from fastpull.engine.commit import Verdict
-from fastpull.engine.connections import ConnectionController
+from fastpull.engine.connections import HostConnections
 from fastpull.engine.pool import WorkerPool
 from fastpull.engine.records import BlobRun, BlobStats, EngineConfig, InFlight, Stage
 from fastpull.engine.resume import Validator, judge_etag, written
 from fastpull.engine.routing import Backoff, Reauthorize, Refuse, Resend, judge
 from fastpull.engine.scheduler import Chunk, Outcome, Policy, Scheduler
 from fastpull.engine.worker import (
-    PROGRESS_INTERVAL,
     Accepted,
     Answered,
     Cancel,
@@ -57,7 +57,13 @@ from fastpull.engine.worker import (
     Shrink,
     Shrunk,
 )
-from fastpull.errors import FastpullError, Interrupted, ProtocolError, StoreError
+from fastpull.errors import (
+    ConnectionFailed,
+    FastpullError,
+    Interrupted,
+    ProtocolError,
+    StoreError,
+)
 from fastpull.registry.responses import origin
 from fastpull.registry.transport import Response
 from fastpull.store.diskqueue import DiskQueue
@@ -69,6 +75,8 @@ DRAIN_SECONDS = 0.5
 # record either way, the page cache outlives it; only a power cut can lose the newest,
 # which costs a refetch of their ranges, never a wrong byte.
 SYNC_INTERVAL = 0.5
+# How often a blob's progress is told to listeners (the bars), at most.
+EVENT_INTERVAL = 0.1
 # How often the loop looks for finished commits while nothing else can wake it.
 _COMMIT_POLL = 0.005
 
@@ -108,20 +116,25 @@ class Job:
         self.on_failure = on_failure
         self.blobs = blobs
         self.pool = pool
+        # Each blob's registry host: transfers are counted, and their number judged, per host.
+        self.hosts = [urlsplit(b.source.blob_url(b.digest)).netloc.lower() for b in blobs]
+        self.connections = HostConnections(
+            config.connections,
+            config.ceiling_for or (lambda _host: config.max_connections),
+            pinned=config.pinned,
+        )
         # Chunks are cut for the most transfers the run may grow to, so that a grown count
         # finds work queued rather than waiting for the endgame to split running chunks.
         policy = Policy(
-            connections=config.max_connections,
+            connections=max((self.connections[h].ceiling for h in self.hosts), default=1),
             max_attempts=config.retry.attempts,
             retry=config.retry,
         )
         resumed = [[(e.start, e.end) for e in b.ingest.resumed] for b in blobs]
         self.sched = Scheduler([b.size for b in blobs], policy, resumed)
-        self.connections = ConnectionController(
-            start=config.connections, ceiling=config.max_connections, pinned=config.pinned
-        )
-        # Bytes received since the controller last heard of them.
-        self._received = 0
+        # Per host: bytes received since the controllers last heard of them, open transfers.
+        self._received: Counter[str] = Counter()
+        self._open: Counter[str] = Counter()
         self.flights: dict[int, InFlight] = {}
         self.results: list[BlobStats] = []
 
@@ -136,8 +149,8 @@ class Job:
                 # Refill freed connections before hashing, which may take milliseconds.
                 self._dispatch(self.clock())
                 # After the refill: a transfer that just ended is not a free connection.
-                self.connections.observe(self.clock(), self._received, len(self.flights))
-                self._received = 0
+                self.connections.observe(self.clock(), self._received, self._open)
+                self._received.clear()
                 for index, blob in enumerate(self.blobs):
                     if blob.stage is Stage.COMMITTING:
                         assert blob.commit is not None
@@ -162,7 +175,7 @@ class Job:
         if commits:
             wait_for(commits, timeout, return_when=FIRST_COMPLETED)
         else:
-            time.sleep(timeout)
+            cancel.pause(timeout)
         return []
 
     def _blob_of(self, report: Accepted | Finished | Shrunk) -> int | None:
@@ -247,10 +260,15 @@ class Job:
         blob = self.blobs[index]
         if blob.stage is not Stage.FETCHING:
             return False
+        host = self.hosts[index]
+        if self._open[host] >= self.connections[host].limit:
+            return False
         return blob.route.resolved or not self.sched.active_chunks(index)
 
     def _room(self) -> bool:
-        limit = self.connections.limit
+        limit = self.connections.total(
+            h for h, b in zip(self.hosts, self.blobs, strict=True) if not b.finished
+        )
         return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
 
     def _dispatch(self, now: float) -> None:
@@ -287,6 +305,7 @@ class Job:
         blob.chunks += 1
         blob.connections = max(blob.connections, len(self.sched.active_chunks(chunk.blob)))
         worker = self.pool.assign(fetch)
+        self._open[self.hosts[chunk.blob]] += 1
         self.flights[chunk.id] = InFlight(chunk.id, chunk.blob, worker, url, chunk.start)
 
     def _tell(self, chunk_id: int, command: Command) -> None:
@@ -345,11 +364,11 @@ class Job:
         if delta > 0:
             flight.position = position
             blob.downloaded += delta
-            self._received += delta
+            self._received[self.hosts[flight.blob]] += delta
             blob.route = blob.route.data_from(flight.url)
             self.sched.progress(chunk_id, position)
             now = self.clock()
-            if now - blob.reported >= PROGRESS_INTERVAL:
+            if now - blob.reported >= EVENT_INTERVAL:
                 blob.reported = now
                 received = self.sched.received(flight.blob)
                 self.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, received, blob.size))
@@ -358,6 +377,7 @@ class Job:
         chunk_id = report.chunk_id
         flight = self.flights.pop(chunk_id)
         self.pool.released(flight.worker)
+        self._open[self.hosts[flight.blob]] -= 1
         index = flight.blob
         blob = self.blobs[index]
         if blob.stage is Stage.FAILED:
@@ -383,6 +403,8 @@ class Job:
             case Failed(error=error):
                 if not error.retryable:
                     raise error
+                if isinstance(error, ConnectionFailed) and error.refused:
+                    self.connections[self.hosts[index]].pushed_back(self.clock())
                 self._retry(index, chunk_id, report.position, None, error)
             case _:
                 raise TypeError(f"not a worker outcome: {report!r}")
@@ -424,7 +446,7 @@ class Job:
                 self.sched.retry_now(flight.chunk_id)
             case Backoff(wait, error):
                 if report.status in (429, 503):
-                    self.connections.pushed_back(self.clock())
+                    self.connections[self.hosts[index]].pushed_back(self.clock())
                 self._retry(index, flight.chunk_id, report.position, wait, error)
             case Refuse(error, discard):
                 if discard:

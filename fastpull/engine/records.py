@@ -50,6 +50,8 @@ class EngineConfig:
     connections: int = 16
     max_connections: int = 64
     pinned: bool = False
+    # A registry host's own ceiling (``HOST[:PORT]``); ``max_connections`` for all if None.
+    ceiling_for: Callable[[str], int] | None = None
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=6))
     stall_seconds: int = 30
     emit: events.Listener = events.ignore

@@ -33,21 +33,15 @@ from fastpull.errors import (
     Unauthorized,
     redact_url,
 )
-from fastpull.reference import split_registry
+from fastpull.reference import DEFAULT_REGISTRY, endpoint_host, split_registry
 from fastpull.registry import auth
 from fastpull.registry.manifest import ACCEPT, MAX_MANIFEST_SIZE, check_digest, digest_of
 from fastpull.registry.settings import Settings
 from fastpull.registry.transport import MAX_SMALL_BODY, Response, Transport, http_error, origin
 from fastpull.types import Credentials, Digest
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
+DOCKER_HUB = DEFAULT_REGISTRY
 MAX_TAG_PAGES = 10_000
-
-
-def endpoint_host(registry: str) -> str:
-    """The host that serves a registry name (Docker Hub is not served at docker.io)."""
-    return DOCKER_HUB_ENDPOINT if registry == DOCKER_HUB else registry
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,15 @@ from urllib.parse import urlsplit
 import orjson
 
 from fastpull.errors import ConfigError, UsageError
-from fastpull.reference import is_loopback_registry, split_registry
+from fastpull.reference import (
+    DEFAULT_REGISTRY,
+    endpoint_host,
+    is_loopback_registry,
+    split_registry,
+)
 from fastpull.registry.transport import TLSConfig
 
+_LEGACY_HUB = "index.docker.io"
 # The most transfers one run may have at once (``--connections``, ``--max-connections``).
 MAX_CONNECTIONS = 256
 
@@ -37,6 +43,7 @@ _CONFIG_KEYS = {
     "store",
     "connections",
     "max-connections",
+    "registry-max-connections",
     "workers",
     "stall-timeout",
     "ca-cert",
@@ -86,10 +93,22 @@ def _load_config_file(path: Path) -> dict[str, object]:
         ("stall-timeout", 1, 3600),
     )
     for key, low, high in limits:
-        value = data.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        if not _integer_within(data.get(key, low), low, high):
             raise ConfigError(f"{path}: {key} must be an integer from {low} to {high}")
+    per_registry = data.get("registry-max-connections", {})
+    if not isinstance(per_registry, dict) or not all(
+        _HOST_PORT.fullmatch(_registry_name(k)) and _integer_within(v, 1, MAX_CONNECTIONS)
+        for k, v in per_registry.items()
+    ):
+        raise ConfigError(
+            f"{path}: registry-max-connections must map registries (HOST[:PORT]) to integers"
+            f" from 1 to {MAX_CONNECTIONS}"
+        )
     return data
+
+
+def _integer_within(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 # A host name or bracketed IPv6 literal, with an optional port.
@@ -109,6 +128,12 @@ def _check_insecure_entry(entry: str) -> str:
     if not entry or not valid:
         raise UsageError(f"invalid insecure registry {entry!r}: expected HOST[:PORT] or a CIDR")
     return entry
+
+
+def _registry_name(name: str) -> str:
+    """A registry as references name it (``docker.io``, ``ghcr.io``, ``localhost:5000``)."""
+    entry = name.strip().lower()
+    return DEFAULT_REGISTRY if entry == _LEGACY_HUB else entry
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -135,6 +160,9 @@ class Settings:
     # None: as many transfers as raise the rate, up to max_connections; a number pins it.
     connections: int | None = None
     max_connections: int = 64
+    # The ceiling for a registry's endpoint host (``registry-1.docker.io`` for docker.io),
+    # where the config file names one; ``max_connections`` elsewhere.
+    registry_max_connections: tuple[tuple[str, int], ...] = ()
     workers: int | None = None
     stall_timeout: int = 30
 
@@ -165,9 +193,23 @@ class Settings:
             store=store or data.get("store"),  # type: ignore[arg-type]
             connections=connections or data.get("connections"),  # type: ignore[arg-type]
             max_connections=max_connections or int(data.get("max-connections", 64)),  # type: ignore[call-overload]
+            registry_max_connections=tuple(
+                (endpoint_host(_registry_name(name)), limit)
+                for name, limit in data.get("registry-max-connections", {}).items()  # type: ignore[attr-defined]
+            ),
             workers=workers if workers is not None else data.get("workers"),  # type: ignore[arg-type]
             stall_timeout=stall_timeout or int(data.get("stall-timeout", 30)),  # type: ignore[call-overload]
         )
+
+    def ceiling_for(self, host: str) -> int:
+        """The most transfers at once to one endpoint host (``HOST[:PORT]`` of its URLs).
+
+        ``--max-connections`` applies to every registry the config file does not name;
+        ``--connections N`` pins every registry to N.
+        """
+        if self.connections:
+            return self.connections
+        return dict(self.registry_max_connections).get(host.lower(), self.max_connections)
 
     def is_insecure(self, registry: str) -> bool:
         """May this registry be reached over plain HTTP / unverified TLS?"""

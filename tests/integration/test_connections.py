@@ -4,6 +4,7 @@ share). The counts are checked, never the time."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,40 @@ def test_the_ceiling_is_kept_behind_the_cap(
     result = fastpull.pull(ref, store=str(tmp_path / "store"), workers=2)
 
     assert DEFAULT_CONNECTIONS < _connections(result, digest) <= 20
+
+
+def test_each_registry_host_keeps_its_own_ceiling(
+    registry: Any, repo: str, cli: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # One batch from two hosts (two nginx fronts of one registry, 2 MB/s per connection
+    # each): each host's blob grows behind its cap, up to that host's own ceiling.
+    require_tool("nginx")
+    big = make_layer(96 * MiB, compression="none", seed=72, workdir=tmp_path)
+    small = make_layer(24 * MiB, compression="none", seed=73, workdir=tmp_path)
+    registry.pusher.push_image(repo, "big", make_image([big]))
+    registry.pusher.push_image(repo, "small", make_image([small]))
+    with (
+        RateCappedProxy(
+            registry.host, rate_bytes=2_000_000, access_log=tmp_path / "wide.log"
+        ) as wide,
+        RateCappedProxy(
+            registry.host, rate_bytes=2_000_000, access_log=tmp_path / "narrow.log"
+        ) as narrow,
+    ):
+        config = tmp_path / "fastpull.json"
+        config.write_text(json.dumps({"registry-max-connections": {wide.host: 20, narrow.host: 6}}))
+        monkeypatch.setenv("FASTPULL_CONFIG", str(config))
+        batch = tmp_path / "batch.txt"
+        batch.write_text(f"{wide.host}/{repo}:big\n{narrow.host}/{repo}:small\n")
+        stats = tmp_path / "stats.json"
+
+        result = cli("pull", "-q", "-f", str(batch), "--stats", str(stats))
+
+    assert result.code == 0, result.err
+    connections = {
+        b["digest"]: b["connections"]
+        for image in json.loads(stats.read_text())["images"]
+        for b in image["blobs"]
+    }
+    assert DEFAULT_CONNECTIONS < connections[big.digest] <= 20
+    assert 0 < connections[small.digest] <= 6

@@ -68,6 +68,10 @@ def test_insecure_sources_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         '{"max-connections": 0}',
         '{"max-connections": 257}',
         '{"connections": true}',
+        '{"registry-max-connections": [8]}',
+        '{"registry-max-connections": {"ghcr.io": 0}}',
+        '{"registry-max-connections": {"ghcr.io": "8"}}',
+        '{"registry-max-connections": {"not a host": 8}}',
     ],
 )
 def test_bad_config_files_are_reported(tmp_path: Path, content: str) -> None:
@@ -82,6 +86,22 @@ def test_connections_adapt_unless_pinned(tmp_path: Path) -> None:
     assert (Settings.load().connections, Settings.load().max_connections) == (8, 128)
     pinned = Settings.load(connections=3, max_connections=4)
     assert (pinned.connections, pinned.max_connections) == (3, 4)
+
+
+def test_each_registry_can_have_its_own_ceiling(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"max-connections": 32,'
+        ' "registry-max-connections": {"GHCR.io": 128, "index.docker.io": 8, "[::1]:5000": 4}}'
+    )
+    settings = Settings.load()
+
+    # Engines see endpoint hosts: Docker Hub's names its API host, under any spelling.
+    assert settings.ceiling_for("ghcr.io") == 128
+    assert settings.ceiling_for("registry-1.docker.io") == 8
+    assert settings.ceiling_for("[::1]:5000") == 4
+    assert settings.ceiling_for("quay.io") == 32
+    # --connections pins every registry.
+    assert Settings.load(connections=3).ceiling_for("ghcr.io") == 3
 
 
 def test_missing_ca_file_is_a_usage_error(tmp_path: Path) -> None:
