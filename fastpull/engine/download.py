@@ -5,9 +5,10 @@ Callers hand :meth:`Downloader.fetch` descriptors and a :class:`BlobSource` and 
 blobs committed to the store. Inside, the parent process plans (``scheduler``), resolves
 URLs and credentials (``routing``), hashes (``verify``, ``commit``) and reports progress;
 workers (``worker``, started by ``pool``) only move bytes from sockets into the ingest files.
-What can block on the disk (writeback advice, journal syncs, the fsync and rename that
-publish a blob) runs on a background thread (``diskqueue``), so the loop that feeds the
-workers (``job``) never waits for the device.
+What can block on the disk runs on background threads, so the loop that feeds the workers
+(``job``) never waits for the device: writeback advice and journal syncs on one
+(``diskqueue``), the fsync and rename that publish a blob on a few (so that the fsyncs of
+blobs finishing together overlap).
 
 Every finished range goes into the ingest's resume journal with the checksum its worker
 computed (``resume``); on any stop (Ctrl-C, an error) the transfers in flight are cancelled

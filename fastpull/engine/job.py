@@ -483,7 +483,7 @@ class Job:
         if commit.judge(blob) is Verdict.REFETCH:
             self.sched.replan(index, blob.digest_attempts)
             return
-        # The fsync and rename go to the disk thread: the loop keeps feeding the workers.
+        # The fsync and rename run on another thread: the loop keeps feeding the workers.
         blob.stage = Stage.COMMITTING
         blob.commit = self._publish(
             functools.partial(commit.publish, blob, blob.verifier.hexdigest())
