@@ -216,7 +216,7 @@ def tool_env(scratch: Path) -> dict[str, str]:
     fastpull runs from byte code compiled once here, into ``scratch`` (the checkout under test
     is not written to), as it does when installed with pip: with ``PYTHONDONTWRITEBYTECODE``
     set and no ``__pycache__`` in a checkout, every run would compile its modules from source
-    again, about 60 ms that no installed copy pays.
+    again: about 330 million instructions (60-90 ms) per pull here, which no installed copy pays.
     """
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["FASTPULL_CONFIG"] = str(scratch / "no-fastpull-config.json")

@@ -79,8 +79,8 @@ code = main(sys.argv[1:])
 print(" ".join(sorted(m for m in sys.modules if m.startswith("fastpull"))), file=sys.stderr)
 sys.exit(code)
 """
-# What a single pull (or ``version``) has no use for: other commands' code, batches over a
-# cluster, archives, pushing, store maintenance.
+# What a single pull has no use for: other commands' code, batches over a cluster, archives,
+# pushing, store maintenance.
 _NOT_FOR_A_PULL = (
     "fastpull.cli.archive",
     "fastpull.cli.mirror",
