@@ -28,6 +28,8 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future
+from concurrent.futures import wait as wait_for
 from urllib.parse import urlsplit
 
 from fastpull import cancel, events
@@ -98,11 +100,18 @@ class Job:
         pool: WorkerPool,
         disk: DiskQueue,
         on_failure: FailureListener | None = None,
+        publisher: Executor | None = None,
     ) -> None:
         self.config = config
         self.emit = config.emit
         self.clock = config.clock
         self.disk = disk
+        # Where verified blobs are published (fsync, rename): ``publisher`` runs several at
+        # once, so their fsyncs overlap instead of queueing behind each other on the disk
+        # thread; without one they take their turn there.
+        self._publish: Callable[[Callable[[], None]], Future[None]] = (
+            publisher.submit if publisher is not None else disk.run
+        )
         self._sync_at = self.clock() + SYNC_INTERVAL
         self.on_failure = on_failure
         self.blobs = blobs
@@ -134,7 +143,7 @@ class Job:
         try:
             while not all(b.finished for b in self.blobs):
                 cancel.check()
-                for report in self.pool.receive(self._wait(self.clock())):
+                for report in self._reports(self._wait(self.clock())):
                     index = None if isinstance(report, Progress) else self._blob_of(report)
                     self._guarded(index, self._handle, report)
                 # Refill freed connections before hashing, which may take milliseconds.
@@ -155,6 +164,19 @@ class Job:
             self._drain()
             raise
         return self.results
+
+    def _reports(self, timeout: float) -> list[Report]:
+        """What the workers report within ``timeout`` seconds. With no transfer in flight
+        there is nothing to hear from them: the wait ends as soon as a commit does (or the
+        backoff that ``timeout`` is), instead of polling for it."""
+        if self.flights or timeout <= 0:
+            return self.pool.receive(timeout)
+        commits = [b.commit for b in self.blobs if b.stage is Stage.COMMITTING and b.commit]
+        if commits:
+            wait_for(commits, timeout, return_when=FIRST_COMPLETED)
+        else:
+            cancel.pause(timeout)
+        return []
 
     def _blob_of(self, report: Accepted | Finished | Shrunk) -> int | None:
         flight = self.flights.get(report.chunk_id)
@@ -461,9 +483,9 @@ class Job:
         if commit.judge(blob) is Verdict.REFETCH:
             self.sched.replan(index, blob.digest_attempts)
             return
-        # The fsync and rename go to the disk thread: the loop keeps feeding the workers.
+        # The fsync and rename run on another thread: the loop keeps feeding the workers.
         blob.stage = Stage.COMMITTING
-        blob.commit = self.disk.run(
+        blob.commit = self._publish(
             functools.partial(commit.publish, blob, blob.verifier.hexdigest())
         )
 
