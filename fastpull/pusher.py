@@ -37,7 +37,15 @@ from fastpull.registry.manifest import (
 )
 from fastpull.registry.settings import Settings
 from fastpull.registry.transport import Transport
-from fastpull.registry.upload import EXISTS, MOUNTED, BlobFile, BlobResult, PushAuth, Uploader
+from fastpull.registry.upload import (
+    EXISTS,
+    MOUNTED,
+    BlobFile,
+    BlobResult,
+    GrowingBlob,
+    PushAuth,
+    Uploader,
+)
 from fastpull.store.layout import (
     CONTAINERD_NAME_ANNOTATION,
     REF_NAME_ANNOTATION,
@@ -347,8 +355,15 @@ class Pusher:
         """Start uploading ``blobs`` to ``dest``'s repository; layers are reported."""
         return {b.digest: self.upload_blob(dest, b, b.digest in layers) for b in blobs}
 
-    def upload_blob(self, dest: Reference, blob: Descriptor, layer: bool) -> Future[BlobResult]:
-        """Start uploading one blob (from the store) to ``dest``'s repository."""
+    def upload_blob(
+        self,
+        dest: Reference,
+        blob: Descriptor,
+        layer: bool,
+        growing: GrowingBlob | None = None,
+    ) -> Future[BlobResult]:
+        """Start uploading one blob (from the store) to ``dest``'s repository; with
+        ``growing``, from its download as the bytes become final, before it is stored."""
         self.auth(dest.registry)
         with self._lock:
             self._unfinished += 1
@@ -357,7 +372,9 @@ class Pusher:
             self.emit(events.LayerEvent(blob.digest, events.PREPARING))
             if queued:  # as docker says of a layer waiting for an upload slot
                 self.emit(events.LayerEvent(blob.digest, events.WAITING))
-        future = self._pool.submit(self._push_blob, dest.registry, dest.repository, blob, layer)
+        future = self._pool.submit(
+            self._push_blob, dest.registry, dest.repository, blob, layer, growing
+        )
         future.add_done_callback(self._finished)
         return future
 
@@ -366,7 +383,12 @@ class Pusher:
             self._unfinished -= 1
 
     def _push_blob(
-        self, registry: str, repository: str, blob: Descriptor, layer: bool
+        self,
+        registry: str,
+        repository: str,
+        blob: Descriptor,
+        layer: bool,
+        growing: GrowingBlob | None,
     ) -> BlobResult:
         holders = self._holders[registry]
         digest = blob.digest
@@ -382,7 +404,7 @@ class Pusher:
                 progress = _Progress(self, blob) if layer else None
                 result = self._uploader(registry).upload(
                     repository,
-                    BlobFile(blob, self.store.blob_path(digest)),
+                    BlobFile(blob, self.store.blob_path(digest), growing),
                     mount_from=holders.sources(digest, repository),
                     progress=progress,
                 )
