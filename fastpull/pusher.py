@@ -204,6 +204,11 @@ class BlobHolders:
         with self._lock:
             return repository in self._known.get(digest, ())
 
+    def held_elsewhere(self, digest: Digest, repository: str) -> bool:
+        """Whether another repository is known (not guessed) to hold the blob."""
+        with self._lock:
+            return any(r != repository for r in self._known.get(digest, ()))
+
     def sources(self, digest: Digest, repository: str) -> list[str]:
         """Repositories to mount from, known ones first."""
         with self._lock:
@@ -407,6 +412,7 @@ class Pusher:
                     BlobFile(blob, self.store.blob_path(digest), growing),
                     mount_from=holders.sources(digest, repository),
                     progress=progress,
+                    probe=not holders.held_elsewhere(digest, repository),
                 )
             holders.add(digest, repository)
         finally:

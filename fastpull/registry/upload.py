@@ -493,11 +493,16 @@ class Uploader:
         *,
         mount_from: Sequence[str] = (),
         progress: Progress | None = None,
+        probe: bool = True,
     ) -> BlobResult:
         """Make ``repository`` hold the blob: skip it if there, mount it from the first of
         ``mount_from`` that works, else upload it. Retried with backoff; raises the last
-        error when the attempts run out or the error will not change (denied, invalid)."""
-        state = _UploadState(blob)
+        error when the attempts run out or the error will not change (denied, invalid).
+
+        ``probe=False`` skips the first ``HEAD`` when ``mount_from`` starts with a
+        repository known to hold the blob: the mount answers 201 whether or not
+        ``repository`` has it already, so the ``HEAD`` would only cost a round trip."""
+        state = _UploadState(blob, skip_head=not probe)
 
         def counted(size: int) -> None:
             # Every byte read for the registry counts, also those of attempts that failed.
@@ -531,8 +536,9 @@ class Uploader:
         progress: Progress | None,
     ) -> BlobResult:
         if state.location is None:
-            if self._exists(repository, blob.descriptor):
+            if not state.skip_head and self._exists(repository, blob.descriptor):
                 return BlobResult(blob.digest, blob.size, EXISTS)
+            state.skip_head = False  # a later attempt asks again
             source = next((s for s in mount_from if s != repository), None)
             location = self._start(repository, blob.digest, source)
             if location is None:
@@ -672,6 +678,8 @@ class _UploadState:
     location: str | None = None
     offset: int = 0
     sent: int = 0
+    # Whether the next attempt skips the HEAD (see Uploader.upload's ``probe``).
+    skip_head: bool = False
 
     def begin(self, location: str) -> None:
         self.location, self.offset = location, 0

@@ -370,6 +370,9 @@ def test_batch_copy_fails_the_missing_image_alone_and_mounts_what_images_share(
     logged = dest_registry.requests(mark)
     assert _put_digests(logged).count(base.digest) == 1
     assert document["summary"]["blobs_mounted"] == 1
+    # Mounted from a repository this run put it in: straight away, without a HEAD first.
+    heads = [r.path for r in logged if r.method == "HEAD" and r.path.endswith(base.digest)]
+    assert len(heads) == 1, heads
     unique = {b.digest: len(b.data) for i in (first, second) for b in i.referenced_blobs()}
     assert document["summary"]["bytes_uploaded"] == sum(unique.values())
 
