@@ -3,8 +3,11 @@
 One image (:meth:`Copier.copy`): its manifests are read, the blobs the store lacks are
 downloaded by the engine, and each blob is handed to the uploads as soon as the engine
 reports it verified and committed (or at once when the store already has it), so uploads
-run while the rest is still downloading. The image is then stored as a pull stores it, and
-its manifests are pushed once all its blobs are at the destination.
+run while the rest is still downloading. A large blob does not wait for its download to
+end: its upload streams what the engine has hashed so far (``events.BlobHashed``), so a
+copy takes about as long as the slower of the download and the upload, not their sum.
+The image is then stored as a pull stores it, and its manifests are pushed once all its
+blobs are at the destination.
 
 A batch (:func:`copy_batch`) is a batch pull (``bulk.pull_batch``: one engine run for the
 union of the blobs, failures kept to their image) whose blobs are uploaded the same way, to
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpull import cancel, events
-from fastpull.batchfile import BatchEntry
+from fastpull.batchfile import BatchEntry, check_all_tags, command_line_entry
 from fastpull.bulk import ImageOutcome, pull_batch
 from fastpull.errors import FastpullError, Interrupted, NoSuchImage, UsageError
 from fastpull.puller import ImagePlan, Puller, RepositoryBlobs
@@ -78,6 +81,15 @@ def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> R
     if to is None:
         raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
     return destination(source, to)
+
+
+def all_tags_entry(source: str, dest: str) -> BatchEntry:
+    """``copy --all-tags SOURCE DEST``: every tag of the repository SOURCE, each to the
+    same tag in the repository DEST, as one batch entry; UsageError if either names a tag."""
+    entry = command_line_entry(source, all_tags=True)
+    target = Reference.parse(dest)
+    check_all_tags(dest, target)
+    return replace(entry, to=target.name)
 
 
 def _names_tag(text: str) -> bool:
@@ -558,6 +570,7 @@ __all__ = [
     "CopyBatchResult",
     "CopyOutcome",
     "StreamedUploads",
+    "all_tags_entry",
     "checked_prefix",
     "copy_batch",
     "destination",

@@ -9,8 +9,9 @@
 3. Per destination registry, :class:`BlobHolders` remembers which repository holds which
    blob: seen there by ``HEAD``, uploaded or mounted in this run, or guessed from the
    store's images named on that registry. A blob another repository holds is mounted, not
-   uploaded, and two images needing one blob never upload it twice at once: the second
-   waits for the first, then mounts it.
+   uploaded (at once, without a ``HEAD``, when this run saw it there), and two images
+   needing one blob never upload it twice at once: the second waits for the first, then
+   mounts it.
 4. Manifests go after all their blobs: platform manifests by digest, then the top one by
    tag (or by digest when there is no tag).
 """

@@ -11,6 +11,11 @@ docker-registry 2.8.2"):
 - An upload is ``POST`` then one streaming ``PUT <Location>&digest=`` read from the file.
   With ``chunk_size`` set, a larger blob goes as ``PATCH`` chunks strictly in order, each
   to the ``Location`` of the latest answer, then an empty ``PUT``.
+- A blob still downloading (:class:`GrowingBlob`) is read as its bytes become final: the
+  body waits for the download, never holding more than one piece. Its last byte is final
+  only once the download's digest matched, and the registry checks ``digest=`` besides;
+  when the download starts again from byte 0 the request is aborted and the blob is
+  uploaded again through a new session.
 - After a failure mid-upload the registry is asked where the upload stands (``GET`` on the
   latest ``Location``). Only when it confirms every byte acknowledged so far (``Range:
   0-N``, N+1 = our offset > 0) does the upload continue from there; otherwise (2.8.2 kills

@@ -444,6 +444,24 @@ def test_copy_no_keep_removes_what_it_added_and_keeps_what_was_there(
     assert _raw_manifest(dest_registry, repo, "dropped") == dropped.manifest_bytes
 
 
+def test_copy_all_tags_copies_every_tag_of_the_repository(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    images = {tag: make_image([make_layer(700, seed=850 + i)]) for i, tag in enumerate("ab")}
+    for tag, image in images.items():
+        registry.pusher.push_image(repo, tag, image)
+    target = f"{dest_registry.host}/{repo}/copy"
+
+    result = cli("copy", "--all-tags", f"{registry.host}/{repo}", target)
+
+    assert result.code == 0, result.err
+    for tag, image in images.items():
+        assert _raw_manifest(dest_registry, f"{repo}/copy", tag) == image.manifest_bytes
+    refused = cli("copy", "--all-tags", f"{registry.host}/{repo}:a", target)
+    assert refused.code == 2
+    assert "tag can't be used with --all-tags" in one_line(refused.err)
+
+
 def _entries() -> list[dict[str, Any]]:
     return json.loads((env_store() / "index.json").read_text())["manifests"]
 
