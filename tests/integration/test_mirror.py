@@ -831,6 +831,18 @@ def _layer_states(out: str, digest: str) -> list[str]:
     return found
 
 
+def _assert_arrived(
+    dest_registry: RegistryServer, repo: str, layer: Layer, image: Image, puts: Any = None
+) -> None:
+    """The layer and the image read back at the destination as they were; with ``puts``
+    (the layer's PUTs through a proxy), in two of them: one broken off, one accepted."""
+    if puts is not None:
+        assert [p.status for p in puts][-1] == 201
+        assert len(puts) == 2, [(p.status, p.body_received) for p in puts]
+    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+
+
 def _blob_puts(proxy: Any, repo: str, digest: str) -> list[Any]:
     """The upload PUTs for ``digest`` the destination proxy received (started or not)."""
     return [
@@ -852,46 +864,34 @@ def test_a_large_blob_uploads_while_it_downloads(
     states = _layer_states(result.out, layer.digest)
     assert states.index("Pushing") < states.index("Download complete"), states
     assert _put_digests(dest_registry.requests(mark)).count(layer.digest) == 1
-    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
-    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+    _assert_arrived(dest_registry, repo, layer, image)
 
 
-def test_a_stream_cut_at_the_destination_is_sent_again(
-    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, proxies: Any, streaming: None
+@pytest.mark.parametrize("fault", ["cut at the destination", "download restarted"])
+def test_a_stream_broken_off_is_sent_again_whole(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    streaming: None,
+    fault: str,
 ) -> None:
     source, layer, image = _stalled_source(registry, proxies, repo, seed=811)
-    # The config is there already, so the only upload is the layer's: its first PUT breaks.
+    # The config is there already, so the only upload is the layer's.
     dest_registry.pusher.push_blob(repo, image.config)
     dest = proxies(dest_registry)
-    dest.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=500_000), method="PUT")
+    if fault == "cut at the destination":
+        dest.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=500_000), method="PUT")
+    else:
+        # The layer's next answer carries a wrong byte: the digest does not match, and the
+        # engine fetches the whole blob again (from byte 0) after streaming had begun.
+        source.on(blob_path(repo, layer.digest), Flip(offset=100_000), first=2)
 
     result = cli("copy", f"{source.host}/{repo}:1", f"{dest.host}/{repo}:1")
 
     assert result.code == 0, result.err
-    puts = _blob_puts(dest, repo, layer.digest)
-    assert [p.status for p in puts][-1] == 201
-    assert len(puts) == 2
-    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
-    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
-
-
-def test_a_download_that_starts_again_starts_its_stream_again(
-    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, proxies: Any, streaming: None
-) -> None:
-    source, layer, image = _stalled_source(registry, proxies, repo, seed=821)
-    # The next answer for the layer carries a wrong byte: the digest does not match, and the
-    # engine fetches the whole blob again (from byte 0) after streaming had begun.
-    source.on(blob_path(repo, layer.digest), Flip(offset=100_000), first=2)
-    dest = proxies(dest_registry)
-
-    result = cli("copy", f"{source.host}/{repo}:1", f"{dest.host}/{repo}:1")
-
-    assert result.code == 0, result.err
-    puts = _blob_puts(dest, repo, layer.digest)
-    assert len(puts) == 2, [(p.status, p.body_received) for p in puts]
-    assert [p.status for p in puts][-1] == 201
-    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
-    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+    _assert_arrived(dest_registry, repo, layer, image, puts=_blob_puts(dest, repo, layer.digest))
 
 
 def test_a_corrupt_source_blob_never_becomes_a_blob_at_the_destination(
@@ -969,6 +969,5 @@ def test_ctrl_c_while_a_blob_streams_leaves_the_store_consistent_and_the_next_co
     again = cli("copy", f"{source.host}/{repo}:1", f"{dest_registry.host}/{repo}:1")
 
     assert again.code == 0, again.err
-    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
-    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+    _assert_arrived(dest_registry, repo, layer, image)
     assert_store_consistent(env_store())
