@@ -180,6 +180,8 @@ class GrowingBlob:
         """The first ``final`` bytes of ``path`` are final now (fewer than before: the
         download restarted, and what was read of the earlier bytes may be wrong)."""
         with self._cond:
+            if self.complete:
+                return
             if final < self._final:
                 self._generation += 1
             self._path, self._final = path, final
@@ -199,8 +201,8 @@ class GrowingBlob:
             self._cond.notify_all()
 
     def current(self) -> tuple[int, Path]:
-        """The generation to read and the file holding it (until the engine commits it:
-        then it is at ``stored_path``, even before :meth:`stored` is called)."""
+        """The generation to read and the file holding it; once the engine commits the
+        blob, the file is at ``stored_path``, a little before :meth:`stored` says so."""
         with self._cond:
             return self._generation, self._path
 
