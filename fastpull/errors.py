@@ -35,7 +35,7 @@ The tree::
 message declare it as keyword-only fields: :class:`RegistryError` (``host``, the HTTP
 ``status``, ``retry_after``, and ``diagnostics``: the registry's codes and messages as
 :class:`Diagnostic` values, from the distribution spec's error body),
-:class:`ResponseTooLarge` (``limit``), :class:`DigestMismatch` (``expected``, ``actual``,
+:class:`ConnectionFailed` (``refused``), :class:`ResponseTooLarge` (``limit``), :class:`DigestMismatch` (``expected``, ``actual``,
 ``expected_size``, ``actual_size``), :class:`StoreError` (``store``, ``errno``),
 :class:`OutputFailed` (``errno``), and :class:`BatchFailed` and :class:`Interrupted` (their
 own ``exit_code``). Every error pickles (worker processes send them to the parent), keeping
@@ -162,9 +162,17 @@ class RegistryError(FastpullError):
 
 
 class ConnectionFailed(RegistryError):
-    """The host could not be reached or the connection broke."""
+    """The host could not be reached or the connection broke.
+
+    ``refused``: the server turned the connection away (refused it, or closed it without
+    an answer), which the engine takes as push-back, as it takes a 503.
+    """
 
     retryable = True
+
+    def __init__(self, message: str, *, refused: bool = False, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.refused = refused
 
 
 class TLSFailure(RegistryError):

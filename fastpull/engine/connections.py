@@ -5,8 +5,10 @@ so the link wants as many connections as it takes to fill it; on loopback or a f
 the CPU is the limit long before that. The controller starts at ``start`` and, each time a
 window of :data:`WINDOW` seconds ran with every allowed transfer busy (the first such window
 is the warm-up and only starts the count), doubles the limit if the last doubling raised the
-total rate by at least :data:`GAIN`; a doubling that did not is taken back and growth stops
-for the run. A server that pushes back (429, 503) halves
+total rate by at least :data:`GAIN`; a doubling that did not is taken back and growth pauses,
+for :data:`PROBE_AFTER` seconds at first and twice as long after each probe that gains
+nothing again (up to :data:`PROBE_MAX`): links change, and one unlucky window must not
+cost a whole run its connections. A server that pushes back (429, 503) halves
 the limit and holds it there for :data:`HOLD` seconds. The limit stays within ``floor`` and
 ``ceiling``; a pinned controller (``--connections N``) never moves.
 
@@ -21,12 +23,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 # A window long enough for new connections to get going, short enough to reach 64 from 16
-# within about a second and a half.
-WINDOW = 0.5
+# within about three quarters of a second. Its rate is only as exact as the workers' reports
+# are frequent (engine/worker.py's PROGRESS_INTERVAL, 0.025 s): at 0.1 s a 0.25 s window is
+# off by up to 40%, enough to mistake noise for a gain.
+WINDOW = 0.25
 # What a doubling must add to the total rate to be kept.
 GAIN = 1.2
 # After a push-back, how long the limit is held before growing may start again.
 HOLD = 10.0
+# After a doubling that did not pay, how long before trying again (doubling each time it
+# does not pay again, up to PROBE_MAX).
+PROBE_AFTER = 2.0
+PROBE_MAX = 32.0
 # Share of a window's samples that must have every allowed transfer busy to judge it.
 _SATURATED = 0.8
 
@@ -46,7 +54,9 @@ class ConnectionController:
     _busy_samples: int = field(default=0, init=False)
     # The rate before the last doubling, while its effect is being judged.
     _before: float | None = field(default=None, init=False)
-    _growing: bool = field(default=True, init=False)
+    # Growth pauses until then after a doubling that did not pay (see PROBE_AFTER).
+    _probe_at: float = field(default=0.0, init=False)
+    _probe_pause: float = field(default=PROBE_AFTER, init=False)
     _hold_until: float = field(default=0.0, init=False)
     # The first busy window is the connections' warm-up: its rate says nothing yet.
     _warm: bool = field(default=False, init=False)
@@ -74,18 +84,20 @@ class ConnectionController:
         self._samples = self._busy_samples = 0
         if saturated and now >= self._hold_until:
             if self._warm:
-                self._judge(rate)
+                self._judge(now, rate)
             self._warm = True
 
-    def _judge(self, rate: float) -> None:
+    def _judge(self, now: float, rate: float) -> None:
         if self._before is not None:
             gained = rate >= self._before * GAIN
             self._before = None
             if not gained:
                 self.limit = max(self.floor, self.limit // 2)
-                self._growing = False
+                self._probe_at = now + self._probe_pause
+                self._probe_pause = min(PROBE_MAX, self._probe_pause * 2)
                 return
-        if self._growing and self.limit < self.ceiling:
+            self._probe_pause = PROBE_AFTER
+        if now >= self._probe_at and self.limit < self.ceiling:
             self._before = rate
             self.limit = min(self.ceiling, self.limit * 2)
 
@@ -95,7 +107,8 @@ class ConnectionController:
             return
         self.limit = max(self.floor, self.limit // 2)
         self._before = None
-        self._growing = True
+        self._probe_at = 0.0
+        self._probe_pause = PROBE_AFTER
         self._hold_until = now + HOLD
         self._warm = False
         self._window_start, self._window_bytes = None, 0
@@ -135,4 +148,12 @@ class HostConnections:
             controller.observe(now, received.get(host, 0), active.get(host, 0))
 
 
-__all__ = ["GAIN", "HOLD", "WINDOW", "ConnectionController", "HostConnections"]
+__all__ = [
+    "GAIN",
+    "HOLD",
+    "PROBE_AFTER",
+    "PROBE_MAX",
+    "WINDOW",
+    "ConnectionController",
+    "HostConnections",
+]

@@ -40,7 +40,6 @@ from fastpull.engine.resume import Validator, judge_etag, written
 from fastpull.engine.routing import Backoff, Reauthorize, Refuse, Resend, judge
 from fastpull.engine.scheduler import Chunk, Outcome, Policy, Scheduler
 from fastpull.engine.worker import (
-    PROGRESS_INTERVAL,
     Accepted,
     Answered,
     Cancel,
@@ -56,7 +55,13 @@ from fastpull.engine.worker import (
     Shrink,
     Shrunk,
 )
-from fastpull.errors import FastpullError, Interrupted, ProtocolError, StoreError
+from fastpull.errors import (
+    ConnectionFailed,
+    FastpullError,
+    Interrupted,
+    ProtocolError,
+    StoreError,
+)
 from fastpull.registry.responses import origin
 from fastpull.registry.transport import Response
 from fastpull.store.diskqueue import DiskQueue
@@ -68,6 +73,8 @@ DRAIN_SECONDS = 0.5
 # record either way, the page cache outlives it; only a power cut can lose the newest,
 # which costs a refetch of their ranges, never a wrong byte.
 SYNC_INTERVAL = 0.5
+# How often a blob's progress is told to listeners (the bars), at most.
+EVENT_INTERVAL = 0.1
 # How often the loop looks for finished commits while nothing else can wake it.
 _COMMIT_POLL = 0.005
 
@@ -341,7 +348,7 @@ class Job:
             blob.route = blob.route.data_from(flight.url)
             self.sched.progress(chunk_id, position)
             now = self.clock()
-            if now - blob.reported >= PROGRESS_INTERVAL:
+            if now - blob.reported >= EVENT_INTERVAL:
                 blob.reported = now
                 received = self.sched.received(flight.blob)
                 self.emit(events.LayerEvent(blob.digest, events.DOWNLOADING, received, blob.size))
@@ -376,6 +383,8 @@ class Job:
             case Failed(error=error):
                 if not error.retryable:
                     raise error
+                if isinstance(error, ConnectionFailed) and error.refused:
+                    self.connections[self.hosts[index]].pushed_back(self.clock())
                 self._retry(index, chunk_id, report.position, None, error)
             case _:
                 raise TypeError(f"not a worker outcome: {report!r}")

@@ -38,8 +38,10 @@ from fastpull.store.journal import new_checksum
 # `python -m benchmarks.bench_pull --images big --tools fastpull`).
 _BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
-# How often a transfer's progress is reported, and so how often the parent re-renders it.
-PROGRESS_INTERVAL = 0.1
+# How often transfers' progress is reported: the connection controller measures rates from
+# these reports, so they must come often enough for a quarter-second window to be exact
+# (see engine/connections.py).
+PROGRESS_INTERVAL = 0.025
 
 
 # -- commands (parent → worker) ------------------------------------------------------------

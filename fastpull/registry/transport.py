@@ -193,7 +193,13 @@ def curl_error(code: int, message: str, url: str) -> FastpullError:
     if code in _RESOLVE_CODES:
         return ConnectionFailed(f"cannot reach registry {host}: could not resolve host", host=host)
     if code == 7:
-        return ConnectionFailed(f"cannot reach registry {host}: connection refused", host=host)
+        return ConnectionFailed(
+            f"cannot reach registry {host}: connection refused", host=host, refused=True
+        )
+    if code == 52:
+        return ConnectionFailed(
+            f"connection to {host} failed: closed without an answer", host=host, refused=True
+        )
     if code == 28:
         return ConnectionFailed(f"cannot reach registry {host}: timed out ({message})", host=host)
     if code in _TLS_CODES:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpull.engine.connections import HOLD, WINDOW, ConnectionController, HostConnections
+from fastpull.engine.connections import (
+    HOLD,
+    PROBE_AFTER,
+    PROBE_MAX,
+    WINDOW,
+    ConnectionController,
+    HostConnections,
+)
+from fastpull.engine.worker import PROGRESS_INTERVAL
 
 TICK = 0.05
 MB = 1_000_000
@@ -58,6 +68,75 @@ def test_without_a_per_connection_cap_it_keeps_the_start() -> None:
     _run(controller, Link(1000 * MB, 600 * MB), 5.0)
 
     assert controller.limit == 16
+
+
+def test_a_doubling_that_did_not_pay_is_tried_again_later_and_less_often() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    cpu_bound = Link(1000 * MB, 600 * MB)
+    limits: list[tuple[float, int]] = []
+    now = 0.0
+    while now < 3 * PROBE_AFTER + 2 * PROBE_MAX:
+        now = _run(controller, cpu_bound, TICK, start=now)
+        limits.append((now, controller.limit))
+
+    probes = [t for (_, before), (t, limit) in itertools.pairwise(limits) if limit > before]
+    # The first doubling after the warm-up, then probes further and further apart.
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert len(probes) >= 4
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps))
+    assert max(gaps) <= PROBE_MAX + 2 * WINDOW + TICK
+    # Each probe lasts one window: the run stays at its start almost all the time.
+    assert sum(limit == 16 for _, limit in limits) >= 0.9 * len(limits)
+
+
+def test_a_link_that_opens_up_later_gets_its_connections() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    # Shared with other traffic at first (more connections add nothing), then free.
+    now = _run(controller, Link(8 * MB, 130 * MB), PROBE_AFTER + WINDOW)
+    assert controller.limit == 16
+
+    _run(controller, Link(8 * MB, 1000 * MB), PROBE_MAX + 2.0, start=now)
+    assert controller.limit == 64
+
+
+def _lumpy_run(link: Link, seed: int, seconds: float, workers: int = 2) -> list[int]:
+    """The controller fed as the engine feeds it: each worker's bytes arrive in one report
+    per PROGRESS_INTERVAL (at its own phase, a little late or early), the rate itself
+    wobbling by ±15%; returns the limit at every step."""
+    rng = random.Random(seed)
+    controller = ConnectionController(start=16, ceiling=64)
+    step = PROGRESS_INTERVAL / 5
+    next_report = [rng.random() * PROGRESS_INTERVAL for _ in range(workers)]
+    pending = [0.0] * workers
+    limits, now = [], 0.0
+    while now < seconds:
+        now += step
+        rate = link.rate(controller.limit) * rng.uniform(0.85, 1.15)
+        arrived = 0
+        for w in range(workers):
+            pending[w] += rate / workers * step
+            if now >= next_report[w]:
+                arrived += int(pending[w])
+                pending[w] = 0.0
+                next_report[w] += PROGRESS_INTERVAL * rng.uniform(0.9, 1.1)
+        controller.observe(now, arrived, controller.limit)
+        limits.append(controller.limit)
+    return limits
+
+
+def test_lumpy_reports_are_not_mistaken_for_gains() -> None:
+    # Loopback: more connections add nothing. Over many runs, a window's rate is exact
+    # enough that no run doubles on noise before the first probe is due.
+    early = int((WINDOW * 2 + PROBE_AFTER) / (PROGRESS_INTERVAL / 5))
+    for seed in range(40):
+        limits = _lumpy_run(Link(1000 * MB, 600 * MB), seed, 3 * WINDOW + PROBE_AFTER)
+        assert max(limits[int(3 * WINDOW / (PROGRESS_INTERVAL / 5)) : early]) == 16, seed
+
+
+def test_lumpy_reports_still_reach_the_ceiling_within_four_windows() -> None:
+    for seed in range(40):
+        limits = _lumpy_run(Link(8 * MB, 1000 * MB), seed, 4 * WINDOW + 0.05)
+        assert limits[-1] == 64, seed
 
 
 def test_the_first_busy_window_is_warm_up_and_judges_nothing() -> None:

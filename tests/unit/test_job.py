@@ -181,6 +181,22 @@ def test_a_failure_that_made_progress_resumes_at_once(setup: Setup) -> None:
     assert setup.blob.ingest.resumed == (Extent(first.start, first.start + MIB, "00" * 16),)
 
 
+def test_a_refused_connection_is_push_back_and_a_reset_is_not(setup: Setup) -> None:
+    job, pool, clock = setup.job, setup.pool, setup.clock
+    controller = job.connections["r.example"]
+    controller.limit = 8
+    job._dispatch(clock.now)
+    first, second = pool.fetches()
+
+    job._handle(_reset(first))
+    assert controller.limit == 8
+    refused = ConnectionFailed("cannot reach registry r.example: refused", refused=True)
+    job._handle(Failed(second.chunk_id, second.start, refused))
+    assert controller.limit == 4
+    # Like a 503, it is retried all the same.
+    assert job.sched.next_ready_time() is not None
+
+
 def test_range_ignored_waits_for_the_other_transfers_then_streams_once(setup: Setup) -> None:
     job, pool, clock = setup.job, setup.pool, setup.clock
     job._dispatch(clock.now)

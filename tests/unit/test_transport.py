@@ -127,6 +127,16 @@ def test_curl_errors_map_to_user_actionable_errors() -> None:
     assert isinstance(curl_error(60, "self signed", "https://h/"), TLSFailure)
 
 
+@pytest.mark.parametrize(
+    ("code", "refused"),
+    [(7, True), (52, True), (56, False), (28, False), (18, False)],
+)
+def test_a_server_turning_connections_away_is_marked_refused(code: int, refused: bool) -> None:
+    error = curl_error(code, "x", "https://h/")
+    assert isinstance(error, ConnectionFailed)
+    assert error.refused is refused
+
+
 def test_redact_url_drops_userinfo_and_query() -> None:
     assert redact_url("https://u:secret@h:5000/v2/x?X-Amz-Signature=abc") == "https://h:5000/v2/x?…"
     assert redact_url("http://[::1]:5000/v2/") == "http://[::1]:5000/v2/"
