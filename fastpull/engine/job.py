@@ -137,6 +137,8 @@ class Job:
         self._open: Counter[str] = Counter()
         self.flights: dict[int, InFlight] = {}
         self.results: list[BlobStats] = []
+        # Per blob, the hashed prefix last told in a BlobHashed event.
+        self._told: dict[int, int] = {}
 
     def run(self) -> list[BlobStats]:
         """Loop until every blob is stored or given up; the stats of those stored."""
@@ -477,17 +479,31 @@ class Job:
     # -- verification and commit ---------------------------------------------------------
 
     def _verify(self, index: int, blob: BlobRun) -> None:
+        self._tell_hashed(index, blob)  # a restart since the last call, before new bytes
         if not commit.hashed(blob, self.sched.hashable(index), self.sched.complete_blob(index)):
+            self._tell_hashed(index, blob)
             return
         self.emit(events.LayerEvent(blob.digest, events.VERIFYING, blob.size, blob.size))
         if commit.judge(blob) is Verdict.REFETCH:
             self.sched.replan(index, blob.digest_attempts)
+            self._tell_hashed(index, blob)
             return
+        self._tell_hashed(index, blob, verified=True)
         # The fsync and rename run on another thread: the loop keeps feeding the workers.
         blob.stage = Stage.COMMITTING
         blob.commit = self._publish(
             functools.partial(commit.publish, blob, blob.verifier.hexdigest())
         )
+
+    def _tell_hashed(self, index: int, blob: BlobRun, *, verified: bool = False) -> None:
+        """Emit BlobHashed when the final prefix of a blob's ingest moved (back to 0 after a
+        restart); its last byte counts only once the digest matched, so a reader of the
+        prefix (an upload streaming it) cannot finish a blob with the wrong content."""
+        position = blob.verifier.position
+        hashed = position if verified else max(0, min(position, blob.size - 1))
+        if hashed != self._told.get(index, 0):
+            self._told[index] = hashed
+            self.emit(events.BlobHashed(blob.digest, str(blob.ingest.path), hashed, blob.size))
 
     def _committed(self, blob: BlobRun) -> None:
         """A commit ended: the blob is in the store, or its error is raised here."""
