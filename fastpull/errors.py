@@ -35,8 +35,9 @@ The tree::
 message declare it as keyword-only fields: :class:`RegistryError` (``host``, the HTTP
 ``status``, ``retry_after``, and ``diagnostics``: the registry's codes and messages as
 :class:`Diagnostic` values, from the distribution spec's error body),
-:class:`ConnectionFailed` (``refused``), :class:`ResponseTooLarge` (``limit``), :class:`DigestMismatch` (``expected``, ``actual``,
-``expected_size``, ``actual_size``), :class:`StoreError` (``store``, ``errno``),
+:class:`ConnectionFailed` (``refused``), :class:`ResponseTooLarge` (``limit``),
+:class:`DigestMismatch` (``expected``, ``actual``, ``expected_size``, ``actual_size``),
+:class:`StoreError` (``store``, ``errno``),
 :class:`OutputFailed` (``errno``), and :class:`BatchFailed` and :class:`Interrupted` (their
 own ``exit_code``). Every error pickles (worker processes send them to the parent), keeping
 its message and fields. Messages never contain credentials: code that builds them passes

@@ -1,6 +1,7 @@
 """What a pull or a push reports while it runs. Plain data, emitted by ``puller``,
 ``download`` and ``pusher`` and rendered by ``progress`` (docker-style lines, terminal bars,
-or ``--json``)."""
+or ``--json``); :class:`BlobHashed` is for programs (``mirror`` streams uploads from it),
+not shown."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ class LayerEvent:
     current: int = 0
     total: int = 0
     message: str = ""
+
+
+@dataclass(frozen=True)
+class BlobHashed:
+    """The engine has hashed the first ``hashed`` bytes of a blob it is downloading into the
+    file ``path``: those bytes are final and may be read (an upload streams them while the
+    rest downloads). A value below the previous one means the blob started again from byte
+    0 and what was read before may change; ``hashed == size`` comes only once the digest
+    matched. Emitted from the engine's loop, as hashing advances."""
+
+    digest: Digest
+    path: str
+    hashed: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +133,7 @@ class BatchFinished:
 Event = (
     PullStarted
     | LayerEvent
+    | BlobHashed
     | PullFinished
     | PushStarted
     | PushFinished

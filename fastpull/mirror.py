@@ -3,8 +3,11 @@
 One image (:meth:`Copier.copy`): its manifests are read, the blobs the store lacks are
 downloaded by the engine, and each blob is handed to the uploads as soon as the engine
 reports it verified and committed (or at once when the store already has it), so uploads
-run while the rest is still downloading. The image is then stored as a pull stores it, and
-its manifests are pushed once all its blobs are at the destination.
+run while the rest is still downloading. A large blob does not wait for its download to
+end: its upload streams what the engine has hashed so far (``events.BlobHashed``), so a
+copy takes about as long as the slower of the download and the upload, not their sum.
+The image is then stored as a pull stores it, and its manifests are pushed once all its
+blobs are at the destination.
 
 A batch (:func:`copy_batch`) is a batch pull (``bulk.pull_batch``: one engine run for the
 union of the blobs, failures kept to their image) whose blobs are uploaded the same way, to
@@ -26,10 +29,11 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from fastpull import cancel, events
-from fastpull.batchfile import BatchEntry
+from fastpull.batchfile import BatchEntry, check_all_tags, command_line_entry
 from fastpull.bulk import ImageOutcome, pull_batch
 from fastpull.errors import FastpullError, Interrupted, NoSuchImage, UsageError
 from fastpull.puller import ImagePlan, Puller, RepositoryBlobs
@@ -37,13 +41,16 @@ from fastpull.pusher import Pusher, PushResult, named_images, plan_push
 from fastpull.reference import Reference
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.settings import Settings
-from fastpull.registry.upload import EXISTS, MOUNTED, PUSHED, BlobResult
+from fastpull.registry.upload import EXISTS, MOUNTED, PUSHED, BlobResult, GrowingBlob
 from fastpull.store.layout import Store, resolve_store_path
 from fastpull.store.maintenance import remove_images
 from fastpull.types import Descriptor, Digest, PlatformSelection
 
 # Images pushed at once in a batch (their blobs share the pusher's upload threads).
 IMAGE_CONCURRENCY = 8
+# Blobs this large upload while they download; smaller ones once stored, where streaming
+# would save little and hold an upload thread while waiting.
+STREAM_MIN = 32 << 20
 
 
 def destination(source: Reference, to: str) -> Reference:
@@ -74,6 +81,15 @@ def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> R
     if to is None:
         raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
     return destination(source, to)
+
+
+def all_tags_entry(source: str, dest: str) -> BatchEntry:
+    """``copy --all-tags SOURCE DEST``: every tag of the repository SOURCE, each to the
+    same tag in the repository DEST, as one batch entry; UsageError if either names a tag."""
+    entry = command_line_entry(source, all_tags=True)
+    target = Reference.parse(dest)
+    check_all_tags(dest, target)
+    return replace(entry, to=target.name)
 
 
 def _names_tag(text: str) -> bool:
@@ -175,13 +191,20 @@ class CopyBatchResult:
 
 class StreamedUploads:
     """Blob uploads started as soon as the store has each blob: for every blob not stored
-    yet, the destinations waiting for it. Safe to use from several threads."""
+    yet, the destinations waiting for it. A large blob (``STREAM_MIN`` bytes or more)
+    starts uploading to its first destination while it downloads, reading what the engine
+    has hashed (``events.BlobHashed``), a few such streams at a time. Safe to use from
+    several threads."""
 
     def __init__(self, pusher: Pusher) -> None:
         self.pusher = pusher
         self._lock = threading.Lock()
         self._waiting: dict[Digest, list[tuple[Reference, Descriptor, bool]]] = {}
         self._started: dict[tuple[str, Digest], Future[BlobResult]] = {}
+        self._growing: dict[Digest, GrowingBlob] = {}
+        # Streams hold an upload thread while they wait for the download: half at most.
+        self._streams = 0
+        self._stream_limit = max(1, pusher.jobs // 2)
 
     def want(self, dest: Reference, blobs: Iterable[Descriptor], layers: frozenset[Digest]) -> None:
         """``dest`` needs ``blobs``: upload those the store has now, the others once it does."""
@@ -198,13 +221,50 @@ class StreamedUploads:
         """The store has ``digest`` now: start its uploads."""
         with self._lock:
             waiting = self._waiting.pop(digest, [])
+            growing = self._growing.pop(digest, None)
+        if growing is not None:
+            growing.stored()
         for dest, blob, layer in waiting:
             self._start(dest, blob, layer)
 
+    def hashed(self, event: events.BlobHashed) -> None:
+        """The engine hashed more of a blob: feed its stream, or begin one to the first
+        destination waiting for it (the others mount it from there once it is stored)."""
+        begin = None
+        with self._lock:
+            growing = self._growing.get(event.digest)
+            if growing is None:
+                waiting = self._waiting.get(event.digest)
+                if (
+                    not waiting
+                    or event.size < STREAM_MIN
+                    or event.hashed == 0
+                    or self._streams >= self._stream_limit
+                ):
+                    return
+                growing = GrowingBlob(
+                    Path(event.path), event.size, self.pusher.store.blob_path(event.digest)
+                )
+                self._growing[event.digest] = growing
+                self._streams += 1
+                begin = waiting.pop(0)
+            growing.grew(Path(event.path), event.hashed)
+        if begin is not None:
+            dest, blob, layer = begin
+            self._start(dest, blob, layer, growing).add_done_callback(self._stream_ended)
+
+    def _stream_ended(self, _future: Future[BlobResult]) -> None:
+        with self._lock:
+            self._streams -= 1
+
     def listener(self, emit: events.Listener) -> events.Listener:
-        """An engine listener: events go to ``emit``; a committed blob starts its uploads."""
+        """An engine listener: events go to ``emit``; a committed blob starts its uploads,
+        and a large blob's hashed prefix streams (BlobHashed is not passed on)."""
 
         def listen(event: events.Event) -> None:
+            if isinstance(event, events.BlobHashed):
+                self.hashed(event)
+                return
             emit(event)
             if isinstance(event, events.LayerEvent) and event.state in _STORED:
                 self.stored(event.digest)
@@ -217,19 +277,30 @@ class StreamedUploads:
         """The uploads of ``blobs`` to ``dest``, starting those not started yet."""
         return {b.digest: self._start(dest, b, b.digest in layers) for b in blobs}
 
+    def settle(self) -> None:
+        """The downloads are over: streams of blobs that were not stored end with an error
+        (their images fail with the download's own error)."""
+        with self._lock:
+            unfinished, self._growing = self._growing, {}
+        for digest, growing in unfinished.items():
+            growing.fail(FastpullError(f"blob {digest} was not downloaded, so not uploaded"))
+
     def cancel(self) -> None:
-        """Drop the uploads that have not begun."""
+        """Drop the uploads that have not begun, and end the streams."""
+        self.settle()
         with self._lock:
             started = list(self._started.values())
         for future in started:
             future.cancel()
 
-    def _start(self, dest: Reference, blob: Descriptor, layer: bool) -> Future[BlobResult]:
+    def _start(
+        self, dest: Reference, blob: Descriptor, layer: bool, growing: GrowingBlob | None = None
+    ) -> Future[BlobResult]:
         key = (dest.name, blob.digest)
         with self._lock:
             future = self._started.get(key)
             if future is None:
-                future = self._started[key] = self.pusher.upload_blob(dest, blob, layer)
+                future = self._started[key] = self.pusher.upload_blob(dest, blob, layer, growing)
             return future
 
 
@@ -322,6 +393,7 @@ class Copier:
         try:
             engine = puller.downloader(uploads.listener(layer_events))
             fetched = engine.fetch(missing, RepositoryBlobs(client, source.repository))
+            uploads.settle()
             puller.commit(plan, fetched.blobs, workers=fetched.workers)
         except BaseException:
             uploads.cancel()
@@ -395,6 +467,7 @@ def copy_batch(
                 on_event=uploads.listener(pull_events),
                 on_resolved=resolved,
             )
+            uploads.settle()
         except BaseException:
             uploads.cancel()
             raise
@@ -497,6 +570,7 @@ __all__ = [
     "CopyBatchResult",
     "CopyOutcome",
     "StreamedUploads",
+    "all_tags_entry",
     "checked_prefix",
     "copy_batch",
     "destination",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import orjson
@@ -373,16 +374,21 @@ class Puller:
                 f"image with reference {what} was found but does not match the specified "
                 f"platform: wanted {want}, actual: {config.platform}"
             )
-        stored = to_oci(manifest)
-        self.store.write_blob(manifest.digest, manifest.raw)
-        source = None
-        if stored is not manifest:
-            self.store.write_blob(stored.digest, stored.raw)
-            source = manifest.digest
+        stored = self._write_manifest(manifest)
+        source = manifest.digest if stored is not manifest else None
         platform = config.platform or (entry.platform if entry else None)
         if platform is None and len(want.platforms) == 1:
             platform = want.platforms[0]
         return Descriptor(stored.media_type, stored.digest, len(stored.raw), platform), source
+
+    def _write_manifest(self, manifest: ImageManifest) -> ImageManifest:
+        """Store a manifest as served and, for Docker's format, its OCI conversion (which
+        it returns; the manifest itself otherwise). Already stored: nothing is written."""
+        stored = to_oci(manifest)
+        self.store.write_blob(manifest.digest, manifest.raw)
+        if stored is not manifest:
+            self.store.write_blob(stored.digest, stored.raw)
+        return stored
 
     def _store_index(
         self, index: ImageIndex, stored: list[Descriptor]
@@ -443,7 +449,14 @@ class Puller:
 
         downloader = self.downloader(layer_events_only)
         source = RepositoryBlobs(self.client(plan.ref.registry), plan.ref.repository)
-        fetched = downloader.fetch(missing, source)
+        with ThreadPoolExecutor(1, thread_name_prefix="fastpull-manifests") as beside:
+            # The manifests are written (and fsynced) while the layers download rather than
+            # after them, where their fsync would delay the end of the pull. Should the pull
+            # fail, they stay unnamed in blobs/, as any blob does until index.json names it.
+            manifests = [beside.submit(self._write_manifest, p.manifest) for p in plan.manifests]
+            fetched = downloader.fetch(missing, source)
+        for written in manifests:
+            written.result()
         return Fetched((*present, *fetched.blobs), fetched.workers)
 
     def downloader(self, on_event: events.Listener) -> Downloader:

@@ -9,8 +9,9 @@
 3. Per destination registry, :class:`BlobHolders` remembers which repository holds which
    blob: seen there by ``HEAD``, uploaded or mounted in this run, or guessed from the
    store's images named on that registry. A blob another repository holds is mounted, not
-   uploaded, and two images needing one blob never upload it twice at once: the second
-   waits for the first, then mounts it.
+   uploaded (at once, without a ``HEAD``, when this run saw it there), and two images
+   needing one blob never upload it twice at once: the second waits for the first, then
+   mounts it.
 4. Manifests go after all their blobs: platform manifests by digest, then the top one by
    tag (or by digest when there is no tag).
 """
@@ -37,7 +38,15 @@ from fastpull.registry.manifest import (
 )
 from fastpull.registry.settings import Settings
 from fastpull.registry.transport import Transport
-from fastpull.registry.upload import EXISTS, MOUNTED, BlobFile, BlobResult, PushAuth, Uploader
+from fastpull.registry.upload import (
+    EXISTS,
+    MOUNTED,
+    BlobFile,
+    BlobResult,
+    GrowingBlob,
+    PushAuth,
+    Uploader,
+)
 from fastpull.store.layout import (
     CONTAINERD_NAME_ANNOTATION,
     REF_NAME_ANNOTATION,
@@ -196,6 +205,11 @@ class BlobHolders:
         with self._lock:
             return repository in self._known.get(digest, ())
 
+    def held_elsewhere(self, digest: Digest, repository: str) -> bool:
+        """Whether another repository is known (not guessed) to hold the blob."""
+        with self._lock:
+            return any(r != repository for r in self._known.get(digest, ()))
+
     def sources(self, digest: Digest, repository: str) -> list[str]:
         """Repositories to mount from, known ones first."""
         with self._lock:
@@ -347,8 +361,15 @@ class Pusher:
         """Start uploading ``blobs`` to ``dest``'s repository; layers are reported."""
         return {b.digest: self.upload_blob(dest, b, b.digest in layers) for b in blobs}
 
-    def upload_blob(self, dest: Reference, blob: Descriptor, layer: bool) -> Future[BlobResult]:
-        """Start uploading one blob (from the store) to ``dest``'s repository."""
+    def upload_blob(
+        self,
+        dest: Reference,
+        blob: Descriptor,
+        layer: bool,
+        growing: GrowingBlob | None = None,
+    ) -> Future[BlobResult]:
+        """Start uploading one blob (from the store) to ``dest``'s repository; with
+        ``growing``, from its download as the bytes become final, before it is stored."""
         self.auth(dest.registry)
         with self._lock:
             self._unfinished += 1
@@ -357,7 +378,9 @@ class Pusher:
             self.emit(events.LayerEvent(blob.digest, events.PREPARING))
             if queued:  # as docker says of a layer waiting for an upload slot
                 self.emit(events.LayerEvent(blob.digest, events.WAITING))
-        future = self._pool.submit(self._push_blob, dest.registry, dest.repository, blob, layer)
+        future = self._pool.submit(
+            self._push_blob, dest.registry, dest.repository, blob, layer, growing
+        )
         future.add_done_callback(self._finished)
         return future
 
@@ -366,7 +389,12 @@ class Pusher:
             self._unfinished -= 1
 
     def _push_blob(
-        self, registry: str, repository: str, blob: Descriptor, layer: bool
+        self,
+        registry: str,
+        repository: str,
+        blob: Descriptor,
+        layer: bool,
+        growing: GrowingBlob | None,
     ) -> BlobResult:
         holders = self._holders[registry]
         digest = blob.digest
@@ -382,9 +410,10 @@ class Pusher:
                 progress = _Progress(self, blob) if layer else None
                 result = self._uploader(registry).upload(
                     repository,
-                    BlobFile(blob, self.store.blob_path(digest)),
+                    BlobFile(blob, self.store.blob_path(digest), growing),
                     mount_from=holders.sources(digest, repository),
                     progress=progress,
+                    probe=not holders.held_elsewhere(digest, repository),
                 )
             holders.add(digest, repository)
         finally:

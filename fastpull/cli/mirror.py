@@ -123,6 +123,9 @@ def _tags_of(store: Store, ref: Reference) -> list[Reference]:
 )
 @click.option("--to", metavar="REGISTRY[/PREFIX]", help="With -f: where the images go.")
 @click.option(
+    "-a", "--all-tags", is_flag=True, help="Copy every tag of the repository SOURCE into DEST."
+)
+@click.option(
     "--platform",
     "platform_text",
     help="os/arch[/variant], a comma list, or all (default: this host); "
@@ -143,6 +146,7 @@ def copy(
     dest: str | None,
     batch_files: tuple[str, ...],
     to: str | None,
+    all_tags: bool,
     platform_text: str | None,
     no_keep: bool,
     fail_fast: bool,
@@ -156,19 +160,23 @@ def copy(
     """Copy an image from one registry to another (SOURCE DEST), or every image of batch
     files (-f FILE --to REGISTRY[/PREFIX]), through the store."""
     from fastpull.batchfile import parse_batch, tag_was_defaulted
-    from fastpull.mirror import Copier, CopyBatchResult, copy_batch
+    from fastpull.mirror import Copier, CopyBatchResult, all_tags_entry, copy_batch
     from fastpull.store.layout import Store, resolve_store_path
     from fastpull.store.maintenance import remove_images
 
-    if batch_files and (source or dest):
+    if batch_files and (source or dest or all_tags):
         raise UsageError("give SOURCE DEST, or -f FILE with --to, not both")
     if not batch_files and not (source and dest):
         raise UsageError("Missing argument 'SOURCE DEST' (or -f FILE --to REGISTRY)")
     check_output_path("--report", report_file)
     loaded = settings.load()
     platforms = PlatformSelection.parse(platform_text) if platform_text is not None else None
-    if batch_files:
-        entries = [e for path in batch_files for e in parse_batch(read_batch(path), path)]
+    if batch_files or all_tags:
+        if all_tags:
+            assert source is not None and dest is not None
+            entries = [all_tags_entry(source, dest)]
+        else:
+            entries = [e for path in batch_files for e in parse_batch(read_batch(path), path)]
         render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
         with cancel.handled(ignore_after_stop=True):
             batch = copy_batch(

@@ -180,7 +180,7 @@ class JSONRenderer:
                 "seconds": round(event.seconds, 3),
                 "error": event.error or None,
             }
-        else:
+        elif isinstance(event, events.BatchFinished):
             record = {
                 "event": "batch-finished",
                 "images": event.images,
@@ -188,6 +188,8 @@ class JSONRenderer:
                 "bytes": event.bytes_downloaded,
                 "seconds": round(event.seconds, 3),
             }
+        else:
+            return  # BlobHashed: for programs, not a line of output
         self.out.write(orjson.dumps(record).decode() + "\n")
         self.out.flush()
 

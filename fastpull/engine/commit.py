@@ -2,7 +2,7 @@
 
 Hashing advances over the part of the ingest file that will never be written again
 (``Scheduler.hashable``); once every byte is there the digest decides: publish (the fsync and
-rename run on the disk thread, so the engine's loop keeps feeding the workers), fetch the
+rename run on a publishing thread, so the engine's loop keeps feeding the workers), fetch the
 whole blob once more, or fail with :class:`DigestMismatch`.
 """
 
@@ -56,7 +56,7 @@ def judge(blob: BlobRun) -> Verdict:
 
 
 def publish(blob: BlobRun, hexdigest: str) -> None:
-    """Commit a verified blob and release its ingest (on the disk thread)."""
+    """Commit a verified blob and release its ingest (on a publishing thread)."""
     try:
         blob.ingest.commit(hexdigest)
     finally:

@@ -5,9 +5,10 @@ Callers hand :meth:`Downloader.fetch` descriptors and a :class:`BlobSource` and 
 blobs committed to the store. Inside, the parent process plans (``scheduler``), resolves
 URLs and credentials (``routing``), hashes (``verify``, ``commit``) and reports progress;
 workers (``worker``, started by ``pool``) only move bytes from sockets into the ingest files.
-What can block on the disk (writeback advice, journal syncs, the fsync and rename that
-publish a blob) runs on a background thread (``diskqueue``), so the loop that feeds the
-workers (``job``) never waits for the device.
+What can block on the disk runs on background threads, so the loop that feeds the workers
+(``job``) never waits for the device: writeback advice and journal syncs on one
+(``diskqueue``), the fsync and rename that publish a blob on a few (so that the fsyncs of
+blobs finishing together overlap).
 
 Every finished range goes into the ingest's resume journal with the checksum its worker
 computed (``resume``); on any stop (Ctrl-C, an error) the transfers in flight are cancelled
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from fastpull import events
 from fastpull.engine.job import FailureListener, Job
@@ -35,6 +37,9 @@ from fastpull.types import Descriptor, Digest
 
 # Below this many bytes in total, starting worker processes costs more than it saves.
 INLINE_BELOW = 64 << 20
+# Blobs published (fsync, rename) at once: the fsyncs of blobs that finish together overlap,
+# and the file system commits them together, instead of each waiting for the one before.
+PUBLISH_THREADS = 4
 DEFAULT_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS = 64
 
@@ -126,7 +131,12 @@ class Downloader:
             stack.callback(pool.close)
             if not todo:
                 return Fetched(tuple(results))
-            results.extend(Job(self.config, todo, pool, disk, on_failure).run())
+            publisher = ThreadPoolExecutor(
+                min(PUBLISH_THREADS, len(todo)), thread_name_prefix="fastpull-publish"
+            )
+            stack.callback(publisher.shutdown)
+            job = Job(self.config, todo, pool, disk, on_failure, publisher)
+            results.extend(job.run())
         return Fetched(tuple(results), count)
 
     def _claim(

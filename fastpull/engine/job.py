@@ -28,6 +28,8 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future
+from concurrent.futures import wait as wait_for
 from urllib.parse import urlsplit
 
 from fastpull import cancel, events
@@ -98,11 +100,18 @@ class Job:
         pool: WorkerPool,
         disk: DiskQueue,
         on_failure: FailureListener | None = None,
+        publisher: Executor | None = None,
     ) -> None:
         self.config = config
         self.emit = config.emit
         self.clock = config.clock
         self.disk = disk
+        # Where verified blobs are published (fsync, rename): ``publisher`` runs several at
+        # once, so their fsyncs overlap instead of queueing behind each other on the disk
+        # thread; without one they take their turn there.
+        self._publish: Callable[[Callable[[], None]], Future[None]] = (
+            publisher.submit if publisher is not None else disk.run
+        )
         self._sync_at = self.clock() + SYNC_INTERVAL
         self.on_failure = on_failure
         self.blobs = blobs
@@ -128,13 +137,15 @@ class Job:
         self._open: Counter[str] = Counter()
         self.flights: dict[int, InFlight] = {}
         self.results: list[BlobStats] = []
+        # Per blob, the hashed prefix last told in a BlobHashed event.
+        self._told: dict[int, int] = {}
 
     def run(self) -> list[BlobStats]:
         """Loop until every blob is stored or given up; the stats of those stored."""
         try:
             while not all(b.finished for b in self.blobs):
                 cancel.check()
-                for report in self.pool.receive(self._wait(self.clock())):
+                for report in self._reports(self._wait(self.clock())):
                     index = None if isinstance(report, Progress) else self._blob_of(report)
                     self._guarded(index, self._handle, report)
                 # Refill freed connections before hashing, which may take milliseconds.
@@ -155,6 +166,19 @@ class Job:
             self._drain()
             raise
         return self.results
+
+    def _reports(self, timeout: float) -> list[Report]:
+        """What the workers report within ``timeout`` seconds. With no transfer in flight
+        there is nothing to hear from them: the wait ends as soon as a commit does (or the
+        backoff that ``timeout`` is), instead of polling for it."""
+        if self.flights or timeout <= 0:
+            return self.pool.receive(timeout)
+        commits = [b.commit for b in self.blobs if b.stage is Stage.COMMITTING and b.commit]
+        if commits:
+            wait_for(commits, timeout, return_when=FIRST_COMPLETED)
+        else:
+            cancel.pause(timeout)
+        return []
 
     def _blob_of(self, report: Accepted | Finished | Shrunk) -> int | None:
         flight = self.flights.get(report.chunk_id)
@@ -455,17 +479,31 @@ class Job:
     # -- verification and commit ---------------------------------------------------------
 
     def _verify(self, index: int, blob: BlobRun) -> None:
+        self._tell_hashed(index, blob)  # a restart since the last call, before new bytes
         if not commit.hashed(blob, self.sched.hashable(index), self.sched.complete_blob(index)):
+            self._tell_hashed(index, blob)
             return
         self.emit(events.LayerEvent(blob.digest, events.VERIFYING, blob.size, blob.size))
         if commit.judge(blob) is Verdict.REFETCH:
             self.sched.replan(index, blob.digest_attempts)
+            self._tell_hashed(index, blob)
             return
-        # The fsync and rename go to the disk thread: the loop keeps feeding the workers.
+        self._tell_hashed(index, blob, verified=True)
+        # The fsync and rename run on another thread: the loop keeps feeding the workers.
         blob.stage = Stage.COMMITTING
-        blob.commit = self.disk.run(
+        blob.commit = self._publish(
             functools.partial(commit.publish, blob, blob.verifier.hexdigest())
         )
+
+    def _tell_hashed(self, index: int, blob: BlobRun, *, verified: bool = False) -> None:
+        """Emit BlobHashed when the final prefix of a blob's ingest moved (back to 0 after a
+        restart); its last byte counts only once the digest matched, so a reader of the
+        prefix (an upload streaming it) cannot finish a blob with the wrong content."""
+        position = blob.verifier.position
+        hashed = position if verified else max(0, min(position, blob.size - 1))
+        if hashed != self._told.get(index, 0):
+            self._told[index] = hashed
+            self.emit(events.BlobHashed(blob.digest, str(blob.ingest.path), hashed, blob.size))
 
     def _committed(self, blob: BlobRun) -> None:
         """A commit ended: the blob is in the store, or its error is raised here."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import subprocess
 import time
-from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING
 
 from fastpull.engine.worker import Command, Fetch, Report, Shutdown, WorkerLoop, command_line
 from fastpull.errors import FastpullError
+
+if TYPE_CHECKING:
+    import subprocess
+    from multiprocessing.connection import Connection
 
 
 class WorkerPool:
@@ -27,23 +30,30 @@ class WorkerPool:
         self._procs: list[subprocess.Popen[bytes]] = []
         try:
             for _ in range(count):
-                mine, theirs = socket.socketpair()
-                with theirs:
-                    proc = subprocess.Popen(
-                        command_line(theirs.fileno()),
-                        pass_fds=[theirs.fileno()],
-                        stdin=subprocess.DEVNULL,
-                        # Out of the terminal's process group: Ctrl-C is the parent's to
-                        # handle; workers stop when told, or when the parent's socket closes.
-                        start_new_session=True,
-                    )
-                self._procs.append(proc)
-                self._conns.append(Connection(mine.detach()))
+                self._start()
         except BaseException:
             self.close()
             raise
         self.size = max(1, count)
         self.load = [0] * self.size
+
+    def _start(self) -> None:
+        # Imported here: a small pull runs inline and never starts a process.
+        import subprocess
+        from multiprocessing.connection import Connection
+
+        mine, theirs = socket.socketpair()
+        with theirs:
+            proc = subprocess.Popen(
+                command_line(theirs.fileno()),
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                # Out of the terminal's process group: Ctrl-C is the parent's to handle;
+                # workers stop when told, or when the parent's socket closes.
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        self._conns.append(Connection(mine.detach()))
 
     def has_room(self, total: int, per_worker: int) -> bool:
         """Whether fewer than ``total`` transfers run, and some worker has fewer than
@@ -74,6 +84,8 @@ class WorkerPool:
             if not self._inline.busy:
                 time.sleep(timeout)  # waiting out a backoff: nothing to drive
             return self._inline.poll(timeout)
+        from multiprocessing.connection import Connection, wait
+
         reports: list[Report] = []
         for conn in wait(self._conns, timeout):
             assert isinstance(conn, Connection)
@@ -91,6 +103,8 @@ class WorkerPool:
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.send(Shutdown())
+        import subprocess
+
         deadline = time.monotonic() + 1.0
         for proc in self._procs:
             try:

@@ -99,7 +99,7 @@ class Stage(enum.Enum):
     # The server ignored Range: waiting for the blob's other transfers to stop before one
     # plain stream starts from byte 0.
     SWITCHING = "switching"
-    COMMITTING = "committing"  # verified; being published on the disk thread
+    COMMITTING = "committing"  # verified; being published on a publishing thread
     DONE = "done"
     FAILED = "failed"  # given up (reported to the failure listener); its ingest is closed
 

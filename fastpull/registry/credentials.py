@@ -21,15 +21,15 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from fastpull.errors import ConfigError, CredentialError
 from fastpull.types import Credentials
+
+if TYPE_CHECKING:
+    import subprocess
 
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"
 # Every name Docker Hub goes by; keys for any of them find Hub credentials.
@@ -320,6 +320,10 @@ class CredentialStore:
         target = Path(os.path.realpath(self.path))
         directory = target.parent
         data = json.dumps(doc, indent="\t", ensure_ascii=False).encode()
+        # Imported here, as in _run_helper: only login, logout and helpers need them, and
+        # every pull would pay for them at start.
+        import tempfile
+
         try:
             if not directory.exists():
                 directory.mkdir(mode=0o700, parents=True)
@@ -355,6 +359,9 @@ class CredentialStore:
     def _run_helper(
         self, name: str, origin: str, action: str, stdin: bytes
     ) -> subprocess.CompletedProcess[bytes]:
+        import shutil
+        import subprocess
+
         program = _HELPER_PREFIX + name
         executable = shutil.which(program, path=_absolute_search_path())
         if executable is None:

@@ -18,7 +18,6 @@ import contextlib
 import ipaddress
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -261,6 +260,8 @@ def _bundle(paths: list[str]) -> str | None:
         return paths[0] if paths else None
     key = tuple(paths)
     if key not in _bundles:
+        import tempfile  # only with several CA files: every start would pay for it
+
         fd, name = tempfile.mkstemp(prefix="fastpull-ca-", suffix=".pem")
         with os.fdopen(fd, "wb") as out:
             for path in paths:

@@ -11,6 +11,11 @@ docker-registry 2.8.2"):
 - An upload is ``POST`` then one streaming ``PUT <Location>&digest=`` read from the file.
   With ``chunk_size`` set, a larger blob goes as ``PATCH`` chunks strictly in order, each
   to the ``Location`` of the latest answer, then an empty ``PUT``.
+- A blob still downloading (:class:`GrowingBlob`) is read as its bytes become final: the
+  body waits for the download, never holding more than one piece. Its last byte is final
+  only once the download's digest matched, and the registry checks ``digest=`` besides;
+  when the download starts again from byte 0 the request is aborted and the blob is
+  uploaded again through a new session.
 - After a failure mid-upload the registry is asked where the upload stands (``GET`` on the
   latest ``Location``). Only when it confirms every byte acknowledged so far (``Range:
   0-N``, N+1 = our offset > 0) does the upload continue from there; otherwise (2.8.2 kills
@@ -26,6 +31,7 @@ another origin is followed without them. Each :class:`Uploader` owns one libcurl
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -35,6 +41,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 from urllib.parse import quote
+
+import pycurl
 
 from fastpull import cancel
 from fastpull.errors import (
@@ -70,6 +78,8 @@ PUSHED = "pushed"
 # registry needs no such round trip (an empty value removes the header).
 _NO_EXPECT = {"Expect": ""}
 _OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+# How often a reader waiting for a download's next bytes looks for Ctrl-C (seconds).
+_WAIT_SLICE = 0.2
 
 Progress = Callable[[int], None]
 _R = TypeVar("_R")
@@ -101,10 +111,12 @@ def parse_range_end(value: str | None) -> int | None:
 
 @dataclass(frozen=True)
 class BlobFile:
-    """A verified blob to upload and the file holding its bytes."""
+    """A blob to upload and the file holding its bytes (verified); with ``growing``, the
+    blob is still downloading and its bytes are read as they become final."""
 
     descriptor: Descriptor
     path: Path
+    growing: GrowingBlob | None = None
 
     @property
     def digest(self) -> Digest:
@@ -113,6 +125,13 @@ class BlobFile:
     @property
     def size(self) -> int:
         return self.descriptor.size
+
+    @property
+    def source(self) -> Path | GrowingBlob:
+        """Where to read the bytes now: the growing file until the blob is stored."""
+        if self.growing is not None and not self.growing.complete:
+            return self.growing
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,78 @@ class _SessionLost(ProtocolError):
     """The registry no longer knows the upload session (404 on its Location)."""
 
     retryable = True
+
+
+class _Restarted(FastpullError):
+    """The download of a blob being streamed started again from byte 0."""
+
+    retryable = True
+
+
+class GrowingBlob:
+    """A blob the engine is still downloading, as an upload streams it: how many of its
+    first bytes are final (hashed), in which file, and whether the download restarted
+    (a generation per start from byte 0), finished or failed. Fed from the engine's
+    :class:`~fastpull.events.BlobHashed` events; read by upload threads."""
+
+    def __init__(self, path: Path, size: int, stored_path: Path) -> None:
+        self._cond = threading.Condition()
+        self._path = path
+        self.size = size
+        self.stored_path = stored_path
+        self._final = 0
+        self._generation = 0
+        self._error: FastpullError | None = None
+        self.complete = False
+
+    def grew(self, path: Path, final: int) -> None:
+        """The first ``final`` bytes of ``path`` are final now (fewer than before: the
+        download restarted, and what was read of the earlier bytes may be wrong)."""
+        with self._cond:
+            if self.complete:
+                return
+            if final < self._final:
+                self._generation += 1
+            self._path, self._final = path, final
+            self._cond.notify_all()
+
+    def stored(self) -> None:
+        """The blob is verified and stored whole at ``stored_path``."""
+        with self._cond:
+            self._path, self._final, self.complete = self.stored_path, self.size, True
+            self._cond.notify_all()
+
+    def fail(self, error: FastpullError) -> None:
+        """The download stopped for good: a reader waiting for bytes raises ``error``."""
+        with self._cond:
+            if not self.complete:
+                self._error = error
+            self._cond.notify_all()
+
+    def current(self) -> tuple[int, Path]:
+        """The generation to read and the file holding it; once the engine commits the
+        blob, the file is at ``stored_path``, a little before :meth:`stored` says so."""
+        with self._cond:
+            return self._generation, self._path
+
+    def wait(self, position: int, generation: int) -> int:
+        """How many bytes are final, once more than ``position`` are (Ctrl-C is seen while
+        waiting). Raises _Restarted when the download started again after ``generation``
+        was read, and the download's error if it stopped."""
+        with self._cond:
+            while True:
+                if self._generation != generation:
+                    raise _Restarted("the download of the blob started again")
+                if self._final > position:
+                    return self._final
+                if self._error is not None:
+                    raise self._error
+                self._cond.wait(_WAIT_SLICE)
+                cancel.check()
+
+
+# What a request body is read from: a file, bytes, or a blob still downloading.
+_Source = Path | bytes | GrowingBlob
 
 
 class PushAuth:
@@ -203,6 +294,64 @@ class _FileBody:
         return data
 
 
+class _GrowingBody:
+    """A request body read from a blob that is still downloading: each piece is read from
+    the file once it is final, waiting for the download meanwhile (never holding more than
+    one piece in memory, never stalling the download). When the download restarts, fails,
+    or Ctrl-C comes, the transfer is aborted and :attr:`error` says why."""
+
+    def __init__(
+        self, growing: GrowingBlob, offset: int, length: int, progress: Progress | None
+    ) -> None:
+        self._growing = growing
+        self._generation, path = growing.current()
+        self._fd = _open_blob(path, growing.stored_path)
+        self._position = offset
+        self._end = offset + length
+        self._final = 0
+        self._progress = progress
+        self.read_bytes = 0
+        self.error: FastpullError | None = None
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def read(self, size: int) -> bytes | int:
+        if self._position >= self._end:
+            return b""
+        try:
+            if self._position >= self._final:
+                self._final = self._growing.wait(self._position, self._generation)
+            want = min(self._position + size, self._end, self._final) - self._position
+            data = os.pread(self._fd, want, self._position)
+            if len(data) != want:
+                raise StoreError(f"the file being downloaded ends before byte {self._final}")
+        except FastpullError as exc:
+            self.error = exc
+            return pycurl.READFUNC_ABORT
+        except OSError as exc:
+            self.error = StoreError(f"cannot read the blob being downloaded: {exc.strerror}")
+            return pycurl.READFUNC_ABORT
+        self._position += want
+        self.read_bytes += want
+        if self._progress is not None:
+            self._progress(want)
+        return data
+
+
+def _open_blob(path: Path, stored_path: Path) -> int:
+    """Open the file a growing blob is in; it may just have been committed (renamed into
+    the store, an atomic move: the file is at one path or the other)."""
+    for candidate in dict.fromkeys((path, stored_path)):
+        try:
+            return os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StoreError(f"cannot read {candidate}: {exc.strerror}") from None
+    raise StoreError(f"the blob being downloaded is gone: {path}")
+
+
 class Uploader:
     """Uploads blobs and manifests to one registry from one thread.
 
@@ -237,7 +386,7 @@ class Uploader:
         url: str,
         scope: str,
         headers: dict[str, str] | None = None,
-        body: tuple[Path | bytes, int, int] | None = None,
+        body: tuple[_Source, int, int] | None = None,
         progress: Progress | None = None,
     ) -> tuple[Response, int]:
         """One request with authorization (a 401 is answered once) and method-preserving
@@ -270,12 +419,23 @@ class Uploader:
         method: str,
         url: str,
         headers: dict[str, str],
-        body: tuple[Path | bytes, int, int] | None,
+        body: tuple[_Source, int, int] | None,
         progress: Progress | None,
     ) -> tuple[Response, int]:
         if body is None:
             return self.transport.send(method, url, headers), 0
         source, offset, length = body
+        if isinstance(source, GrowingBlob):
+            growing = _GrowingBody(source, offset, length, progress)
+            try:
+                return self._send_body(method, url, headers, growing, length)
+            except FastpullError:
+                # The abort the reader asked for reaches us as a curl error: say why.
+                if growing.error is not None:
+                    raise growing.error from None
+                raise
+            finally:
+                growing.close()
         if isinstance(source, bytes):
             reader = _FileBody(io.BytesIO(source[offset : offset + length]), length, progress)
             return self._send_body(method, url, headers, reader, length)
@@ -290,7 +450,12 @@ class Uploader:
             return self._send_body(method, url, headers, reader, length)
 
     def _send_body(
-        self, method: str, url: str, headers: dict[str, str], reader: _FileBody, length: int
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        reader: _FileBody | _GrowingBody,
+        length: int,
     ) -> tuple[Response, int]:
         response = self.transport.send(method, url, headers, upload=reader.read, upload_size=length)
         return response, reader.read_bytes
@@ -335,11 +500,16 @@ class Uploader:
         *,
         mount_from: Sequence[str] = (),
         progress: Progress | None = None,
+        probe: bool = True,
     ) -> BlobResult:
         """Make ``repository`` hold the blob: skip it if there, mount it from the first of
         ``mount_from`` that works, else upload it. Retried with backoff; raises the last
-        error when the attempts run out or the error will not change (denied, invalid)."""
-        state = _UploadState(blob)
+        error when the attempts run out or the error will not change (denied, invalid).
+
+        ``probe=False`` skips the first ``HEAD`` when ``mount_from`` starts with a
+        repository known to hold the blob: the mount answers 201 whether or not
+        ``repository`` has it already, so the ``HEAD`` would only cost a round trip."""
+        state = _UploadState(blob, skip_head=not probe)
 
         def counted(size: int) -> None:
             # Every byte read for the registry counts, also those of attempts that failed.
@@ -353,6 +523,11 @@ class Uploader:
             try:
                 result = self._attempt(repository, blob, mount_from, state, counted)
                 return replace(result, bytes_sent=state.sent, attempts=attempt)
+            except _Restarted:
+                # The download of a streamed blob began again: so does its upload, at once
+                # (the engine bounds how often that happens).
+                state.abandon(self, repository)
+                attempt -= 1
             except FastpullError as exc:
                 if not exc.retryable or attempt >= self.retry.attempts:
                     raise
@@ -368,8 +543,9 @@ class Uploader:
         progress: Progress | None,
     ) -> BlobResult:
         if state.location is None:
-            if self._exists(repository, blob.descriptor):
+            if not state.skip_head and self._exists(repository, blob.descriptor):
                 return BlobResult(blob.digest, blob.size, EXISTS)
+            state.skip_head = False  # a later attempt asks again
             source = next((s for s in mount_from if s != repository), None)
             location = self._start(repository, blob.digest, source)
             if location is None:
@@ -415,6 +591,7 @@ class Uploader:
         scope = push_scope(repository)
         assert state.location is not None
         chunk = self.chunk_size
+        source = blob.source
         if chunk is not None and blob.size > chunk:
             while state.offset < blob.size:
                 length = min(chunk, blob.size - state.offset)
@@ -423,7 +600,7 @@ class Uploader:
                     state.location,
                     scope,
                     _OCTET_STREAM,
-                    (blob.path, state.offset, length),
+                    (source, state.offset, length),
                     progress,
                 )
                 if response.status == 404:
@@ -438,7 +615,7 @@ class Uploader:
                     )
                 state.advance(self._location(response), state.offset + length)
         rest = blob.size - state.offset
-        body = (blob.path, state.offset, rest) if rest or state.offset == 0 else None
+        body = (source, state.offset, rest) if rest or state.offset == 0 else None
         response, _ = self._request(
             "PUT", with_digest(state.location, blob.digest), scope, _OCTET_STREAM, body, progress
         )
@@ -451,7 +628,8 @@ class Uploader:
         if response.status == 400 and "DIGEST_INVALID" in codes:
             raise DigestMismatch(
                 f"{repository}: the registry computed another digest than "
-                f"{blob.digest} for the bytes sent"
+                f"{blob.digest} for the bytes sent",
+                expected=str(blob.digest),
             )
         raise self._error(response, scope, f"upload of {blob.digest.short}")
 
@@ -471,6 +649,11 @@ class Uploader:
         if response.status != 204 or end is None:
             return None
         return self._location(response) if response.header("location") else location, end + 1
+
+    def cancel_session(self, location: str, repository: str) -> None:
+        """``DELETE`` an upload session we give up on; failures are ignored."""
+        with contextlib.suppress(FastpullError):
+            self._request("DELETE", location, push_scope(repository))
 
     # -- manifests -----------------------------------------------------------------------
 
@@ -502,6 +685,8 @@ class _UploadState:
     location: str | None = None
     offset: int = 0
     sent: int = 0
+    # Whether the next attempt skips the HEAD (see Uploader.upload's ``probe``).
+    skip_head: bool = False
 
     def begin(self, location: str) -> None:
         self.location, self.offset = location, 0
@@ -519,6 +704,13 @@ class _UploadState:
                 return
         self.location, self.offset = None, 0
 
+    def abandon(self, uploader: Uploader, repository: str) -> None:
+        """Start the blob again from a new session; the registry may drop the old one and
+        the bytes it holds (best effort: it purges forgotten sessions itself)."""
+        if self.location is not None:
+            uploader.cancel_session(self.location, repository)
+        self.location, self.offset = None, 0
+
 
 __all__ = [
     "EXISTS",
@@ -527,6 +719,7 @@ __all__ = [
     "PUSH_ACTIONS",
     "BlobFile",
     "BlobResult",
+    "GrowingBlob",
     "PushAuth",
     "Uploader",
     "parse_range_end",

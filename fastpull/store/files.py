@@ -8,7 +8,8 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from fastpull.errors import StoreError
@@ -59,15 +60,55 @@ def write_new_file(path: Path, data: bytes) -> None:
     os.close(fd)
 
 
-def atomic_write(directory: Path, name: str, data: bytes, *, replace: bool) -> None:
-    """Give ``directory/name`` the content ``data`` all at once, durably.
+@contextlib.contextmanager
+def syncing_meanwhile(directories: Sequence[Path]) -> Iterator[None]:
+    """fsync ``directories`` on another thread while the body runs; their entries are
+    durable when it ends (or the first error of those syncs is raised)."""
+    if not directories:
+        yield
+        return
+    errors: list[OSError] = []
+
+    def sync() -> None:
+        try:
+            for directory in directories:
+                fsync_dir(directory)
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=sync, name="fastpull-fsync")
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def atomic_write(
+    directory: Path,
+    name: str,
+    data: bytes,
+    *,
+    replace: bool,
+    durable_first: Sequence[Path] = (),
+) -> None:
+    """Give ``directory/name`` the content ``data`` all at once, durably; the entries of
+    the directories ``durable_first`` are made durable before it changes.
 
     The temp file is ``.<name>.<16 hex>.tmp`` in ``directory``. With ``replace`` false an
     existing file wins: the new one is hard-linked into place, which fails instead of
-    overwriting, so racing initialisers cannot clobber each other.
+    overwriting, so racing initialisers cannot clobber each other. ``durable_first`` is
+    synced alongside the temp file, so the two waits for the disk overlap.
     """
     temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
-    write_new_file(temp, data)
+    try:
+        with syncing_meanwhile(durable_first):
+            write_new_file(temp, data)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     try:
         if replace:
             os.replace(temp, directory / name)
@@ -79,4 +120,11 @@ def atomic_write(directory: Path, name: str, data: bytes, *, replace: bool) -> N
     fsync_dir(directory)
 
 
-__all__ = ["atomic_write", "fsync_dir", "os_errors", "store_error", "write_new_file"]
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "os_errors",
+    "store_error",
+    "syncing_meanwhile",
+    "write_new_file",
+]

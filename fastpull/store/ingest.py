@@ -97,7 +97,7 @@ class BlobStore(Protocol):
         """Whether the blob is stored (with that size, if given)."""
 
     def publish(self, source: Path, digest: Digest) -> None:
-        """Rename a verified, fsynced file into ``blobs/``, durably."""
+        """Rename a verified, fsynced file into ``blobs/`` (durable before an image names it)."""
 
 
 class Ingest:

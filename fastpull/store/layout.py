@@ -18,6 +18,10 @@ What holds whatever happens, ``kill -9`` and power loss included:
 
 - A file enters ``blobs/`` only by ``rename`` from ``ingest/``, after its digest and size
   matched and its data was fsynced. A name in ``blobs/`` is never a partial file.
+- Before ``index.json`` names an image, every ``blobs/<alg>/`` directory is fsynced, so the
+  renames that published its blobs (by this process or another) are durable before anything
+  durable refers to them. One directory fsync per image instead of one per blob: a rename
+  that a power cut takes back leaves a blob nothing names yet, fetched again when needed.
 - ``index.json`` is only ever replaced by renaming a complete, fsynced temp file over it, so a
   reader always sees the old or the new version, never a torn one. Writers hold an exclusive
   flock on ``index.json.lock`` across read-modify-write, so two fastpull processes never drop
@@ -312,7 +316,8 @@ class Store:
             self.publish(path, digest)
 
     def publish(self, source: Path, digest: Digest) -> None:
-        """Rename a verified, fsynced file into ``blobs/`` and make the rename durable."""
+        """Rename a verified, fsynced file into ``blobs/``. The rename is made durable by
+        :meth:`add_image`, before it names anything."""
         target = self.blob_path(digest)
         try:
             target.parent.mkdir()
@@ -321,11 +326,17 @@ class Store:
         else:
             fsync_dir(target.parent.parent)
         # Replacing is right: a blob already there is identical, or corrupt if its size
-        # differed (has_blob said it was missing).
+        # differed (has_blob said it was missing). Until the directory is synced a power cut
+        # may take the rename back: the file is then in ingest/ again, debris that the next
+        # ingest of this digest truncates, and no index.json entry names the blob yet.
         os.replace(source, target)
-        # Only the new name must survive a crash; if the old name in ingest/ comes back it is
-        # debris that the next ingest of this digest truncates.
-        fsync_dir(target.parent)
+
+    def _blob_directories(self) -> list[Path]:
+        """``blobs/<alg>/``: syncing them makes every rename into them durable, whichever
+        process made it."""
+        blobs = self.root / "blobs"
+        with os_errors(self.root, "list blobs"):
+            return [blobs / name for name in sorted(os.listdir(blobs)) if (blobs / name).is_dir()]
 
     def ingest(self, digest: Digest, size: int) -> Ingest:
         """A context manager for downloading one blob of ``size`` bytes into ``ingest/``.
@@ -420,7 +431,9 @@ class Store:
                 if not _named(e, ref_name) and not any(_ref_name(e) == n for n in named)
             ]
             index["manifests"] = [*kept, *entries]
-            self._write_index(index)
+            # The image's blobs were published without syncing their directory (see
+            # publish); one sync here, before index.json names them, covers all of them.
+            self._write_index(index, durable_first=self._blob_directories())
 
     def remove_image(self, ref_name: str) -> Descriptor | None:
         """Drop every index.json entry named ``ref_name``, and the entries of its platforms;
@@ -530,9 +543,10 @@ class Store:
             raise self._not_a_layout("index.json has no 'manifests' list of objects")
         return index
 
-    def _write_index(self, index: dict[str, Any]) -> None:
+    def _write_index(self, index: dict[str, Any], durable_first: Sequence[Path] = ()) -> None:
         with os_errors(self.root, "update index.json"):
-            atomic_write(self.root, "index.json", orjson.dumps(index) + b"\n", replace=True)
+            body = orjson.dumps(index) + b"\n"
+            atomic_write(self.root, "index.json", body, replace=True, durable_first=durable_first)
 
 
 def _entry(descriptor: Descriptor, annotations: Mapping[str, str]) -> dict[str, Any]:

@@ -68,6 +68,35 @@ for reference in references:
 """
 
 
+# Runs one command in a fresh interpreter, then names on stderr's last line the fastpull
+# modules it imported.
+_MODULES_AFTER = """
+import sys
+
+from fastpull.cli.commands import main
+
+code = main(sys.argv[1:])
+print(" ".join(sorted(m for m in sys.modules if m.startswith("fastpull"))), file=sys.stderr)
+sys.exit(code)
+"""
+# What a single pull has no use for: other commands' code, batches over a cluster, archives,
+# pushing, store maintenance.
+_NOT_FOR_A_PULL = (
+    "fastpull.cli.archive",
+    "fastpull.cli.mirror",
+    "fastpull.cli.listing",
+    "fastpull.archive",
+    "fastpull.cluster",
+    "fastpull.mirror",
+    "fastpull.pusher",
+    "fastpull.storecheck",
+    "fastpull.registry.upload",
+    "fastpull.store.maintenance",
+    "fastpull.store.gc",
+    "fastpull.store.inventory",
+)
+
+
 @pytest.fixture(autouse=True)
 def _own_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's fastpull config out of these tests."""
@@ -102,6 +131,42 @@ def test_version_names_the_hashing_backend(cli: Any) -> None:
     if _IN_CI:
         # CI builds the extension; falling back there would hide a broken build.
         assert result.lines[1].startswith("hashing: native (")
+
+
+def _modules_imported_by(*args: str) -> set[str]:
+    done = _run(sys.executable, "-c", _MODULES_AFTER, *args)
+    assert done.returncode == 0, done.stderr
+    return set(done.stderr.strip().splitlines()[-1].split())
+
+
+def _unneeded(modules: set[str]) -> set[str]:
+    return {
+        m
+        for m in modules
+        for prefix in _NOT_FOR_A_PULL
+        if m.split(".")[: prefix.count(".") + 1] == prefix.split(".")
+    }
+
+
+def test_a_pull_imports_only_what_it_runs(registry: Any, repo: str, docker_config: Any) -> None:
+    # (What `version` imports: tests/unit/test_cli_options.py.)
+    registry.pusher.push_image(repo, "1", make_image([make_layer(30_000, seed=430)]))
+
+    pulled = _modules_imported_by("pull", "-q", f"{registry.host}/{repo}:1")
+
+    assert {"fastpull.bulk", "fastpull.engine.download", "fastpull.store.layout"} <= pulled
+    assert _unneeded(pulled) == set()
+    # Commands registered lazily are there when asked for.
+    assert "fastpull.cli.mirror" in _modules_imported_by("copy", "--help")
+
+
+def test_lazily_registered_commands_are_where_the_cli_looks_for_them() -> None:
+    from fastpull.cli.commands import LAZY_COMMANDS, command_module
+
+    for name, module in LAZY_COMMANDS.items():
+        assert name in {c.name for c in command_module(module).COMMANDS}
+    for module in set(LAZY_COMMANDS.values()):
+        assert {c.name for c in command_module(module).COMMANDS} <= set(LAZY_COMMANDS)
 
 
 def test_python_m_fastpull_help() -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,15 @@ from urllib.parse import unquote
 
 import pytest
 
+from fastpull import mirror
+from fastpull.errors import DigestMismatch
+from fastpull.registry.client import RegistryClient
+from fastpull.registry.credentials import CredentialStore
+from fastpull.registry.responses import RetryPolicy
+from fastpull.registry.settings import Settings
+from fastpull.registry.transport import Transport
+from fastpull.registry.upload import BlobFile, PushAuth, Uploader
+from fastpull.types import Descriptor, Digest
 from tests.conftest import _serve
 from tests.integration.conftest import (
     assert_store_consistent,
@@ -26,8 +36,16 @@ from tests.integration.conftest import (
     one_line,
     start_fastpull,
 )
-from tests.support.faultproxy import CutUpload, ExpireToken, Redirect, SetHeaders
-from tests.support.images import Image, PushError, make_image, make_index, make_layer
+from tests.support.faultproxy import (
+    CutUpload,
+    ExpireToken,
+    Flip,
+    Redirect,
+    SetHeaders,
+    Stall,
+    blob_path,
+)
+from tests.support.images import Image, Layer, PushError, make_image, make_index, make_layer
 from tests.support.netutil import free_loopback_port
 from tests.support.registry import LoggedRequest, RegistryServer
 from tests.support.tools import require_tool
@@ -352,6 +370,9 @@ def test_batch_copy_fails_the_missing_image_alone_and_mounts_what_images_share(
     logged = dest_registry.requests(mark)
     assert _put_digests(logged).count(base.digest) == 1
     assert document["summary"]["blobs_mounted"] == 1
+    # Mounted from a repository this run put it in: straight away, without a HEAD first.
+    heads = [r.path for r in logged if r.method == "HEAD" and r.path.endswith(base.digest)]
+    assert len(heads) == 1, heads
     unique = {b.digest: len(b.data) for i in (first, second) for b in i.referenced_blobs()}
     assert document["summary"]["bytes_uploaded"] == sum(unique.values())
 
@@ -421,6 +442,24 @@ def test_copy_no_keep_removes_what_it_added_and_keeps_what_was_there(
     assert not blob(env_store(), dropped.layers[0].digest).exists()
     assert not blob(env_store(), dropped.manifest_digest).exists()
     assert _raw_manifest(dest_registry, repo, "dropped") == dropped.manifest_bytes
+
+
+def test_copy_all_tags_copies_every_tag_of_the_repository(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    images = {tag: make_image([make_layer(700, seed=850 + i)]) for i, tag in enumerate("ab")}
+    for tag, image in images.items():
+        registry.pusher.push_image(repo, tag, image)
+    target = f"{dest_registry.host}/{repo}/copy"
+
+    result = cli("copy", "--all-tags", f"{registry.host}/{repo}", target)
+
+    assert result.code == 0, result.err
+    for tag, image in images.items():
+        assert _raw_manifest(dest_registry, f"{repo}/copy", tag) == image.manifest_bytes
+    refused = cli("copy", "--all-tags", f"{registry.host}/{repo}:a", target)
+    assert refused.code == 2
+    assert "tag can't be used with --all-tags" in one_line(refused.err)
 
 
 def _entries() -> list[dict[str, Any]]:
@@ -755,3 +794,180 @@ def test_a_to_without_a_registry_is_refused_before_anything_moves(
     assert result.code == 2
     assert "expected REGISTRY[/PREFIX]" in one_line(result.err)
     assert registry.requests(mark) == []
+
+
+# -- a large blob streams to the destination while it downloads -------------------------------
+
+# The layer's first answer stops after this many bytes and goes silent for STALL_SECONDS (then
+# the proxy drops it and the engine resumes): its download cannot end before that, while what
+# came is hashed and may be streamed.
+STALL_AFTER = 1_000_000
+STALL_SECONDS = 3.0
+
+
+@pytest.fixture
+def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs of 1 MiB and more stream (the default threshold would need 32 MiB layers)."""
+    monkeypatch.setattr(mirror, "STREAM_MIN", 1 << 20)
+
+
+def _stalled_source(registry: Any, proxies: Any, repo: str, seed: int) -> tuple[Any, Layer, Image]:
+    """A 3 MB layer behind a proxy that stalls its first answer after STALL_AFTER bytes."""
+    layer = make_layer(3_000_000, seed=seed)
+    image = make_image([layer])
+    registry.pusher.push_image(repo, "1", image)
+    source = proxies(registry, max_response_seconds=STALL_SECONDS)
+    source.on(blob_path(repo, layer.digest), Stall(after=STALL_AFTER))
+    return source, layer, image
+
+
+def _layer_states(out: str, digest: str) -> list[str]:
+    """The states --json reported for one layer, in order."""
+    found = []
+    for line in out.splitlines():
+        event = json.loads(line)
+        if event["event"] == "layer" and event["digest"] == digest:
+            found.append(event["status"])
+    return found
+
+
+def _assert_arrived(
+    dest_registry: RegistryServer, repo: str, layer: Layer, image: Image, puts: Any = None
+) -> None:
+    """The layer and the image read back at the destination as they were; with ``puts``
+    (the layer's PUTs through a proxy), in two of them: one broken off, one accepted."""
+    if puts is not None:
+        assert [p.status for p in puts][-1] == 201
+        assert len(puts) == 2, [(p.status, p.body_received) for p in puts]
+    assert dest_registry.blob_data_path(layer.digest).read_bytes() == layer.data
+    assert _raw_manifest(dest_registry, repo, "1") == image.manifest_bytes
+
+
+def _blob_puts(proxy: Any, repo: str, digest: str) -> list[Any]:
+    """The upload PUTs for ``digest`` the destination proxy received (started or not)."""
+    return [
+        r
+        for r in proxy.requests_for(rf"/v2/{repo}/blobs/uploads/.+", "PUT")
+        if digest in unquote(r.target)
+    ]
+
+
+def test_a_large_blob_uploads_while_it_downloads(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, proxies: Any, streaming: None
+) -> None:
+    source, layer, image = _stalled_source(registry, proxies, repo, seed=801)
+
+    mark = dest_registry.mark()
+    result = cli("copy", "--json", f"{source.host}/{repo}:1", f"{dest_registry.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    states = _layer_states(result.out, layer.digest)
+    assert states.index("Pushing") < states.index("Download complete"), states
+    assert _put_digests(dest_registry.requests(mark)).count(layer.digest) == 1
+    _assert_arrived(dest_registry, repo, layer, image)
+
+
+@pytest.mark.parametrize("fault", ["cut at the destination", "download restarted"])
+def test_a_stream_broken_off_is_sent_again_whole(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    streaming: None,
+    fault: str,
+) -> None:
+    source, layer, image = _stalled_source(registry, proxies, repo, seed=811)
+    # The config is there already, so the only upload is the layer's.
+    dest_registry.pusher.push_blob(repo, image.config)
+    dest = proxies(dest_registry)
+    if fault == "cut at the destination":
+        dest.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=500_000), method="PUT")
+    else:
+        # The layer's next answer carries a wrong byte: the digest does not match, and the
+        # engine fetches the whole blob again (from byte 0) after streaming had begun.
+        source.on(blob_path(repo, layer.digest), Flip(offset=100_000), first=2)
+
+    result = cli("copy", f"{source.host}/{repo}:1", f"{dest.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    _assert_arrived(dest_registry, repo, layer, image, puts=_blob_puts(dest, repo, layer.digest))
+
+
+def test_a_corrupt_source_blob_never_becomes_a_blob_at_the_destination(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, proxies: Any, streaming: None
+) -> None:
+    source, layer, _ = _stalled_source(registry, proxies, repo, seed=831)
+    source.on(blob_path(repo, layer.digest), Flip(offset=100_000), first=2, times=None)
+    dest = proxies(dest_registry)
+
+    result = cli("copy", f"{source.host}/{repo}:1", f"{dest.host}/{repo}:1")
+
+    assert result.code == 6
+    assert "digest" in one_line(result.err)
+    puts = _blob_puts(dest, repo, layer.digest)
+    assert puts, "the blob never streamed"
+    assert 201 not in [p.status for p in puts]
+    assert not dest_registry.blob_data_path(layer.digest).exists()
+
+
+def test_the_registry_refuses_an_upload_whose_bytes_are_not_the_digest(
+    dest_registry: RegistryServer, repo: str, tmp_path: Path, docker_config: Any
+) -> None:
+    # What a stream relies on, were it ever to send wrong bytes: the digest= of the final
+    # PUT is checked by the registry, which then keeps nothing.
+    wrong = tmp_path / "blob"
+    wrong.write_bytes(b"not the bytes of the digest" * 1000)
+    digest = Digest.parse("sha256:" + "ab" * 32)
+    descriptor = Descriptor("application/octet-stream", digest, wrong.stat().st_size)
+    registry = dest_registry.host
+    with Transport() as handshakes, Transport() as uploads:
+        client = RegistryClient(
+            registry,
+            settings=Settings(),
+            credentials=CredentialStore().get(registry),
+            transport=handshakes,
+        )
+        uploader = Uploader(PushAuth(client), uploads, retry=RetryPolicy(attempts=1))
+        with pytest.raises(DigestMismatch):
+            uploader.upload(repo, BlobFile(descriptor, wrong))
+    assert not dest_registry.blob_data_path(str(digest)).exists()
+
+
+def test_ctrl_c_while_a_blob_streams_leaves_the_store_consistent_and_the_next_copy_completes(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    proxies: Any,
+    streaming: None,
+) -> None:
+    source, layer, image = _stalled_source(registry, proxies, repo, seed=841)
+    dest = proxies(dest_registry)
+    streamed = threading.Event()
+
+    def interrupt_once_streaming() -> None:
+        deadline = time.monotonic() + 20
+        while not _blob_puts(dest, repo, layer.digest) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        streamed.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_once_streaming)
+    watcher.start()
+    try:
+        result = cli("copy", f"{source.host}/{repo}:1", f"{dest.host}/{repo}:1")
+    finally:
+        watcher.join()
+
+    assert streamed.is_set()
+    assert result.code == 130, result.err
+    assert one_line(result.err).startswith("Error: interrupted")
+    assert_store_consistent(env_store())
+    assert not dest_registry.blob_data_path(layer.digest).exists()
+
+    again = cli("copy", f"{source.host}/{repo}:1", f"{dest_registry.host}/{repo}:1")
+
+    assert again.code == 0, again.err
+    _assert_arrived(dest_registry, repo, layer, image)
+    assert_store_consistent(env_store())

@@ -1007,3 +1007,102 @@ def test_entries_written_by_skopeo_survive(store: Store, tmp_path: Path) -> None
     theirs.add_image(descriptor, "y")
     run(skopeo, "inspect", "--raw", f"oci:{other}:x")
     run(skopeo, "inspect", "--raw", f"oci:{other}:y")
+
+
+def _record_disk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Log every fsync and rename the store makes, as (call, path), in order."""
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        calls.append(("rename", str(dst)))
+        real_replace(src, dst, **kwargs)
+
+    def link(src: Any, dst: Any, **kwargs: Any) -> None:
+        calls.append(("rename", str(dst)))
+        real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    return calls
+
+
+def test_blobs_are_durable_before_index_json_names_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # publish() leaves the directory sync to add_image, once for every blob of the image:
+    # each blob's bytes are fsynced before its rename, and every rename into blobs/ is
+    # fsynced (its directory) before index.json is replaced.
+    calls = _record_disk_calls(monkeypatch)
+    layers = [os.urandom(5000 + i) for i in range(3)]
+    for data in layers:
+        digest = digest_of(data)
+        with store.ingest(digest, len(data)) as ing:
+            os.pwrite(ing.fd, data, 0)
+            ing.commit(digest.hex)
+    manifest = put_manifest(store)
+    store.add_image(manifest, "example.com/app:1")
+    blob_dir = str(store.root / "blobs" / "sha256")
+    index = str(store.root / "index.json")
+    renames = [i for i, (call, path) in enumerate(calls) if call == "rename"]
+    into_blobs = [i for i in renames if calls[i][1].startswith(blob_dir + "/")]
+    assert len(into_blobs) == 4
+    for previous, i in zip([-1, *into_blobs], into_blobs, strict=False):
+        # The file renamed was fsynced (under its ingest name) since the rename before.
+        synced = [path for call, path in calls[previous + 1 : i] if call == "fsync"]
+        assert any("/ingest/" in path for path in synced)
+    (index_write,) = [i for i in renames if calls[i][1] == index]
+    dir_syncs = [i for i, c in enumerate(calls) if c == ("fsync", blob_dir)]
+    assert any(max(into_blobs) < i < index_write for i in dir_syncs)
+    # One directory sync for the whole image, not one per blob.
+    assert len(dir_syncs) == 1
+    # index.json itself: fsynced temp file (meanwhile: the blobs' directory), rename, then
+    # the root directory.
+    before = [path for call, path in calls[max(into_blobs) + 1 : index_write] if call == "fsync"]
+    assert len(before) == 2 and blob_dir in before
+    assert any(Path(path).name.startswith(".index.json.") for path in before)
+    assert calls[index_write + 1] == ("fsync", str(store.root))
+
+
+def test_a_new_ingest_journal_is_not_synced_but_one_with_records_is(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A header-only journal vouches for nothing, so losing it costs nothing: no fsync
+    # before the first byte. Rewriting one that holds records (resume) still syncs it.
+    data = os.urandom(4096)
+    digest = digest_of(data)
+    calls = _record_disk_calls(monkeypatch)
+    with store.ingest(digest, len(data)) as ing:
+        ing.preallocate()
+        assert not [c for c in calls if c[0] == "fsync"]
+        os.pwrite(ing.fd, data[:1000], 0)
+        ing.record(Extent(0, 1000, xxhash.xxh3_128_hexdigest(data[:1000])))
+    calls.clear()
+    with store.ingest(digest, len(data)) as ing:
+        assert [e.end for e in ing.resumed] == [1000]
+        journal_temp = str(ing.journal_path) + ".tmp"
+        assert ("fsync", journal_temp) in calls
+
+
+def test_index_json_is_not_changed_when_the_blobs_cannot_be_made_durable(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = put_manifest(store)
+    before = (store.root / "index.json").read_bytes()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/blobs/sha256"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(StoreError, match=r"update index\.json in store .*Input/output error"):
+        store.add_image(manifest, "example.com/app:1")
+    assert (store.root / "index.json").read_bytes() == before
+    assert not [n for n in os.listdir(store.root) if n.startswith(".index.json.")]

@@ -1,19 +1,29 @@
-"""The pure parts of pushing: upload URLs and headers, scopes, destinations, blob holders."""
+"""The pure parts of pushing: upload URLs and headers, scopes, destinations, blob holders;
+and how an upload body reads a blob that is still downloading."""
 
 from __future__ import annotations
 
 import threading
+import time
+from pathlib import Path
 
+import pycurl
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fastpull.batchfile import BatchEntry, parse_batch
-from fastpull.errors import BatchFileError, UsageError
+from fastpull.errors import BatchFileError, StoreError, UsageError
 from fastpull.mirror import destination, entry_destination
 from fastpull.pusher import BlobHolders
 from fastpull.reference import Reference
-from fastpull.registry.upload import parse_range_end, push_scope, with_digest
+from fastpull.registry.upload import (
+    GrowingBlob,
+    _GrowingBody,
+    parse_range_end,
+    push_scope,
+    with_digest,
+)
 from fastpull.types import Digest
 
 DIGEST = Digest("sha256", "a" * 64)
@@ -104,3 +114,78 @@ def test_a_claimed_blob_makes_the_next_claimer_wait_until_release() -> None:
     assert busy.wait(5)
     releaser.join()
     assert holders.claim(DIGEST) is None
+
+
+# -- a blob read while it downloads ------------------------------------------------------------
+
+
+def _read_all(body: _GrowingBody, out: list[bytes | int]) -> None:
+    while True:
+        piece = body.read(1000)
+        out.append(piece)
+        if not isinstance(piece, bytes) or not piece:
+            return
+
+
+def test_a_growing_body_reads_only_final_bytes_and_waits_for_the_rest(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 40
+    path = tmp_path / "ingest.data"
+    # Preallocated as the engine does: bytes not written yet read as zeros.
+    path.write_bytes(b"\0" * len(data))
+    growing = GrowingBlob(path, len(data), tmp_path / "stored")
+    body = _GrowingBody(growing, 0, len(data), None)
+    pieces: list[bytes | int] = []
+    reader = threading.Thread(target=_read_all, args=(body, pieces))
+    reader.start()
+    with path.open("r+b") as fh:
+        for end in (1, 999, 4096, 7000, len(data)):
+            start = fh.tell()
+            fh.write(data[start:end])
+            fh.flush()
+            growing.grew(path, end)
+    reader.join(10)
+    body.close()
+
+    assert not reader.is_alive()
+    assert body.error is None
+    assert b"".join(p for p in pieces if isinstance(p, bytes)) == data
+    assert body.read_bytes == len(data)
+
+
+def test_a_restart_or_a_failed_download_aborts_the_body(tmp_path: Path) -> None:
+    path = tmp_path / "ingest.data"
+    path.write_bytes(b"x" * 5000)
+    for stop in ("restart", "fail"):
+        growing = GrowingBlob(path, 5000, tmp_path / "stored")
+        growing.grew(path, 2000)
+        body = _GrowingBody(growing, 0, 5000, None)
+        pieces: list[bytes | int] = []
+        reader = threading.Thread(target=_read_all, args=(body, pieces))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while body.read_bytes < 2000 and time.monotonic() < deadline:
+            time.sleep(0.001)  # what is final is read before the download stops
+        if stop == "restart":
+            growing.grew(path, 0)
+        else:
+            growing.fail(StoreError("the download failed"))
+        reader.join(10)
+        body.close()
+
+        assert not reader.is_alive()
+        assert pieces[-1] == pycurl.READFUNC_ABORT
+        assert b"".join(p for p in pieces if isinstance(p, bytes)) == b"x" * 2000
+        expected = "started again" if stop == "restart" else "the download failed"
+        assert expected in str(body.error)
+
+
+def test_a_growing_blob_committed_meanwhile_is_read_from_the_store(tmp_path: Path) -> None:
+    stored = tmp_path / "stored"
+    stored.write_bytes(b"committed")
+    growing = GrowingBlob(tmp_path / "renamed-away.data", 9, stored)
+    growing.grew(tmp_path / "renamed-away.data", 9)
+    body = _GrowingBody(growing, 0, 9, None)
+    try:
+        assert body.read(100) == b"committed"
+    finally:
+        body.close()
