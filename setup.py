@@ -1,7 +1,8 @@
 """Build fastpull's optional C extension; all package metadata lives in pyproject.toml.
 
-``fastpull._native`` (SHA-256 / SHA-512 on OpenSSL libcrypto) is optional: when it cannot
-be compiled the install still succeeds with a warning and fastpull falls back to hashlib.
+``fastpull._native`` (SHA-256 / SHA-512 on OpenSSL libcrypto, the download workers' write
+callback with libxxhash's xxh3-128) is optional: when it cannot be compiled the install still
+succeeds with a warning and fastpull falls back to hashlib, os.pwrite and the xxhash package.
 Set ``FASTPULL_REQUIRE_NATIVE=1`` to make a failed build fatal instead (CI does).
 """
 
@@ -27,8 +28,8 @@ class OptionalBuildExt(build_ext):
                 raise
             print(
                 f"WARNING: fastpull's native extension was not built ({exc}); "
-                "fastpull will hash with hashlib instead. Install a C compiler and the "
-                "OpenSSL 3 headers (e.g. libssl-dev) to build it.",
+                "fastpull will hash and write in Python instead. Install a C compiler and the "
+                "OpenSSL 3 and xxHash headers (e.g. libssl-dev, libxxhash-dev) to build it.",
                 file=sys.stderr,
             )
 
@@ -38,7 +39,7 @@ setup(
         Extension(
             "fastpull._native",
             sources=["csrc/native.c"],
-            libraries=["crypto"],
+            libraries=["crypto", "xxhash"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
             # Lets `build_ext --inplace` skip copying an extension that was not built.
             optional=not REQUIRE_NATIVE,

@@ -1,5 +1,6 @@
 """Type stub for the C extension ``fastpull._native`` (csrc/native.c)."""
 
+from collections.abc import Callable
 from typing import Final, TypeAlias, final
 
 _Buffer: TypeAlias = bytes | bytearray | memoryview
@@ -39,5 +40,31 @@ class SHA512:
     def hexdigest(self) -> str: ...
     def copy(self) -> SHA512: ...
 
-def hash_fd_range(hasher: SHA256 | SHA512, fd: int, offset: int, length: int, /) -> int:
-    """Hash bytes [offset, offset + length) of fd without the GIL; returns bytes hashed."""
+def hash_fd_range(
+    hasher: SHA256 | SHA512, fd: int, offset: int, length: int, mapped: bool = False, /
+) -> int:
+    """Hash bytes [offset, offset + length) of fd without the GIL; returns bytes hashed.
+    ``mapped``: through mmap instead of pread (the file must not shrink meanwhile)."""
+
+@final
+class ChunkWriter:
+    """libcurl write callback for one chunk: pwrite + xxh3-128 without the GIL
+    (fastpull/engine/sink.py describes it)."""
+
+    writing: bool
+    def __new__(
+        cls, fd: int, position: int, limit: int, other: Callable[[bytes], int | None]
+    ) -> ChunkWriter: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @limit.setter
+    def limit(self, value: int) -> None: ...
+    @property
+    def stopped(self) -> bool: ...
+    @property
+    def error(self) -> int: ...
+    def __call__(self, data: _Buffer, /) -> int | None: ...
+    def stop(self) -> None: ...
+    def hexdigest(self) -> str: ...

@@ -9,6 +9,7 @@ packages=(
   podman containerd # interop: they must load what fastpull save writes
   apache2-utils     # htpasswd (bcrypt) for the basic-auth registry
   libssl-dev gcc    # the native extension links OpenSSL's libcrypto
+  libxxhash-dev     # ... and libxxhash (the download workers' journal checksum)
   curl openssl      # benchmarks: the floor row hashes with openssl dgst
   nginx-light aria2 # benchmarks only: the per-connection-capped proxy, a segmented downloader
 )

@@ -9,8 +9,8 @@ from the packages before it in this list (never from one after it)::
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
                inventory, maintenance                                  -- where bytes rest
     archive/   tarstream, documents, writer, reader                    -- images as one tar
-    engine/    scheduler, connections, worker, pool, routing, resume,   -- how bytes move
-               verify, commit, records, job, download
+    engine/    scheduler, connections, sink, worker, pool, routing,     -- how bytes move
+               resume, verify, commit, records, job, download
     top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
     cluster/   plan, tasks, client                                     -- a batch over Dask
     cli/       commands, options, archive, mirror, progress, listing   -- the face
@@ -114,7 +114,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine": frozenset(),
     "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
     "engine.connections": frozenset(),
-    "engine.worker": frozenset({"errors", "registry.transport", "store.journal"}),
+    "engine.sink": frozenset({"hashing", "store.journal", EXTENSION}),
+    "engine.worker": frozenset({"errors", "registry.transport", "engine.sink"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
     "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})

@@ -1,8 +1,8 @@
 """Verification as the bytes land: a hash that advances over the written prefix of a file.
 
 SHA-256 is sequential, so a blob fetched in chunks out of order is hashed from byte 0 up to
-the first gap, reading back what the workers wrote (from the page cache, in C with the GIL
-released: ``hashing.hash_fd_range``). When the last chunk lands only that chunk is left to
+the first gap, reading back what the workers wrote (mapped from the page cache, in C with the
+GIL released: ``hashing.hash_fd_range``). When the last chunk lands only that chunk is left to
 hash, so verification ends with the download instead of taking a second pass.
 """
 
@@ -56,7 +56,9 @@ class Verifier:
         want = min(to - self.position, STEP)
         if want <= 0:
             return self.position
-        got = hash_fd_range(self._hasher, self._fd, self.position, want)
+        # Mapped: the ingest file is this process's (locked, never shrunk while open), and
+        # the bytes were just written, so they are hashed in the page cache, not copied out.
+        got = hash_fd_range(self._hasher, self._fd, self.position, want, mapped=True)
         if got != want:
             raise StoreError(f"ingest file of {self.digest} is shorter than what was written to it")
         self._release(self._fd, self.position, got)

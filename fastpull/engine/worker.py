@@ -1,5 +1,6 @@
 """A download worker: one libcurl multi handle driving several ranged transfers, each
-writing with ``pwrite`` straight into its blob's ingest file.
+writing with ``pwrite`` straight into its blob's ingest file (through a
+:class:`~fastpull.engine.sink.ChunkWriter`, in C where the extension is built).
 
 Workers get plain data (URL, headers, path, byte range) and answer with plain data, so
 they can run in another process (a fresh interpreter, see :func:`command_line`: libcurl,
@@ -28,14 +29,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pycurl
-import xxhash
 
+from fastpull.engine.sink import ChunkWriter, new_chunk_writer
 from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
-from fastpull.store.journal import new_checksum
 
-# Large reads mean few Python callbacks and pwrite calls (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
-# `python -m benchmarks.bench_pull --images big --tools fastpull`).
+# A large receive buffer (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
+# `python -m benchmarks.bench_pull --images big --tools fastpull`). The write callback still
+# gets at most 16 KiB a call (libcurl 8's CURL_MAX_WRITE_SIZE, whatever this is): about 65,700
+# calls per GiB, which is why the callback is C where the extension is built (engine/sink.py).
 _BUFFER_SIZE = 4 * 1024 * 1024
 _ERROR_BODY_CAP = 64 * 1024
 # How often transfers' progress is reported: the connection controller measures rates from
@@ -186,8 +188,6 @@ class _Transfer:
     fetch: Fetch
     fd: int
     easy: pycurl.Curl
-    limit: int
-    position: int
     status: int | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     accepted: bool | None = None  # decided when the headers are complete
@@ -195,10 +195,43 @@ class _Transfer:
     failure: FastpullError | None = None
     cancelled: bool = False
     reported: int = -1
-    checksum: xxhash.xxh3_128 = field(default_factory=new_checksum)
+    # libcurl's write callback: the body goes to the file once the headers accept it.
+    writer: ChunkWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = new_chunk_writer(self.fd, self.fetch.start, self.fetch.end, self.not_data)
+
+    @property
+    def position(self) -> int:
+        return self.writer.position
+
+    @property
+    def limit(self) -> int:
+        return self.writer.limit
 
     def header(self, name: str) -> str:
         return next((v for k, v in reversed(self.headers) if k == name), "")
+
+    def not_data(self, data: bytes) -> int | None:
+        """A body that is not the chunk's bytes: keep the start of an error answer."""
+        if self.failure is not None:
+            return 0
+        if self.status == 200 and self.fetch.ranged:
+            return 0  # Range ignored: these are the wrong bytes, write none of them
+        if len(self.body) < _ERROR_BODY_CAP:
+            self.body += data[: _ERROR_BODY_CAP - len(self.body)]
+        return None
+
+    def cancel(self) -> None:
+        """Write nothing more for this transfer."""
+        self.cancelled = True
+        self.writer.stop()
+
+    def write_failure(self) -> StoreError | None:
+        """Why writing stopped, if a write failed."""
+        if not self.writer.error:
+            return None
+        return StoreError(f"cannot write to the store: {os.strerror(self.writer.error)}")
 
 
 class WorkerLoop:
@@ -226,12 +259,12 @@ class WorkerLoop:
         elif isinstance(command, Shrink):
             transfer = self._transfers.get(command.chunk_id)
             if transfer is not None:
-                transfer.limit = max(transfer.position, min(command.end, transfer.limit))
+                transfer.writer.limit = max(transfer.position, min(command.end, transfer.limit))
                 self._out.append(Shrunk(command.chunk_id, transfer.limit))
         elif isinstance(command, Cancel):
             transfer = self._transfers.get(command.chunk_id)
             if transfer is not None:
-                transfer.cancelled = True
+                transfer.cancel()
                 self._finish(transfer, None)
         elif isinstance(command, Shutdown):
             self.close()
@@ -253,9 +286,9 @@ class WorkerLoop:
         )
         easy.setopt(pycurl.LOW_SPEED_LIMIT, fetch.stall_floor)
         easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
-        transfer = _Transfer(fetch, fd, easy, fetch.end, fetch.start)
+        transfer = _Transfer(fetch, fd, easy)
         easy.setopt(pycurl.HEADERFUNCTION, lambda line: self._on_header(transfer, line))
-        easy.setopt(pycurl.WRITEFUNCTION, lambda data: self._on_body(transfer, data))
+        easy.setopt(pycurl.WRITEFUNCTION, transfer.writer)
         self._transfers[fetch.chunk_id] = transfer
         self._by_handle[easy] = transfer
         self._multi.add_handle(easy)
@@ -265,8 +298,10 @@ class WorkerLoop:
         if status is not None:
             t.status = status
             t.accepted = None
+            t.writer.writing = False
         elif line in (b"\r\n", b"\n") and t.status is not None and t.status >= 200:
             t.accepted = self._accept(t)
+            t.writer.writing = t.accepted
             if t.accepted:
                 self._out.append(Accepted(t.fetch.chunk_id, t.header("etag")))
 
@@ -287,29 +322,6 @@ class WorkerLoop:
             )
             return False
         return True
-
-    def _on_body(self, t: _Transfer, data: bytes) -> int | None:
-        if t.cancelled or t.failure is not None:
-            return 0
-        if not t.accepted:
-            if t.status == 200 and t.fetch.ranged:
-                return 0  # Range ignored: these are the wrong bytes, write none of them
-            if len(t.body) < _ERROR_BODY_CAP:
-                t.body += data[: _ERROR_BODY_CAP - len(t.body)]
-            return None
-        room = t.limit - t.position
-        view = memoryview(data)[: max(0, room)]
-        while view:
-            try:
-                written = os.pwrite(t.fd, view, t.position)
-            except OSError as exc:
-                t.failure = StoreError(f"cannot write to the store: {exc.strerror}")
-                return 0
-            t.checksum.update(view[:written])
-            t.position += written
-            view = view[written:]
-        # Bytes past the (possibly shrunk) end belong to another chunk: stop here.
-        return 0 if len(data) > room else None
 
     def poll(self, timeout: float, wake: int | None = None) -> list[Report]:
         """Drive transfers for up to ``timeout`` seconds; return what happened. Waiting
@@ -378,7 +390,7 @@ class WorkerLoop:
     def close(self) -> None:
         """Abort every transfer and release libcurl."""
         for transfer in list(self._transfers.values()):
-            transfer.cancelled = True
+            transfer.cancel()
             self._finish(transfer, None)
         self._out.clear()
         self._multi.close()
@@ -387,13 +399,14 @@ class WorkerLoop:
 def _outcome(t: _Transfer, curl_failure: tuple[int, str] | None) -> Finished:
     """How a transfer that was just taken off the multi handle ended."""
     fetch = t.fetch
-    checksum = t.checksum.hexdigest() if t.position > fetch.start else ""
+    checksum = t.writer.hexdigest() if t.position > fetch.start else ""
     if t.cancelled:
         return Cancelled(fetch.chunk_id, t.position, checksum)
     if t.position >= t.limit and t.accepted:
         return Done(fetch.chunk_id, t.position, checksum)
-    if t.failure is not None:
-        return Failed(fetch.chunk_id, t.position, t.failure, checksum)
+    failure = t.failure or t.write_failure()
+    if failure is not None:
+        return Failed(fetch.chunk_id, t.position, failure, checksum)
     if t.status == 200 and fetch.ranged:
         return RangeIgnored(fetch.chunk_id, t.position)
     if t.status is not None and not t.accepted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import os
@@ -185,12 +186,14 @@ def reference_hexdigest(algorithm: str, message: bytes) -> str:
     length=st.integers(0, FILE_SIZE + (1 << 20)),
     prefix=st.binary(max_size=100),
 )
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("algorithm", [*SHA2, "blake3"])
 def test_fd_range_matches_slice(
     data_file: tuple[int, bytes],
     backend: str,
     algorithm: str,
+    mapped: bool,
     offset: int,
     length: int,
     prefix: bytes,
@@ -199,22 +202,24 @@ def test_fd_range_matches_slice(
     expected = content[offset : offset + length]
     hasher = hashing.new_hasher(algorithm, backend)
     hasher.update(prefix)
-    assert hashing.hash_fd_range(hasher, fd, offset, length) == len(expected)
+    assert hashing.hash_fd_range(hasher, fd, offset, length, mapped=mapped) == len(expected)
     assert hasher.hexdigest() == reference_hexdigest(algorithm, prefix + expected)
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.integers(0, FILE_SIZE), max_size=6))
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fd_range_increments_add_up(
-    data_file: tuple[int, bytes], backend: str, cuts: list[int]
+    data_file: tuple[int, bytes], backend: str, mapped: bool, cuts: list[int]
 ) -> None:
     # The engine hashes the written prefix of a download in consecutive ranges.
     fd, content = data_file
     hasher = hashing.new_hasher("sha256", backend)
     start = 0
     for cut in [*sorted(cuts), FILE_SIZE]:
-        assert hashing.hash_fd_range(hasher, fd, start, cut - start) == cut - start
+        hashed = hashing.hash_fd_range(hasher, fd, start, cut - start, mapped=mapped)
+        assert hashed == cut - start
         start = cut
     assert hasher.hexdigest() == hashlib.sha256(content).hexdigest()
 
@@ -316,37 +321,92 @@ def test_native_constructor_rejects_str() -> None:
         native_module().SHA256("abc")
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fd_range_on_closed_fd(tmp_path: Path, backend: str) -> None:
+def test_fd_range_on_closed_fd(tmp_path: Path, backend: str, mapped: bool) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 100)
     fd = os.open(path, os.O_RDONLY)
     os.close(fd)
     hasher = hashing.new_hasher("sha256", backend)
     with pytest.raises(OSError):
-        hashing.hash_fd_range(hasher, fd, 0, 100)
+        hashing.hash_fd_range(hasher, fd, 0, 100, mapped=mapped)
     with pytest.raises(OSError):
-        hashing.hash_fd_range(hasher, -1, 0, 100)
+        hashing.hash_fd_range(hasher, -1, 0, 100, mapped=mapped)
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fd_range_on_directory(tmp_path: Path, backend: str) -> None:
+def test_fd_range_on_directory(tmp_path: Path, backend: str, mapped: bool) -> None:
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         with pytest.raises(IsADirectoryError):
-            hashing.hash_fd_range(hashing.new_hasher("sha256", backend), fd, 0, 10)
+            hasher = hashing.new_hasher("sha256", backend)
+            hashing.hash_fd_range(hasher, fd, 0, 10, mapped=mapped)
     finally:
         os.close(fd)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fd_range_that_cannot_be_mapped_is_read_instead(tmp_path: Path, backend: str) -> None:
+    """Write-only: no mapping, and pread says why; a pipe: no mapping, no pread either."""
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            hashing.hash_fd_range(hashing.new_hasher("sha256", backend), fd, 0, 100, mapped=True)
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    read, write = os.pipe()
+    try:
+        os.write(write, b"x" * 100)
+        with pytest.raises(OSError) as info:
+            hashing.hash_fd_range(hashing.new_hasher("sha256", backend), read, 0, 100, mapped=True)
+        assert info.value.errno == errno.ESPIPE
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mapped_ranges_cross_map_windows(tmp_path: Path, backend: str) -> None:
+    """The extension maps at most 64 MiB at a time, from page boundaries: ranges that start
+    mid-page and cross window edges hash exactly their bytes."""
+    window = 64 << 20
+    size = 2 * window + 3 * 4096 + 5
+    path = tmp_path / "sparse"
+    marks = {0: b"start", window - 3: b"edge-one", 2 * window - 1: b"edge-two", size - 4: b"end!"}
+    with open(path, "wb") as file:
+        file.truncate(size)
+        for offset, mark in marks.items():
+            file.seek(offset)
+            file.write(mark)
+    content = bytearray(size)
+    for offset, mark in marks.items():
+        content[offset : offset + len(mark)] = mark
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, length in [(0, size), (window - 5, window + 10), (4097, size), (size - 2, 9)]:
+            hasher = hashing.new_hasher("sha256", backend)
+            expected = content[offset : offset + length]
+            assert hashing.hash_fd_range(hasher, fd, offset, length, mapped=True) == len(expected)
+            assert hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("offset", "length"), [(-1, 10), (0, -1), (-5, -5), ((1 << 63) - 10, 11)])
 def test_fd_range_rejects_bad_ranges(
-    data_file: tuple[int, bytes], backend: str, offset: int, length: int
+    data_file: tuple[int, bytes], backend: str, mapped: bool, offset: int, length: int
 ) -> None:
     fd, _ = data_file
     with pytest.raises(ValueError):
-        hashing.hash_fd_range(hashing.new_hasher("sha256", backend), fd, offset, length)
+        hasher = hashing.new_hasher("sha256", backend)
+        hashing.hash_fd_range(hasher, fd, offset, length, mapped=mapped)
 
 
 @needs_native

@@ -1,5 +1,6 @@
 """Properties of the worker's Range handling, fed straight through the callbacks libcurl
-calls (``WorkerLoop._on_header`` / ``_on_body``), with hypothesis choosing the server's answer.
+calls (``WorkerLoop._on_header`` and the transfer's ``writer``), with hypothesis choosing the
+server's answer.
 
 What the engine relies on (``fastpull/worker.py``'s invariants): bytes are written only from
 a 206 whose ``Content-Range`` names exactly the range asked for (or a 200 to a request
@@ -103,12 +104,17 @@ def test_acceptance_follows_the_table(
 ) -> None:
     fetch = Fetch(1, "http://registry.invalid/blob", (), "", start, end, total, TLSConfig())
     assert _accepted_by_the_rules(status, fetch.ranged, header, fetch) == accepted
-    transfer = _Transfer(fetch, -1, None, end, start)  # type: ignore[arg-type]
-    loop._on_header(transfer, f"HTTP/1.1 {status} X\r\n".encode())
-    if header is not None:
-        loop._on_header(transfer, f"Content-Range: {header}\r\n".encode())
-    loop._on_header(transfer, b"\r\n")
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        transfer = _Transfer(fetch, fd, None)  # type: ignore[arg-type]
+        loop._on_header(transfer, f"HTTP/1.1 {status} X\r\n".encode())
+        if header is not None:
+            loop._on_header(transfer, f"Content-Range: {header}\r\n".encode())
+        loop._on_header(transfer, b"\r\n")
+    finally:
+        os.close(fd)
     assert bool(transfer.accepted) == accepted
+    assert transfer.writer.writing == accepted
 
 
 @settings(max_examples=1000, deadline=None)
@@ -124,14 +130,15 @@ def test_bytes_land_only_where_and_when_the_answer_says(
     with tempfile.TemporaryFile() as file:
         file.write(bytes([SENTINEL]) * total)
         file.flush()
-        transfer = _Transfer(fetch, file.fileno(), None, limit, start)  # type: ignore[arg-type]
+        transfer = _Transfer(fetch, file.fileno(), None)  # type: ignore[arg-type]
+        transfer.writer.limit = limit  # a Shrink
         loop._on_header(transfer, f"HTTP/1.1 {status} X\r\n".encode())
         if header is not None:
             loop._on_header(transfer, f"Content-Range: {header}\r\n".encode("latin-1"))
         loop._on_header(transfer, b"\r\n")
         step = max(1, len(body) // pieces)
         for offset in range(0, len(body), step):
-            if loop._on_body(transfer, body[offset : offset + step]) == 0:
+            if transfer.writer(body[offset : offset + step]) == 0:
                 break  # libcurl aborts the transfer here
         file.seek(0)
         stored = file.read()
@@ -157,11 +164,11 @@ def test_open_ended_and_multipart_answers_are_refused(loop: WorkerLoop) -> None:
     for header in ("bytes 100-999/1000", "bytes 100-199,300-399/1000", "items 100-199/1000"):
         fd = os.open(os.devnull, os.O_WRONLY)
         try:
-            transfer = _Transfer(fetch, fd, None, fetch.end, fetch.start)  # type: ignore[arg-type]
+            transfer = _Transfer(fetch, fd, None)  # type: ignore[arg-type]
             loop._on_header(transfer, b"HTTP/1.1 206 Partial Content\r\n")
             loop._on_header(transfer, f"Content-Range: {header}\r\n".encode())
             loop._on_header(transfer, b"\r\n")
-            assert loop._on_body(transfer, b"x" * 100) == 0
+            assert transfer.writer(b"x" * 100) == 0
         finally:
             os.close(fd)
         assert transfer.accepted is False
