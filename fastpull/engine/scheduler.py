@@ -102,6 +102,9 @@ class Scheduler:
         self._next_id = 0
         self._pending: list[tuple[float, Chunk]] = []
         self._active: dict[int, _Active] = {}
+        # The same active chunks per blob, by start offset: the engine asks for one blob's
+        # chunks, and for the one at its hashed edge, on every turn of its loop.
+        self._active_at: list[dict[int, _Active]] = [{} for _ in sizes]
         for index, ranges in enumerate(done or []):
             for start, end in ranges:
                 self._mark_done(index, max(0, start), min(sizes[index], end))
@@ -122,7 +125,7 @@ class Scheduler:
         info = self._blobs[blob]
         taken = sorted(
             [(0, info.prefix), *info.done.items()]
-            + [(a.chunk.start, a.chunk.end) for a in self._active.values() if a.chunk.blob == blob]
+            + [(a.chunk.start, a.chunk.end) for a in self._active_at[blob].values()]
             + [(c.start, c.end) for _, c in self._pending if c.blob == blob]
         )
         gaps: list[tuple[int, int]] = []
@@ -165,9 +168,16 @@ class Scheduler:
         for i, (ready_at, chunk) in enumerate(self._pending):
             if ready_at <= now and eligible(chunk.blob):
                 del self._pending[i]
-                self._active[chunk.id] = _Active(chunk, chunk.start)
+                active = _Active(chunk, chunk.start)
+                self._active[chunk.id] = active
+                self._active_at[chunk.blob][chunk.start] = active
                 return chunk
         return None
+
+    def _deactivate(self, chunk_id: int) -> _Active:
+        active = self._active.pop(chunk_id)
+        del self._active_at[active.chunk.blob][active.chunk.start]
+        return active
 
     def next_ready_time(self) -> float | None:
         """When the earliest waiting chunk becomes ready (None if the queue is empty)."""
@@ -185,7 +195,8 @@ class Scheduler:
 
     def active_chunks(self, blob: int | None = None) -> list[Chunk]:
         """Chunks being fetched (of one blob, or all)."""
-        return [a.chunk for a in self._active.values() if blob is None or a.chunk.blob == blob]
+        actives = self._active.values() if blob is None else self._active_at[blob].values()
+        return [a.chunk for a in actives]
 
     # -- what workers report -------------------------------------------------------------
 
@@ -197,7 +208,7 @@ class Scheduler:
 
     def complete(self, chunk_id: int) -> Chunk:
         """The whole chunk is written."""
-        active = self._active.pop(chunk_id)
+        active = self._deactivate(chunk_id)
         self._mark_done(active.chunk.blob, active.chunk.start, active.chunk.end)
         return active.chunk
 
@@ -216,7 +227,7 @@ class Scheduler:
         """The transfer stopped at ``position`` (at ``now``, by default ``ready_at``): keep
         what was written, requeue the rest to start at ``ready_at``."""
         retries = self.retries(chunk_id, position, ready_at if now is None else now)
-        active = self._active.pop(chunk_id)
+        active = self._deactivate(chunk_id)
         chunk = active.chunk
         info = self._blobs[chunk.blob]
         if retries.exhausted:
@@ -238,7 +249,7 @@ class Scheduler:
 
     def retry_now(self, chunk_id: int) -> None:
         """Requeue an active chunk at once with the same attempt (redirect, re-login)."""
-        active = self._active.pop(chunk_id)
+        active = self._deactivate(chunk_id)
         chunk = active.chunk
         if active.position > chunk.start and not self._blobs[chunk.blob].single_stream:
             self._mark_done(chunk.blob, chunk.start, active.position)
@@ -299,7 +310,8 @@ class Scheduler:
 
     def forget(self, chunk_id: int) -> None:
         """Drop an active chunk whose bytes no longer count (cancelled)."""
-        self._active.pop(chunk_id, None)
+        if chunk_id in self._active:
+            self._deactivate(chunk_id)
 
     def restart_single(self, blob: int) -> None:
         """Queue the plain GET of a blob switched to single stream (its others stopped)."""
@@ -318,7 +330,7 @@ class Scheduler:
         self._pending = [(t, c) for t, c in self._pending if c.blob != blob]
         active = self.active_chunks(blob)
         for chunk in active:
-            del self._active[chunk.id]
+            self._deactivate(chunk.id)
         return active
 
     def refetch_done(self, blob: int) -> None:
@@ -352,10 +364,8 @@ class Scheduler:
         info = self._blobs[blob]
         if info.single_stream:
             return info.prefix
-        for active in self._active.values():
-            if active.chunk.blob == blob and active.chunk.start == info.prefix:
-                return active.position
-        return info.prefix
+        edge = self._active_at[blob].get(info.prefix)
+        return edge.position if edge is not None else info.prefix
 
     def _queued(self, blob: int) -> bool:
         return any(c.blob == blob for _, c in self._pending)
@@ -363,13 +373,11 @@ class Scheduler:
     def complete_blob(self, blob: int) -> bool:
         """Every byte of the blob is written and no transfer of it is running or queued."""
         info = self._blobs[blob]
-        return info.prefix >= info.size and not self.active_chunks(blob) and not self._queued(blob)
+        return info.prefix >= info.size and not self._active_at[blob] and not self._queued(blob)
 
     def received(self, blob: int) -> int:
         """Bytes written so far, done or in flight (for progress display)."""
         info = self._blobs[blob]
         done = info.prefix + sum(end - start for start, end in info.done.items())
-        flying = sum(
-            a.position - a.chunk.start for a in self._active.values() if a.chunk.blob == blob
-        )
+        flying = sum(a.position - a.chunk.start for a in self._active_at[blob].values())
         return min(info.size, done + flying)
