@@ -296,6 +296,13 @@ class _ClusterCopy:
         for (registry, repository, digest), has in found.items():
             if has is True:
                 holders.setdefault((registry, digest), []).append(repository)
+        for image in images:
+            # A copy within one registry mounts from the source repository itself.
+            assert image.plan is not None and image.dest is not None
+            if image.dest.registry == image.ref.registry:
+                for blob in image.plan.blobs:
+                    key = (image.ref.registry, blob.digest)
+                    holders.setdefault(key, []).append(image.ref.repository)
         lacking: list[_Place] = []
         for place, has in found.items():
             if isinstance(has, FastpullError):
@@ -304,10 +311,12 @@ class _ClusterCopy:
                 self._place(place, BlobResult(place[2], places[place].size, EXISTS))
             else:
                 lacking.append(place)
-        mountable = [p for p in lacking if holders.get((p[0], p[2]))]
-        mounted = self._each(
-            lambda p: self._mount(p, places[p], holders[(p[0], p[2])][0]), mountable
-        )
+        sources = {
+            place: next((r for r in holders.get((place[0], place[2]), ()) if r != place[1]), None)
+            for place in lacking
+        }
+        mountable = [place for place, source in sources.items() if source is not None]
+        mounted = self._each(lambda p: self._mount(p, places[p], sources[p] or ""), mountable)
         for place, result in zip(mountable, mounted, strict=True):
             if isinstance(result, BlobResult):
                 self._place(place, result)

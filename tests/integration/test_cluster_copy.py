@@ -134,6 +134,50 @@ def test_a_batch_copy_moves_each_blob_once_and_a_second_run_uploads_nothing(
     assert document["blobs"] == []
 
 
+@pytest.fixture(scope="module")
+def other_registry() -> Iterator[RegistryServer]:
+    """A third registry: a second destination of one batch."""
+    yield from _serve()
+
+
+def test_a_batch_to_several_registries_uploads_once_per_registry(
+    registry: Any,
+    dest_registry: RegistryServer,
+    other_registry: RegistryServer,
+    repo: str,
+    dask_cluster: DaskCluster,
+    tmp_path: Path,
+) -> None:
+    family = _family(registry, repo, 4, seed=780)
+    refs = list(family)
+    listing = tmp_path / "batch.json"
+    entries: list[dict[str, str]] = [{"image": refs[0]}, {"image": refs[1]}]
+    entries += [{"image": r, "to": f"{other_registry.host}/other/{n}"} for n, r in enumerate(refs)]
+    # Within the source registry itself: every blob is mounted from the source repository.
+    entries.append({"image": refs[0], "to": f"{registry.host}/{repo}/copy0"})
+    listing.write_text(json.dumps(entries))
+    marks = {r: r.mark() for r in (registry, dest_registry, other_registry)}
+
+    done = _fastpull(
+        "copy", "-f", str(listing), "--to", f"{dest_registry.host}/first",
+        "--cluster", dask_cluster.address, env=_env(FASTPULL_CLUSTER_TASK_BYTES="1"),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    sizes = _unique_sizes(family.values())
+    assert dict(_blob_bytes(registry.requests(marks[registry]))) == sizes
+    first_two = _unique_sizes(family[r] for r in refs[:2])
+    assert sorted(_put_digests(dest_registry.requests(marks[dest_registry]))) == sorted(first_two)
+    assert sorted(_put_digests(other_registry.requests(marks[other_registry]))) == sorted(sizes)
+    within = registry.requests(marks[registry])
+    assert _put_digests(within) == []
+    assert len(_mounts(within)) == len(family[refs[0]].referenced_blobs())
+    for n, ref in enumerate(refs):
+        manifest = family[ref].manifest_bytes
+        assert _raw_manifest(other_registry, f"other/{n}", "1") == manifest
+    assert _raw_manifest(registry, f"{repo}/copy0", "1") == family[refs[0]].manifest_bytes
+
+
 def test_an_image_missing_at_the_source_fails_alone(
     registry: Any,
     dest_registry: RegistryServer,
