@@ -25,6 +25,7 @@ destination never names an image with missing blobs.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -57,6 +58,9 @@ from fastpull.types import Descriptor, Digest, PlatformSelection
 
 # Threads of the client's own registry work: resolving, HEADs, mounts, manifest pushes.
 CLIENT_THREADS = 8
+# The most bytes one relay task fetches (one larger blob is a task alone): what a worker's
+# scratch holds at most per task it runs at once.
+SCRATCH_BYTES = int(os.environ.get("FASTPULL_CLUSTER_SCRATCH_BYTES", 8 * 1024**3))
 _POLL_SECONDS = 0.2
 _T = TypeVar("_T")
 _U = TypeVar("_U")
@@ -406,7 +410,8 @@ class _ClusterCopy:
         tasks = split(
             [b.source for b in relay.values()],
             max(1, self.cluster.workers),
-            min_task_bytes=TASK_BYTES,
+            min_task_bytes=min(TASK_BYTES, SCRATCH_BYTES),
+            max_task_bytes=SCRATCH_BYTES,
         )
         registries = {b.source.registry for b in relay.values()}
         registries |= {t.registry for b in relay.values() for t in b.targets}

@@ -13,8 +13,8 @@ soon as the engine has verified and committed it: through a :class:`~fastpull.pu
 which skips what a repository has (``HEAD``), uploads a blob once per destination registry
 and mounts it into the other repositories of that registry. Once a blob is at every
 destination that needs it, its local copy is deleted. So a worker's disk holds at most the
-bytes of the tasks it runs at once (a task is at most ``plan.task_budget`` bytes, or one
-larger blob): the engine commits a blob before its uploads start, and the uploads of the
+bytes of the tasks it runs at once (its ``--nthreads``): a relay task is at most
+``FASTPULL_CLUSTER_SCRATCH_BYTES`` (8 GiB), or one larger blob alone. The uploads of the
 first blobs overlap the download of the rest.
 
 The scratch directory is removed when the task ends, however it ends. A task whose worker

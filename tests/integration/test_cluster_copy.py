@@ -90,8 +90,8 @@ def test_a_batch_copy_moves_each_blob_once_and_a_second_run_uploads_nothing(
 
     done = _fastpull(
         *args, "--cluster", dask_cluster.address, "--report", str(report),
-        # One task per blob, so both workers get some.
-        env=_env(FASTPULL_CLUSTER_TASK_BYTES="1"),
+        # Scratch for one blob per task: each blob is a task, and both workers get some.
+        env=_env(FASTPULL_CLUSTER_SCRATCH_BYTES="1"),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
