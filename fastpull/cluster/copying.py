@@ -232,8 +232,9 @@ class _ClusterCopy:
                 image.plan = plan
             else:
                 self._finish(image, image.failed(plan))
-        with contextlib.suppress(_Stop):
-            self._deliver([image for image in images if image.outcome is None])
+        if not self.stopped:
+            with contextlib.suppress(_Stop):
+                self._deliver([image for image in images if image.outcome is None])
         for image in images:
             if image.outcome is None:
                 skipped = UsageError("not copied: an earlier image failed")

@@ -210,6 +210,30 @@ def test_an_image_missing_at_the_source_fails_alone(
         assert _raw_manifest(dest_registry, f"alone/{name}", "1") == image.manifest_bytes
 
 
+def test_fail_fast_skips_the_images_after_a_failure(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    dask_cluster: DaskCluster,
+    tmp_path: Path,
+) -> None:
+    ref = next(iter(_family(registry, repo, 1, seed=735)))
+    listing = tmp_path / "images.txt"
+    listing.write_text(f"{registry.host}/{repo}/missing:1\n{ref}\n")
+    report = tmp_path / "report.json"
+    dest_mark = dest_registry.mark()
+
+    done = _fastpull(
+        "copy", "-f", str(listing), "--to", f"{dest_registry.host}/fast", "--fail-fast",
+        "--cluster", dask_cluster.address, "--report", str(report),
+    )  # fmt: skip
+
+    assert done.returncode == 4, done.stderr
+    document = json.loads(report.read_text())
+    assert [i["status"] for i in document["images"]] == ["failed", "skipped"]
+    assert dest_registry.requests(dest_mark) == []
+
+
 def test_killing_a_worker_mid_blob_and_the_batch_completes_on_the_other(
     registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
 ) -> None:
