@@ -480,7 +480,7 @@ class _ClusterCopy:
         assert image.plan is not None and image.dest is not None
         plan, dest = image.plan, image.dest
         try:
-            manifests = _manifests(plan)
+            manifests = manifests_to_push(plan)
             top_raw, top_type, top_digest = manifests[-1]
             if dest.digest is not None and dest.digest != top_digest:
                 raise UsageError(
@@ -577,7 +577,7 @@ class _ClusterCopy:
         return results
 
 
-def _manifests(plan: ImagePlan) -> list[tuple[bytes, str, Digest]]:
+def manifests_to_push(plan: ImagePlan) -> list[tuple[bytes, str, Digest]]:
     """What to push for an image, in order, top last: as the source served them. An index
     of which only some platforms were copied is re-made with just those, in its own
     media type."""
@@ -598,4 +598,4 @@ def _manifests(plan: ImagePlan) -> list[tuple[bytes, str, Digest]]:
     return [*children, (raw, index.media_type, digest_of(raw, index.digest.algorithm))]
 
 
-__all__ = ["ClusterCopyResult", "copy_batch_on_cluster"]
+__all__ = ["ClusterCopyResult", "copy_batch_on_cluster", "manifests_to_push"]
