@@ -241,11 +241,10 @@ def _copy_on_cluster(
     nodes checked) before anything is fetched."""
     from fastpull.cluster.client import Cluster, check_address
     from fastpull.cluster.copying import copy_batch_on_cluster
-    from fastpull.mirror import checked_prefix
+    from fastpull.mirror import check_entries
 
     check_address(address)
-    if to is not None:
-        checked_prefix(to)
+    check_entries(entries, to)
     with cancel.handled(ignore_after_stop=True), Cluster(address) as cluster:
         return copy_batch_on_cluster(
             entries,

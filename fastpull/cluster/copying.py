@@ -44,7 +44,7 @@ from fastpull.cluster.client import TASK_BYTES, Cluster, new_job
 from fastpull.cluster.plan import BlobRef, Task, split
 from fastpull.cluster.relay import RelayBlob, RelayResult, RelaySpec, Target, run_relay
 from fastpull.errors import ClusterError, FastpullError, Interrupted, UsageError
-from fastpull.mirror import CopyBatchResult, CopyOutcome, checked_prefix, entry_destination
+from fastpull.mirror import CopyBatchResult, CopyOutcome, check_entries, entry_destination
 from fastpull.puller import ImagePlan, Puller
 from fastpull.reference import Reference
 from fastpull.registry.client import RegistryClient
@@ -132,13 +132,7 @@ def copy_batch_on_cluster(
     docstring). ``jobs`` and ``chunk_size`` are each task's upload threads and PATCH
     size. Raises Interrupted on Ctrl-C."""
     started = time.monotonic()
-    for entry in entries:
-        if not entry.to and to is None:
-            raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
-        if entry.store is not None:
-            raise UsageError(f"{entry.origin}: 'store' is not used by copy")
-    if to is not None:
-        checked_prefix(to)
+    check_entries(entries, to)
     lock = threading.Lock()
 
     def emit(event: events.Event) -> None:
@@ -163,14 +157,7 @@ def copy_batch_on_cluster(
             run.close()
     outcomes = tuple(image.outcome for image in images if image.outcome is not None)
     result = ClusterCopyResult(outcomes, time.monotonic() - started, run.moved_by)
-    emit(
-        events.BatchFinished(
-            len(outcomes),
-            len(result.failed),
-            sum(o.bytes_downloaded for o in outcomes),
-            result.seconds,
-        )
-    )
+    emit(result.finished())
     return result
 
 

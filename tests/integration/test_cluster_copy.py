@@ -5,18 +5,19 @@ as the destination, and no filesystem shared with the workers beyond their own s
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import _serve
-from tests.integration.conftest import one_line
+from tests.integration.conftest import one_line, start_fastpull
 from tests.integration.test_cluster import (
     _RUN_TIMEOUT,
     _blob_bytes,
@@ -234,89 +235,87 @@ def test_fail_fast_skips_the_images_after_a_failure(
     assert dest_registry.requests(dest_mark) == []
 
 
-def test_killing_a_worker_mid_blob_and_the_batch_completes_on_the_other(
-    registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
-) -> None:
-    layer = make_layer(6 * MiB, seed=740)
+@dataclass
+class _SlowCopy:
+    """A batch of one image whose blob's first request trickles (64 KiB, then a byte a
+    second), so the task fetching it is mid-blob for as long as a test needs; the client
+    runs in the background on a cluster of one worker, w1."""
+
+    proxy: FaultProxy
+    cluster: DaskCluster
+    path: str
+    layer: Any
+    image: Image
+    report: Path
+    client: subprocess.Popen[str]
+
+
+@contextlib.contextmanager
+def _slow_copy(
+    registry: Any, dest: RegistryServer, repo: str, tmp_path: Path, seed: int, prefix: str
+) -> Iterator[_SlowCopy]:
+    layer = make_layer(6 * MiB, seed=seed)
     image = make_image([layer])
     registry.pusher.push_image(f"{repo}/big", "1", image)
     path = blob_path(f"{repo}/big", layer.digest)
     with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
-        # 64 KiB at once, then one byte a second: w1 is mid-blob until it dies.
         proxy.add(Rule(Trickle(after=64 * 1024), path=path, times=1))
         listing = tmp_path / "images.txt"
         listing.write_text(f"{proxy.host}/{repo}/big:1\n")
         report = tmp_path / "report.json"
-        client = subprocess.Popen(
-            [
-                sys.executable, "-m", "fastpull", "copy", "-f", str(listing),
-                "--to", f"{dest_registry.host}/killed", "--cluster", cluster.address,
-                "--report", str(report), "--stall-timeout", "120",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        client = start_fastpull(
+            "copy", "-f", str(listing), "--to", f"{dest.host}/{prefix}",
+            "--cluster", cluster.address, "--report", str(report), "--stall-timeout", "120",
         )  # fmt: skip
         try:
             _wait_until(lambda: proxy.requests_for(path), "w1 to start on the blob")
-            _wait_until(lambda: _relay_dirs(cluster), "w1's scratch store")
-            left_by_w1 = _relay_dirs(cluster)
-            cluster.add_worker("w2")
-            killed = cluster.kill_worker("w1")
-            _, err = client.communicate(timeout=_RUN_TIMEOUT)
+            yield _SlowCopy(proxy, cluster, path, layer, image, report, client)
         finally:
             if client.poll() is None:
                 client.kill()
-                client.communicate()
+            client.communicate()
 
-        assert client.returncode == 0, err + cluster.log("scheduler")
+
+def test_killing_a_worker_mid_blob_and_the_batch_completes_on_the_other(
+    registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
+) -> None:
+    with _slow_copy(registry, dest_registry, repo, tmp_path, 740, "killed") as run:
+        _wait_until(lambda: _relay_dirs(run.cluster), "w1's scratch store")
+        left_by_w1 = _relay_dirs(run.cluster)
+        run.cluster.add_worker("w2")
+        # w1's other chunks are in by now; it waits on the trickling one.
+        by_w1 = len(run.proxy.requests_for(run.path))
+        killed = run.cluster.kill_worker("w1")
+        _, err = run.client.communicate(timeout=_RUN_TIMEOUT)
+
+        assert run.client.returncode == 0, err + run.cluster.log("scheduler")
         _wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in killed), "orphans")
-        document = json.loads(report.read_text())
+        document = json.loads(run.report.read_text())
         assert [b["worker"] for b in document["blobs"]] == ["w2"] * 2
-        assert proxy.bytes_sent(path) >= layer.size
+        # What w1 had received died with its scratch store; w2 fetched the blob once, whole.
+        requests = run.proxy.requests_for(run.path)
+        assert sum(r.body_sent for r in requests[by_w1:]) == run.layer.size
         # The dead worker's scratch store is removed by the next worker that starts there.
         assert all(d.exists() for d in left_by_w1)
-        cluster.add_worker("w3")
-        assert _relay_dirs(cluster) == []
-    assert _raw_manifest(dest_registry, f"killed/{repo}/big", "1") == image.manifest_bytes
+        run.cluster.add_worker("w3")
+        assert _relay_dirs(run.cluster) == []
+    raw = _raw_manifest(dest_registry, f"killed/{repo}/big", "1")
+    assert raw == run.image.manifest_bytes
 
 
 def test_ctrl_c_stops_the_tasks_and_pushes_no_manifest(
     registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
 ) -> None:
-    layer = make_layer(4 * MiB, seed=750)
-    registry.pusher.push_image(f"{repo}/big", "1", make_image([layer]))
-    path = blob_path(f"{repo}/big", layer.digest)
-    with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
-        proxy.add(Rule(Trickle(after=64 * 1024), path=path, times=1))
-        listing = tmp_path / "images.txt"
-        listing.write_text(f"{proxy.host}/{repo}/big:1\n")
-        client = subprocess.Popen(
-            [
-                sys.executable, "-m", "fastpull", "copy", "-f", str(listing),
-                "--to", f"{dest_registry.host}/stopped", "--cluster", cluster.address,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        try:
-            _wait_until(lambda: proxy.requests_for(path), "the task to start on the blob")
-            client.send_signal(signal.SIGINT)
-            _, err = client.communicate(timeout=60)
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.communicate()
+    with _slow_copy(registry, dest_registry, repo, tmp_path, 750, "stopped") as run:
+        run.client.send_signal(signal.SIGINT)
+        _, err = run.client.communicate(timeout=60)
 
-        assert client.returncode == 130, err
+        assert run.client.returncode == 130, err
         assert "interrupted" in one_line(err)
-        _wait_until(lambda: proxy.requests_for(path)[0].hung_up, "the task to stop", 20)
-        _wait_until(lambda: not _relay_dirs(cluster), "the scratch store to go", 20)
-    manifests = [r for r in dest_registry.requests() if "/stopped/" in r.path]
-    assert [r for r in manifests if "/manifests/" in r.path and r.method == "PUT"] == []
+        _wait_until(lambda: run.proxy.requests_for(run.path)[0].hung_up, "the task to stop", 20)
+        _wait_until(lambda: not _relay_dirs(run.cluster), "the scratch store to go", 20)
+    stopped = [r for r in dest_registry.requests() if "/stopped/" in r.path]
+    assert [r for r in stopped if "/manifests/" in r.path and r.method == "PUT"] == []
 
 
 def test_an_unreachable_cluster_is_one_line_before_anything_is_fetched(
