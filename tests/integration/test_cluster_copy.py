@@ -96,6 +96,7 @@ def test_a_batch_copy_moves_each_blob_once_and_a_second_run_uploads_nothing(
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
+    assert any(line.startswith("IMAGE") for line in done.stdout.splitlines())
     # Every blob's bytes left the source once, across the whole cluster.
     assert dict(_blob_bytes(registry.requests(source_mark))) == sizes
     logged = dest_registry.requests(dest_mark)
@@ -160,11 +161,18 @@ def test_a_batch_to_several_registries_uploads_once_per_registry(
     marks = {r: r.mark() for r in (registry, dest_registry, other_registry)}
 
     done = _fastpull(
-        "copy", "-f", str(listing), "--to", f"{dest_registry.host}/first",
+        "copy", "-f", str(listing), "--to", f"{dest_registry.host}/first", "--json",
         "--cluster", dask_cluster.address, env=_env(FASTPULL_CLUSTER_TASK_BYTES="1"),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
+    # --json: the events of a local batch copy, the workers' progress among them.
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    kinds = [r["event"] for r in records]
+    assert kinds[0] == "batch-planned" and kinds[-1] == "batch-finished"
+    assert kinds.count("image-done") == kinds.count("push-finished") == len(entries)
+    assert {r["status"] for r in records if r["event"] == "image-done"} == {"copied"}
+    assert "layer" in kinds
     sizes = _unique_sizes(family.values())
     assert dict(_blob_bytes(registry.requests(marks[registry]))) == sizes
     first_two = _unique_sizes(family[r] for r in refs[:2])
