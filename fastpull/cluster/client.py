@@ -184,7 +184,8 @@ class Cluster:
                             on_lost(task, _stalled(task))
             except BaseException:
                 # Ctrl-C, or a failure that stops the batch (--fail-fast): the running tasks
-                # journal what they wrote and stop; the queued ones never start.
+                # stop (a pull's journal what they wrote, a copy's drop their scratch); the
+                # queued ones never start.
                 Event(stop_event(job), client=client).set()
                 _settled(pending, _STOP_GRACE_SECONDS, every=True)
                 client.cancel(list(pending), reason="stopped")
@@ -240,7 +241,7 @@ class ClusterFetcher:
         on_failure: Callable[[Digest, FastpullError], None] | None = None,
     ) -> Fetched:
         """Fetch every blob on the cluster; as ``Downloader.fetch``."""
-        refs, credentials = blob_refs(blobs, source)
+        refs, credentials = _blob_refs(blobs, source)
         if not refs:
             return Fetched(())
         tasks = split(refs, max(1, self.cluster.workers), min_task_bytes=TASK_BYTES)
@@ -341,7 +342,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def blob_refs(
+def _blob_refs(
     blobs: Sequence[Descriptor], source: BlobSource | Mapping[Digest, BlobSource]
 ) -> tuple[list[BlobRef], tuple[tuple[str, Credentials], ...]]:
     """Where each blob comes from, as plain data, and the credentials of each registry."""
@@ -361,7 +362,6 @@ __all__ = [
     "ENV_ADDRESS",
     "Cluster",
     "ClusterFetcher",
-    "blob_refs",
     "check_address",
     "identity",
     "new_job",

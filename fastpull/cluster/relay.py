@@ -138,8 +138,13 @@ def run_relay(spec: RelaySpec) -> RelayResult:
         except Interrupted:
             return RelayResult(spec.number, name, interrupted=True)
         except FastpullError as exc:
-            # A destination or source unreachable for every blob: data, never raised.
-            relay.failures += [(b.descriptor.digest, None, exc) for b in spec.blobs]
+            # Whatever stopped the task fails the blobs it had not done: data, never raised.
+            done = {d for d, _, _ in relay.failures} | {r.digest for _, r in relay.delivered}
+            relay.failures += [
+                (b.descriptor.digest, None, exc)
+                for b in spec.blobs
+                if b.descriptor.digest not in done
+            ]
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return RelayResult(
@@ -177,7 +182,7 @@ class _Relay:
             Pusher(
                 store,
                 settings=spec.settings,
-                credentials=spec,  # type: ignore[arg-type]
+                credentials=spec,  # type: ignore[arg-type]  # a CredentialSource
                 jobs=spec.jobs,
                 chunk_size=spec.chunk_size,
                 on_event=self.forward,
