@@ -24,7 +24,9 @@ from tests.integration.test_cluster import (
     _cluster,
     _env,
     _fastpull,
+    _odd_cluster,
     _wait_until,
+    assert_names_the_odd_worker,
 )
 from tests.integration.test_mirror import _mounts, _put_digests, _raw_manifest, _uploads
 from tests.support.daskcluster import DaskCluster
@@ -343,6 +345,25 @@ def test_an_unreachable_cluster_is_one_line_before_anything_is_fetched(
     assert done.returncode == 5
     line = one_line(done.stderr)
     assert line.startswith(f"Error: cannot reach the Dask scheduler at {nobody}"), line
+    assert registry.requests(source_mark) == []
+    assert dest_registry.requests(dest_mark) == []
+
+
+def test_a_node_running_another_fastpull_is_named_before_anything_is_copied(
+    registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
+) -> None:
+    ref = next(iter(_family(registry, repo, 1, seed=765)))
+    listing = tmp_path / "images.txt"
+    listing.write_text(ref + "\n")
+    with _odd_cluster(tmp_path) as cluster:
+        source_mark, dest_mark = registry.mark(), dest_registry.mark()
+
+        done = _fastpull(
+            "copy", "-f", str(listing), "--to", f"{dest_registry.host}/odd",
+            "--cluster", cluster.address,
+        )  # fmt: skip
+
+    assert_names_the_odd_worker(done)
     assert registry.requests(source_mark) == []
     assert dest_registry.requests(dest_mark) == []
 
