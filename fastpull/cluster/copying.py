@@ -58,6 +58,8 @@ from fastpull.types import Descriptor, Digest, PlatformSelection
 
 # Threads of the client's own registry work: resolving, HEADs, mounts, manifest pushes.
 CLIENT_THREADS = 8
+# A repository's HEADs or mounts one thread does in a row (with one token).
+REPOSITORY_RUN = 32
 # The most bytes one relay task fetches (one larger blob is a task alone): what a worker's
 # scratch holds at most per task it runs at once.
 SCRATCH_BYTES = int(os.environ.get("FASTPULL_CLUSTER_SCRATCH_BYTES", 8 * 1024**3))
@@ -277,13 +279,7 @@ class _ClusterCopy:
                 self._waiting.setdefault(place, []).append(image)
                 image.waiting.add(blob.digest)
         reachable = self._reach({registry for registry, _, _ in places})
-        found = dict(
-            zip(
-                places,
-                self._each(lambda p: self._has(p, reachable), list(places)),
-                strict=True,
-            )
-        )
+        found = self._by_repository(lambda p: self._has(p, reachable), list(places))
         holders: dict[tuple[str, Digest], list[str]] = {}
         for (registry, repository, digest), has in found.items():
             if has is True:
@@ -308,8 +304,10 @@ class _ClusterCopy:
             for place in lacking
         }
         mountable = [place for place, source in sources.items() if source is not None]
-        mounted = self._each(lambda p: self._mount(p, places[p], sources[p] or ""), mountable)
-        for place, result in zip(mountable, mounted, strict=True):
+        mounted = self._by_repository(
+            lambda p: self._mount(p, places[p], sources[p] or ""), mountable
+        )
+        for place, result in mounted.items():
             if isinstance(result, BlobResult):
                 self._place(place, result)
         relay = self._relay_blobs(images, [p for p in lacking if p not in self._placed])
@@ -541,10 +539,31 @@ class _ClusterCopy:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _by_repository(
+        self, work: Callable[[_Place], _U], places: Sequence[_Place]
+    ) -> dict[_Place, _U | FastpullError]:
+        """``work`` for every place, a repository's places together on one thread (in runs
+        of at most :data:`REPOSITORY_RUN`): a token registry is then asked for each
+        repository's scope once per run, not once per blob and thread."""
+        repositories: dict[tuple[str, str], list[_Place]] = {}
+        for place in places:
+            repositories.setdefault(place[:2], []).append(place)
+        runs = [
+            group[start : start + REPOSITORY_RUN]
+            for group in repositories.values()
+            for start in range(0, len(group), REPOSITORY_RUN)
+        ]
+        answers = self._each(lambda run: [_isolated(work, place) for place in run], runs)
+        found: dict[_Place, _U | FastpullError] = {}
+        for run, answer in zip(runs, answers, strict=True):
+            assert not isinstance(answer, FastpullError)  # each place's error is in its list
+            found.update(zip(run, answer, strict=True))
+        return found
+
     def _each(self, work: Callable[[_T], _U], inputs: Sequence[_T]) -> list[_U | FastpullError]:
         """``work`` over ``inputs`` on the client's threads; an error that concerns one
         image takes the place of its result. Ctrl-C is seen between results."""
-        futures = [self._pool.submit(work, x) for x in inputs]
+        futures = [self._pool.submit(_isolated, work, x) for x in inputs]
         try:
             while not all(f.done() for f in futures):
                 wait(futures, _POLL_SECONDS, FIRST_COMPLETED)
@@ -552,16 +571,17 @@ class _ClusterCopy:
         finally:
             for future in futures:
                 future.cancel()
-        results: list[_U | FastpullError] = []
-        for future in futures:
-            error = future.exception()
-            if error is None:
-                results.append(future.result())
-            elif isinstance(error, FastpullError) and not isinstance(error, Interrupted):
-                results.append(error)
-            else:
-                raise error
-        return results
+        return [future.result() for future in futures]
+
+
+def _isolated(work: Callable[[_T], _U], item: _T) -> _U | FastpullError:
+    """``work(item)``, or the error that concerns that item alone."""
+    try:
+        return work(item)
+    except FastpullError as exc:
+        if isinstance(exc, Interrupted):
+            raise
+        return exc
 
 
 def manifests_to_push(plan: ImagePlan) -> list[tuple[bytes, str, Digest]]:
