@@ -64,8 +64,8 @@ def checked_prefix(to: str) -> str:
 
 
 def check_entries(entries: Sequence[BatchEntry], to: str | None) -> None:
-    """UsageError unless every entry of a batch copy has a destination (its ``to``, or
-    ``to``, which must name a registry) and no store of its own."""
+    """UsageError unless every entry of a batch copy has a destination (its own ``to``, or
+    the batch's ``to``, which must name a registry) and no store of its own."""
     for entry in entries:
         if not entry.to and to is None:
             raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
