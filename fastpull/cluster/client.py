@@ -139,10 +139,12 @@ class Cluster:
         on_event: events.Listener,
         on_done: Callable[[Task, Any], None],
         on_lost: Callable[[Task, ClusterError], None],
+        on_note: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """Run ``function(spec)`` for every task on the workers, largest task first.
 
-        Progress the tasks send is emitted as layer events on this thread. Each result
+        Progress the tasks send is emitted as layer events on this thread, and their notes
+        (``tasks.Forwarder.note``) go to ``on_note``, on this thread too. Each result
         goes to ``on_done``; a task that raised, whose workers kept dying
         (``KilledWorker``), or that nothing was heard of for :data:`STALL_SECONDS`, goes
         to ``on_lost``. Anything those raise, or Ctrl-C, stops the job: the running tasks
@@ -170,7 +172,7 @@ class Cluster:
                 while pending:
                     done = _settled(pending, _WAIT_SECONDS)
                     pending -= done
-                    if _forward(progress, on_event) or done:
+                    if _forward(progress, on_event, on_note) or done:
                         heard = time.monotonic()
                     cancel.check()
                     for future in done:
@@ -193,7 +195,7 @@ class Cluster:
             finally:
                 with contextlib.suppress(Exception):
                     client.unsubscribe_topic(progress_topic(job))
-            _forward(progress, on_event)
+            _forward(progress, on_event, on_note)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -306,8 +308,12 @@ def _stalled(task: Task) -> ClusterError:
     )
 
 
-def _forward(progress: queue.SimpleQueue[dict[str, Any]], emit: events.Listener) -> int:
-    """Emit the progress the tasks sent; how many events there were."""
+def _forward(
+    progress: queue.SimpleQueue[dict[str, Any]],
+    emit: events.Listener,
+    on_note: Callable[[dict[str, Any]], None] | None,
+) -> int:
+    """Emit the progress the tasks sent, hand on their notes; how many messages there were."""
     forwarded = 0
     while True:
         try:
@@ -315,6 +321,10 @@ def _forward(progress: queue.SimpleQueue[dict[str, Any]], emit: events.Listener)
         except queue.Empty:
             return forwarded
         forwarded += 1
+        if message.get("note"):
+            if on_note is not None:
+                on_note(message)
+            continue
         emit(
             events.LayerEvent(
                 Digest.parse(str(message["digest"])),

@@ -42,7 +42,14 @@ from fastpull.batchfile import BatchEntry
 from fastpull.bulk import selected_tags
 from fastpull.cluster.client import TASK_BYTES, Cluster, new_job
 from fastpull.cluster.plan import BlobRef, Task, split
-from fastpull.cluster.relay import RelayBlob, RelayResult, RelaySpec, Target, run_relay
+from fastpull.cluster.relay import (
+    RelayBlob,
+    RelayResult,
+    RelaySpec,
+    Target,
+    placement,
+    run_relay,
+)
 from fastpull.errors import ClusterError, FastpullError, Interrupted, UsageError
 from fastpull.mirror import CopyBatchResult, CopyOutcome, check_entries, entry_destination
 from fastpull.puller import ImagePlan, Puller
@@ -443,13 +450,20 @@ class _ClusterCopy:
             if self.stopped:
                 raise _Stop
 
-        self.cluster.run(job, run_relay, specs, self.emit, done, lost)
+        def note(message: dict[str, Any]) -> None:
+            target, result = placement(message)
+            self._place((target.registry, target.repository, result.digest), result)
+
+        self.cluster.run(job, run_relay, specs, self.emit, done, lost, note)
 
     # -- 4: manifests, once an image's blobs are all in place -------------------------------
 
     def _place(self, place: _Place, result: BlobResult | FastpullError) -> None:
         """``place`` holds its blob now (or never will): images that were waiting for it
-        and need nothing else are finished."""
+        and need nothing else are finished. The first word about a place counts (a task
+        reports each upload as it ends, then again in its result)."""
+        if place in self._placed:
+            return
         self._placed[place] = result
         for image in self._waiting.get(place, ()):
             if image.outcome is not None:

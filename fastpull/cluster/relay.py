@@ -34,14 +34,15 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastpull import cancel, events
 from fastpull.cluster.plan import BlobRef
-from fastpull.cluster.tasks import running
+from fastpull.cluster.tasks import Forwarder, running
 from fastpull.engine.download import BlobSource, BlobStats
 from fastpull.errors import ClusterError, FastpullError, Interrupted
 from fastpull.puller import Puller, RepositoryBlobs
@@ -161,7 +162,7 @@ class _Relay:
     """One task's blobs: fetched by the engine, each uploaded to its targets as soon as it
     is committed, and deleted once every target has it."""
 
-    def __init__(self, spec: RelaySpec, forward: Callable[[events.Event], None]) -> None:
+    def __init__(self, spec: RelaySpec, forward: Forwarder) -> None:
         self.spec = spec
         self.forward = forward
         self.blobs = {b.descriptor.digest: b for b in spec.blobs}
@@ -233,6 +234,9 @@ class _Relay:
             return
         error = future.exception()
         digest = blob.descriptor.digest
+        if error is None:
+            # At once, so the client can push an image's manifests while this task goes on.
+            self.forward.note(placed(target, future.result()))
         with self._lock:
             if error is None:
                 self.delivered.append((target, future.result()))
@@ -259,12 +263,41 @@ class _Relay:
 _STORED = (events.DOWNLOAD_COMPLETE, events.ALREADY_EXISTS)
 
 
+def placed(target: Target, result: BlobResult) -> dict[str, object]:
+    """A blob that reached ``target``, as a note to the client (:func:`placement`)."""
+    return {
+        "registry": target.registry,
+        "repository": target.repository,
+        "digest": str(result.digest),
+        "size": result.size,
+        "outcome": result.outcome,
+        "bytes_sent": result.bytes_sent,
+        "mounted_from": result.mounted_from,
+        "attempts": result.attempts,
+    }
+
+
+def placement(note: Mapping[str, Any]) -> tuple[Target, BlobResult]:
+    """The target and result of a :func:`placed` note."""
+    mounted_from = note.get("mounted_from")
+    return Target(str(note["registry"]), str(note["repository"])), BlobResult(
+        Digest.parse(str(note["digest"])),
+        int(note["size"]),
+        str(note["outcome"]),
+        int(note["bytes_sent"]),
+        str(mounted_from) if mounted_from is not None else None,
+        int(note["attempts"]),
+    )
+
+
 __all__ = [
     "SCRATCH_ENV",
     "RelayBlob",
     "RelayResult",
     "RelaySpec",
     "Target",
+    "placed",
+    "placement",
     "run_relay",
     "scratch_base",
 ]

@@ -87,15 +87,15 @@ def run_task(spec: TaskSpec) -> TaskResult:
 
 
 @contextlib.contextmanager
-def running(job: str) -> Iterator[tuple[str, Callable[[events.Event], None]]]:
+def running(job: str) -> Iterator[tuple[str, Forwarder]]:
     """Around one task of ``job`` on a Dask worker: the worker's name, and a listener that
-    forwards layer events to the client; meanwhile a thread watches the job's stop
-    ``Event`` and turns it into a cancel request (what the engine and uploads obey)."""
+    forwards layer events (and notes) to the client; meanwhile a thread watches the job's
+    stop ``Event`` and turns it into a cancel request (what the engine and uploads obey)."""
     from distributed import Event, get_client, get_worker
 
     worker = get_worker()
     name = str(worker.name)
-    forward = _Forwarder(lambda msg: worker.log_event(progress_topic(job), msg), name)
+    forward = Forwarder(lambda msg: worker.log_event(progress_topic(job), msg), name)
     # Bound to the worker's client explicitly: the watcher thread has no Dask context.
     stop = Event(stop_event(job), client=get_client())
     watching = threading.Event()
@@ -137,13 +137,18 @@ def _fetch(
 
 
 @dataclass
-class _Forwarder:
+class Forwarder:
     """Layer events to the client, state changes at once and byte counts (downloading,
     pushing) at most every :data:`POLL_SECONDS` per blob."""
 
     send: Callable[[dict[str, object]], None]
     worker: str
     _last: dict[str, float] = field(default_factory=dict)
+
+    def note(self, fields: dict[str, object]) -> None:
+        """Tell the client something other than a layer event, at once (``fields`` must
+        be msgpack data)."""
+        self.send({"note": True, **fields, "worker": self.worker})
 
     def __call__(self, event: events.Event) -> None:
         if not isinstance(event, events.LayerEvent):
@@ -166,4 +171,12 @@ class _Forwarder:
         )
 
 
-__all__ = ["TaskResult", "TaskSpec", "progress_topic", "run_task", "running", "stop_event"]
+__all__ = [
+    "Forwarder",
+    "TaskResult",
+    "TaskSpec",
+    "progress_topic",
+    "run_task",
+    "running",
+    "stop_event",
+]

@@ -328,6 +328,47 @@ def test_ctrl_c_stops_the_tasks_and_pushes_no_manifest(
     assert [r for r in stopped if "/manifests/" in r.path and r.method == "PUT"] == []
 
 
+def test_an_image_is_pushed_as_soon_as_its_blobs_are_there_not_when_its_task_ends(
+    registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
+) -> None:
+    small = make_image([make_layer(100_000, seed=755)])
+    registry.pusher.push_image(f"{repo}/small", "1", small)
+    slow = make_layer(4 * MiB, seed=756)
+    registry.pusher.push_image(f"{repo}/slow", "1", make_image([slow]))
+    path = blob_path(f"{repo}/slow", slow.digest)
+    with FaultProxy(registry.url) as proxy, _cluster(1) as cluster:
+        # Every request for the slow layer trickles: it never arrives.
+        proxy.add(Rule(Trickle(after=64 * 1024), path=path, times=None))
+        listing = tmp_path / "images.txt"
+        listing.write_text(f"{proxy.host}/{repo}/small:1\n{proxy.host}/{repo}/slow:1\n")
+        # Both images' blobs are one task (the default size), which cannot end while the
+        # slow layer trickles.
+        client = start_fastpull(
+            "copy", "-f", str(listing), "--to", f"{dest_registry.host}/early",
+            "--cluster", cluster.address, "--stall-timeout", "120",
+        )  # fmt: skip
+        try:
+            _wait_until(
+                lambda: any(
+                    r.method == "PUT" and r.path == f"/v2/early/{repo}/small/manifests/1"
+                    for r in dest_registry.requests()
+                ),
+                "the small image's manifest",
+            )
+            client.send_signal(signal.SIGINT)
+            _, err = client.communicate(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.communicate()
+
+    assert client.returncode == 130, err
+    assert _raw_manifest(dest_registry, f"early/{repo}/small", "1") == small.manifest_bytes
+    logged = dest_registry.requests()
+    assert slow.digest not in _put_digests(logged)
+    assert not any(f"/early/{repo}/slow/" in r.path for r in logged if "/manifests/" in r.path)
+
+
 def test_an_unreachable_cluster_is_one_line_before_anything_is_fetched(
     registry: Any, dest_registry: RegistryServer, repo: str, tmp_path: Path
 ) -> None:
