@@ -15,7 +15,9 @@ and mounts it into the other repositories of that registry. Once a blob is at ev
 destination that needs it, its local copy is deleted. So a worker's disk holds at most the
 bytes of the tasks it runs at once (its ``--nthreads``): a relay task is at most
 ``FASTPULL_CLUSTER_SCRATCH_BYTES`` (8 GiB), or one larger blob alone. The uploads of the
-first blobs overlap the download of the rest.
+first blobs overlap the download of the rest, and each blob that reaches a repository is
+told to the client at once (a note on the job's progress topic), so that the client pushes
+an image's manifests as soon as its blobs are in place, not when the task ends.
 
 The scratch directory is removed when the task ends, however it ends. A task whose worker
 is killed leaves its directory behind in the worker's local directory, which Dask marks as
