@@ -97,7 +97,6 @@ class ClusterCopyResult(CopyBatchResult):
 class _Image:
     """One image of the batch, from its entry to its outcome."""
 
-    position: int
     entry: BatchEntry
     ref: Reference
     default_tag: bool = False
@@ -239,17 +238,15 @@ class _ClusterCopy:
 
     def _expand(self, entries: Sequence[BatchEntry]) -> list[_Image]:
         images: list[_Image] = []
-        for position, (entry, tags) in enumerate(
-            zip(entries, self._each(self._tags_of, entries), strict=True)
-        ):
+        for entry, tags in zip(entries, self._each(self._tags_of, entries), strict=True):
             if isinstance(tags, FastpullError):
-                image = _Image(position, entry, entry.reference)
+                image = _Image(entry, entry.reference)
                 self._finish(image, image.failed(tags))
                 images.append(image)
             elif tags is None:
-                images.append(_Image(position, entry, entry.reference, entry.default_tag))
+                images.append(_Image(entry, entry.reference, entry.default_tag))
             else:
-                images += [_Image(position, entry, entry.reference.with_tag(t)) for t in tags]
+                images += [_Image(entry, entry.reference.with_tag(t)) for t in tags]
         return images
 
     def _tags_of(self, entry: BatchEntry) -> list[str] | None:
