@@ -202,6 +202,8 @@ class _ClusterCopy:
         self._placed: dict[_Place, BlobResult | FastpullError] = {}
         self._waiting: dict[_Place, list[_Image]] = {}
         self._pushes: list[Future[None]] = []
+        # Images complete before the plan is told (BatchPlanned): pushed right after it.
+        self._ready: list[_Image] | None = []
         self._pool = ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="fastpull-copy")
         self._downloaded: dict[Digest, int] = {}
 
@@ -315,9 +317,14 @@ class _ClusterCopy:
             if isinstance(result, BlobResult):
                 self._place(place, result)
         relay = self._relay_blobs(images, [p for p in lacking if p not in self._placed])
+        # Images that failed before this are not counted here (their lines came first).
+        unfinished = sum(1 for image in images if image.outcome is None)
         self.emit(
-            events.BatchPlanned(len(images), len(relay), sum(blob.size for blob in relay.values()))
+            events.BatchPlanned(unfinished, len(relay), sum(blob.size for blob in relay.values()))
         )
+        ready, self._ready = self._ready, None
+        for image in ready or ():
+            self._pushes.append(self._pool.submit(self._push, image))
         if relay and not self.stopped:
             self._run(relay)
         self._wait_for_pushes()
@@ -469,7 +476,11 @@ class _ClusterCopy:
                 self._finish(image, image.failed(result))
                 continue
             image.waiting.discard(place[2])
-            if not image.waiting and not self.stopped:
+            if image.waiting or self.stopped:
+                continue
+            if self._ready is not None:
+                self._ready.append(image)  # pushed once the batch's plan is told
+            else:
                 self._pushes.append(self._pool.submit(self._push, image))
 
     def _push(self, image: _Image) -> None:

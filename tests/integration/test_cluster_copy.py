@@ -126,10 +126,13 @@ def test_a_batch_copy_moves_each_blob_once_and_a_second_run_uploads_nothing(
 
     source_mark, dest_mark = registry.mark(), dest_registry.mark()
     again = _fastpull(
-        *args, "--report", str(report), env=_env(FASTPULL_CLUSTER=dask_cluster.address)
+        *args, "--report", str(report), "--json", env=_env(FASTPULL_CLUSTER=dask_cluster.address)
     )
 
     assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in again.stdout.splitlines()]
+    # Every image is complete before anything is planned; the plan is still told first.
+    assert records[0] == {"event": "batch-planned", "images": 5, "blobs": 0, "bytes": 0}
     assert not _blob_bytes(registry.requests(source_mark))
     logged = dest_registry.requests(dest_mark)
     assert [r for r in logged if "/blobs/uploads/" in r.path] == []
