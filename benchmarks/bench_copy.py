@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench_copy [--parts big,batch] [--runs 1] [--quick]
+    python -m benchmarks.bench_copy [--parts big,batch] [--runs 1] [--quick] [--cluster]
 
 It starts two of Debian's ``docker-registry`` on 127.0.0.1: the source, behind nginx capping
 every connection at ``--cap-mbps`` (40 MB/s, as ``bench_pull``'s capped scenario), and for
@@ -12,7 +12,9 @@ every run a fresh, empty destination. Then:
   down) with ``fastpull copy SRC DEST`` and ``skopeo copy docker://SRC docker://DEST``;
 - ``batch``: ``bench_batch``'s images (``--count`` of them, 5 shared base layers and 5 own)
   with ``fastpull copy -f LIST --to DEST/mirror``, ``skopeo sync --src yaml --dest docker``
-  and a loop of ``skopeo copy``.
+  and a loop of ``skopeo copy``; with ``--cluster`` also ``fastpull-cluster``: the same
+  ``copy -f`` with ``--cluster`` on a ``dask scheduler`` and two ``dask worker`` processes
+  started on this machine (so it shows the cluster's overhead, not a speed-up).
 
 fastpull gets a fresh store per run. At the destination, its access log gives the blobs
 uploaded (a ``PUT`` answered 201 ends each upload; the bytes are those blobs' sizes, so a
@@ -26,6 +28,7 @@ uploaded = unique bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -42,6 +45,7 @@ from benchmarks.measure import run_measured
 from benchmarks.report import write_json
 from benchmarks.synthetic import build_image, image_specs
 from benchmarks.tools import tool_env
+from tests.support.daskcluster import DaskCluster
 from tests.support.images import Image
 from tests.support.nginxproxy import RateCappedProxy
 from tests.support.registry import LoggedRequest, RegistryServer
@@ -83,6 +87,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--own-mib", type=float, default=1, help="batch own layer size (1)")
     parser.add_argument("--cap-mbps", type=float, default=40, help="per-connection cap, MB/s")
     parser.add_argument("--fastpull-args", default="", help="extra fastpull copy options")
+    parser.add_argument(
+        "--cluster", action="store_true", help="add copy -f --cluster on 2 local Dask workers"
+    )
     parser.add_argument("--workdir", type=Path, default=RESULTS_DIR / "cache")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -108,9 +115,17 @@ def uploads(requests: list[LoggedRequest], dest: RegistryServer) -> tuple[int, i
 
 
 def commands(
-    part: str, tool: str, refs: list[str], src: str, dest: str, out: Path, extra: list[str]
+    part: str,
+    tool: str,
+    refs: list[str],
+    src: str,
+    dest: str,
+    out: Path,
+    extra: list[str],
+    cluster: str | None = None,
 ) -> list[str]:
-    """The command line that copies every ref (``src/...``) with ``tool`` to ``dest``."""
+    """The command line that copies every ref (``src/...``) with ``tool`` to ``dest``
+    (``fastpull-cluster``: on the Dask scheduler at ``cluster``)."""
     fastpull = [sys.executable, "-m", "fastpull", "copy", "-q", "--store", str(out), *extra]
     paths = [ref.split("/", 1)[1] for ref in refs]
     if part == "big":
@@ -124,10 +139,11 @@ def commands(
             f"docker://{refs[0]}",
             f"docker://{dest}/{paths[0]}",
         ]
-    if tool == "fastpull":
+    if tool in ("fastpull", "fastpull-cluster"):
         listing = out.parent / f"{out.name}-list.txt"
         listing.write_text("\n".join(refs) + "\n")
-        return [*fastpull, "-f", str(listing), "--to", f"{dest}/mirror"]
+        on = ["--cluster", cluster] if tool == "fastpull-cluster" and cluster else []
+        return [*fastpull, "-f", str(listing), "--to", f"{dest}/mirror", *on]
     if tool == "skopeo-loop":
         script = "\n".join(
             f"skopeo copy -q {' '.join(_SKOPEO_TLS)} docker://{ref} "
@@ -164,14 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastpull-bench-copy-") as tmp:
         scratch = Path(tmp)
         env = tool_env(scratch)
-        with (
-            RegistryServer() as source,
-            RateCappedProxy(
-                source.host,
-                rate_bytes=int(opts.cap_mbps * 1e6),
-                access_log=scratch / "nginx-access.log",
-            ) as capped,
-        ):
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(RegistryServer())
+            capped = stack.enter_context(
+                RateCappedProxy(
+                    source.host,
+                    rate_bytes=int(opts.cap_mbps * 1e6),
+                    access_log=scratch / "nginx-access.log",
+                )
+            )
+            cluster = stack.enter_context(DaskCluster(2)).address if opts.cluster else None
             for part, part_images in images.items():
                 refs = []
                 for n, image in enumerate(part_images):
@@ -181,9 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sizes = {b.digest: b.size for i in part_images for b in i.referenced_blobs()}
                 unique[part] = sizes
                 for round_no in range(opts.runs):
-                    for tool in PARTS[part]:
+                    for tool in tools(part, opts.cluster):
                         runs.append(
-                            _one_run(part, tool, round_no, refs, capped.host, scratch, env, opts)
+                            _one_run(
+                                part, tool, round_no, refs, capped.host, scratch, env, opts, cluster
+                            )
                         )
     print(render(runs, unique))
     opts.results_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if all(r.ok for r in runs) else 1
 
 
+def tools(part: str, cluster: bool) -> tuple[str, ...]:
+    """The tools that run ``part``: the cluster row only on request, for the batch."""
+    return PARTS[part] + (("fastpull-cluster",) if cluster and part == "batch" else ())
+
+
 def _one_run(
     part: str,
     tool: str,
@@ -212,13 +237,14 @@ def _one_run(
     scratch: Path,
     env: dict[str, str],
     opts: argparse.Namespace,
+    cluster: str | None = None,
 ) -> Run:
     """One tool copying one part into a fresh destination registry."""
     out = scratch / f"{part}-{tool}-{round_no}"
     out.mkdir()
     log = scratch / "log"
     with RegistryServer() as dest:
-        argv = commands(part, tool, refs, src, dest.host, out, opts.fastpull_args.split())
+        argv = commands(part, tool, refs, src, dest.host, out, opts.fastpull_args.split(), cluster)
         since = dest.mark()
         measured = run_measured(argv, env=env, log_path=log, timeout=opts.timeout)
         blobs, sent, mounted = uploads(dest.requests(since), dest)
@@ -226,7 +252,7 @@ def _one_run(
     ok = measured.returncode == 0
     error = None if ok else log.read_text("utf-8", "replace")[-500:]
     print(
-        f"{part:<6} {tool:<12} {measured.wall_seconds:8.2f}s {blobs:5d} blobs up "
+        f"{part:<6} {tool:<16} {measured.wall_seconds:8.2f}s {blobs:5d} blobs up "
         f"{sent / 1e6:9.1f} MB {mounted:4d} mounted {'ok' if ok else 'FAILED: ' + str(error)}",
         file=sys.stderr,
     )
@@ -240,16 +266,17 @@ def render(runs: list[Run], unique: dict[str, dict[str, int]]) -> str:
         total = sum(sizes.values())
         lines += [
             f"\n{part}: {len(sizes)} unique blobs, {total / 1e6:.1f} MB",
-            f"{'tool':<12} {'ok':>5} {'seconds':>8} {'MB up':>8} {'/ unique':>9} "
+            f"{'tool':<16} {'ok':>5} {'seconds':>8} {'MB up':>8} {'/ unique':>9} "
             f"{'mounted':>8} {'x fastpull':>11}",
         ]
+        ran = tuple(dict.fromkeys(r.tool for r in runs if r.part == part))
         medians = {}
-        for tool in PARTS[part]:
+        for tool in ran:
             good = [r for r in runs if r.part == part and r.tool == tool and r.ok]
             if good:
                 medians[tool] = statistics.median(r.seconds for r in good)
         base = medians.get("fastpull")
-        for tool in PARTS[part]:
+        for tool in ran:
             mine = [r for r in runs if r.part == part and r.tool == tool]
             good = [r for r in mine if r.ok]
             sent = statistics.median(r.bytes_uploaded for r in good) if good else 0
@@ -257,7 +284,7 @@ def render(runs: list[Run], unique: dict[str, dict[str, int]]) -> str:
             seconds = medians.get(tool)
             ratio = f"{seconds / base:.2f}" if seconds and base else "-"
             lines.append(
-                f"{tool:<12} {len(good):>2}/{len(mine):<2} "
+                f"{tool:<16} {len(good):>2}/{len(mine):<2} "
                 f"{seconds if seconds is not None else float('nan'):8.2f} {sent / 1e6:8.1f} "
                 f"{sent / total if total else 0:9.2f} {mounted:8.0f} {ratio:>11}"
             )

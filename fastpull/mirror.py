@@ -70,6 +70,18 @@ def checked_prefix(to: str) -> str:
     return prefix
 
 
+def check_entries(entries: Sequence[BatchEntry], to: str | None) -> None:
+    """UsageError unless every entry of a batch copy has a destination (its own ``to``, or
+    the batch's ``to``, which must name a registry) and no store of its own."""
+    for entry in entries:
+        if not entry.to and to is None:
+            raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
+        if entry.store is not None:
+            raise UsageError(f"{entry.origin}: 'store' is not used by copy (see --store)")
+    if to is not None:
+        checked_prefix(to)
+
+
 def entry_destination(entry: BatchEntry, source: Reference, to: str | None) -> Reference:
     """Where one image of a batch goes: the entry's ``to`` (a repository, or with a tag for
     one image), else ``--to``."""
@@ -173,6 +185,15 @@ class CopyBatchResult:
         if not self.failed:
             return 0
         return codes.pop() if len(codes) == 1 else 1
+
+    def finished(self) -> events.BatchFinished:
+        """The event that ends the batch."""
+        return events.BatchFinished(
+            len(self.outcomes),
+            len(self.failed),
+            sum(o.bytes_downloaded for o in self.outcomes),
+            self.seconds,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The ``--report`` document."""
@@ -428,13 +449,7 @@ def copy_batch(
     (unless ``fail_fast``). Raises Interrupted on Ctrl-C."""
     started = time.monotonic()
     by_origin = {e.origin: e for e in entries}
-    for entry in entries:
-        if not entry.to and to is None:
-            raise UsageError(f"{entry.origin}: no destination: give --to or a 'to' for the entry")
-        if entry.store is not None:
-            raise UsageError(f"{entry.origin}: 'store' is not used by copy (see --store)")
-    if to is not None:
-        checked_prefix(to)
+    check_entries(entries, to)
     store = Store.open(resolve_store_path(settings.store))
     before = {str(ref) for ref, _ in named_images(store)}
     with Pusher(
@@ -477,14 +492,7 @@ def copy_batch(
         if added:
             remove_images(store, added, prune=True)
     result = CopyBatchResult(tuple(outcomes), time.monotonic() - started)
-    on_event(
-        events.BatchFinished(
-            len(outcomes),
-            len(result.failed),
-            sum(o.bytes_downloaded for o in outcomes),
-            result.seconds,
-        )
-    )
+    on_event(result.finished())
     return result
 
 
@@ -571,6 +579,7 @@ __all__ = [
     "CopyOutcome",
     "StreamedUploads",
     "all_tags_entry",
+    "check_entries",
     "checked_prefix",
     "copy_batch",
     "destination",

@@ -12,7 +12,7 @@ from the packages before it in this list (never from one after it)::
     engine/    scheduler, connections, sink, worker, pool, routing,     -- how bytes move
                resume, verify, commit, records, job, download
     top        puller, pusher, mirror, bulk, batchfile, storecheck    -- one image, a batch
-    cluster/   plan, tasks, client                                     -- a batch over Dask
+    cluster/   plan, tasks, relay, client, copying                     -- a batch over Dask
     cli/       commands, options, archive, mirror, progress, listing   -- the face
 
 Within a layer, every module's imports of other fastpull modules (at any depth, including
@@ -147,6 +147,14 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "cluster.client": _CORE
     | {PACKAGE_NAME, "cluster.plan", "cluster.tasks", "engine.download", "puller"}
     | {"registry.settings"},
+    "cluster.relay": _CORE
+    | {"cluster.plan", "cluster.tasks", "engine.download", "puller", "pusher", "reference"}
+    | {"registry.settings", "registry.upload", "store.layout"},
+    "cluster.copying": _CORE
+    | {"batchfile", "bulk", "mirror", "puller", "reference", "store.layout"}
+    | {"cluster.client", "cluster.plan", "cluster.relay"}
+    | {"registry.client", "registry.credentials", "registry.manifest", "registry.settings"}
+    | {"registry.transport", "registry.upload"},
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
     | {"store.gc", "store.layout", "store.maintenance", "puller"},
@@ -171,7 +179,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"cluster.client", "cli.mirror"},
     "cli.mirror": _CORE
     | {"batchfile", "mirror", "pusher", "reference", "store.layout", "store.maintenance"}
-    | {"cli.options", "cli.progress"},
+    | {"cli.options", "cli.progress", "cluster.client", "cluster.copying", "registry.settings"},
     "__main__": frozenset({"cli.commands"}),
 }
 

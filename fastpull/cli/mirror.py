@@ -6,6 +6,7 @@ Errors reach :func:`fastpull.cli.commands.main`, which prints them as one line.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,9 @@ from fastpull.reference import Reference
 from fastpull.types import PlatformSelection
 
 if TYPE_CHECKING:
+    from fastpull.batchfile import BatchEntry
     from fastpull.mirror import CopyBatchResult
+    from fastpull.registry.settings import Settings
     from fastpull.store.layout import Store
 
 
@@ -139,6 +142,13 @@ def _tags_of(store: Store, ref: Reference) -> list[Reference]:
     type=click.Path(dir_okay=False),
     help="Write every image's status, bytes and seconds as JSON.",
 )
+@click.option(
+    "--cluster",
+    "cluster_address",
+    metavar="ADDRESS",
+    help="With -f: copy on a Dask cluster (tcp:// or tls:// scheduler; default "
+    "$FASTPULL_CLUSTER); each worker fetches and uploads, nothing is kept.",
+)
 @_common
 @settings_options(registry=True, transfer=True)
 def copy(
@@ -151,6 +161,7 @@ def copy(
     no_keep: bool,
     fail_fast: bool,
     report_file: str | None,
+    cluster_address: str | None,
     quiet: bool,
     json_output: bool,
     jobs: int | None,
@@ -158,7 +169,7 @@ def copy(
     settings: SettingsOptions,
 ) -> None:
     """Copy an image from one registry to another (SOURCE DEST), or every image of batch
-    files (-f FILE --to REGISTRY[/PREFIX]), through the store."""
+    files (-f FILE --to REGISTRY[/PREFIX]), through the store (or a Dask cluster)."""
     from fastpull.batchfile import parse_batch, tag_was_defaulted
     from fastpull.mirror import Copier, CopyBatchResult, all_tags_entry, copy_batch
     from fastpull.store.layout import Store, resolve_store_path
@@ -168,6 +179,8 @@ def copy(
         raise UsageError("give SOURCE DEST, or -f FILE with --to, not both")
     if not batch_files and not (source and dest):
         raise UsageError("Missing argument 'SOURCE DEST' (or -f FILE --to REGISTRY)")
+    if cluster_address and not batch_files:
+        raise UsageError("--cluster goes with -f FILE")
     check_output_path("--report", report_file)
     loaded = settings.load()
     platforms = PlatformSelection.parse(platform_text) if platform_text is not None else None
@@ -178,6 +191,13 @@ def copy(
         else:
             entries = [e for path in batch_files for e in parse_batch(read_batch(path), path)]
         render = renderer_for(quiet=quiet, json_output=json_output, batch=True)
+        address = cluster_address or os.environ.get("FASTPULL_CLUSTER") or None
+        if address is not None:
+            batch = _copy_on_cluster(
+                address, entries, to, loaded, platforms, jobs, chunk_size, fail_fast, render
+            )
+            _finish_batch(batch, quiet or json_output, report_file)
+            return
         with cancel.handled(ignore_after_stop=True):
             batch = copy_batch(
                 entries,
@@ -212,6 +232,39 @@ def copy(
     if report_file:
         # The document of a batch of one, so scripts read every copy's report alike.
         write_json(report_file, CopyBatchResult((outcome,), outcome.seconds).to_json())
+
+
+def _copy_on_cluster(
+    address: str,
+    entries: list[BatchEntry],
+    to: str | None,
+    settings: Settings,
+    platforms: PlatformSelection | None,
+    jobs: int | None,
+    chunk_size: int | None,
+    fail_fast: bool,
+    render: events.Listener,
+) -> CopyBatchResult:
+    """``copy -f --cluster``: the destination is checked and the cluster reached (and its
+    nodes checked) before anything is fetched."""
+    from fastpull.cluster.client import Cluster, check_address
+    from fastpull.cluster.copying import copy_batch_on_cluster
+    from fastpull.mirror import check_entries
+
+    check_address(address)
+    check_entries(entries, to)
+    with cancel.handled(ignore_after_stop=True), Cluster(address) as cluster:
+        return copy_batch_on_cluster(
+            entries,
+            to=to,
+            cluster=cluster,
+            settings=settings,
+            platforms=platforms,
+            jobs=jobs,
+            chunk_size=chunk_size,
+            fail_fast=fail_fast,
+            on_event=render,
+        )
 
 
 def _finish_batch(batch: CopyBatchResult, machine_output: bool, report_file: str | None) -> None:

@@ -71,6 +71,7 @@ def identity() -> str:
 def _import_identity() -> str:
     # Runs on every node: the worker side must import, or the task could never run there.
     importlib.import_module("fastpull.cluster.tasks")
+    importlib.import_module("fastpull.cluster.relay")
     return identity()
 
 
@@ -130,6 +131,72 @@ class Cluster:
         """An engine stand-in that fetches into ``store`` on the cluster's workers."""
         return ClusterFetcher(self, store, settings, on_event)
 
+    def run(
+        self,
+        job: str,
+        function: Callable[[Any], Any],
+        specs: Sequence[tuple[Task, Any]],
+        on_event: events.Listener,
+        on_done: Callable[[Task, Any], None],
+        on_lost: Callable[[Task, ClusterError], None],
+        on_note: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Run ``function(spec)`` for every task on the workers, largest task first.
+
+        Progress the tasks send is emitted as layer events on this thread, and their notes
+        (``tasks.Forwarder.note``) go to ``on_note``, on this thread too. Each result
+        goes to ``on_done``; a task that raised, whose workers kept dying
+        (``KilledWorker``), or that nothing was heard of for :data:`STALL_SECONDS`, goes
+        to ``on_lost``. Anything those raise, or Ctrl-C, stops the job: the running tasks
+        are told through the job's ``Event`` (they stop at their next poll) and the
+        queued ones are cancelled."""
+        from distributed import Event
+
+        progress: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        client = self.client
+        with _remote_errors(self.address):
+            client.subscribe_topic(progress_topic(job), lambda event: progress.put(event[1]))
+            futures = {
+                client.submit(
+                    function,
+                    spec,
+                    key=f"fastpull-{job}-{task.number}",
+                    pure=False,
+                    priority=len(specs) - task.number,
+                ): task
+                for task, spec in specs
+            }
+            pending = set(futures)
+            heard = time.monotonic()
+            try:
+                while pending:
+                    done = _settled(pending, _WAIT_SECONDS)
+                    pending -= done
+                    if _forward(progress, on_event, on_note) or done:
+                        heard = time.monotonic()
+                    cancel.check()
+                    for future in done:
+                        _settle(future, futures[future], on_done, on_lost)
+                    if pending and time.monotonic() - heard > STALL_SECONDS:
+                        stalled = sorted((futures[f] for f in pending), key=lambda t: t.number)
+                        Event(stop_event(job), client=client).set()
+                        client.cancel(list(pending), reason="stalled")
+                        pending.clear()
+                        for task in stalled:
+                            on_lost(task, _stalled(task))
+            except BaseException:
+                # Ctrl-C, or a failure that stops the batch (--fail-fast): the running tasks
+                # stop (a pull's journal what they wrote, a copy's drop their scratch); the
+                # queued ones never start.
+                Event(stop_event(job), client=client).set()
+                _settled(pending, _STOP_GRACE_SECONDS, every=True)
+                client.cancel(list(pending), reason="stopped")
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    client.unsubscribe_topic(progress_topic(job))
+            _forward(progress, on_event, on_note)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
@@ -180,128 +247,92 @@ class ClusterFetcher:
         if not refs:
             return Fetched(())
         tasks = split(refs, max(1, self.cluster.workers), min_task_bytes=TASK_BYTES)
-        job = uuid.uuid4().hex[:12]
-        progress: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
-        client = self.cluster.client
-        with _remote_errors(self.cluster.address):
-            client.subscribe_topic(progress_topic(job), lambda event: progress.put(event[1]))
-            try:
-                return Fetched(tuple(self._run(job, tasks, credentials, progress, on_failure)))
-            finally:
-                with contextlib.suppress(Exception):
-                    client.unsubscribe_topic(progress_topic(job))
-
-    def _run(
-        self,
-        job: str,
-        tasks: list[Task],
-        credentials: tuple[tuple[str, Credentials], ...],
-        progress: queue.SimpleQueue[dict[str, Any]],
-        on_failure: Callable[[Digest, FastpullError], None] | None,
-    ) -> list[BlobStats]:
-        from distributed import Event
-
-        client = self.cluster.client
-        futures = {
-            client.submit(
-                run_task,
-                TaskSpec(job, task.number, str(self.store), self.settings, task.blobs, credentials),
-                key=f"fastpull-{job}-{task.number}",
-                pure=False,
-                priority=len(tasks) - task.number,
-            ): task
-            for task in tasks
-        }
+        job = new_job()
         stats: list[BlobStats] = []
-        pending = set(futures)
-        heard = time.monotonic()
-        try:
-            while pending:
-                done = _settled(pending, _WAIT_SECONDS)
-                pending -= done
-                if self._forward(progress) or done:
-                    heard = time.monotonic()
-                cancel.check()
-                for future in done:
-                    stats += self._collect(future, futures[future], on_failure)
-                if pending and time.monotonic() - heard > STALL_SECONDS:
-                    self._give_up(job, [futures[f] for f in pending], on_failure)
-                    client.cancel(list(pending), reason="stalled")
-                    pending.clear()
-        except BaseException:
-            # Ctrl-C, or a failure that stops the batch (--fail-fast): the running tasks
-            # journal what they wrote and stop; the queued ones never start.
-            Event(stop_event(job), client=client).set()
-            _settled(pending, _STOP_GRACE_SECONDS, every=True)
-            client.cancel(list(pending), reason="stopped")
-            raise
-        self._forward(progress)
-        return stats
 
-    def _collect(
-        self,
-        future: Any,
-        task: Task,
-        on_failure: Callable[[Digest, FastpullError], None] | None,
-    ) -> list[BlobStats]:
-        failures: list[tuple[Digest, FastpullError]]
-        try:
-            result: TaskResult = future.result()
-        except Exception as exc:
-            # Raised by the task itself (a bug, a store a worker cannot open) or by Dask
-            # (KilledWorker: every worker that tried it died).
-            error = ClusterError(f"task {task.number} failed on the cluster: {_describe(exc)}")
-            failures = [(blob.descriptor.digest, error) for blob in task.blobs]
-            stats: list[BlobStats] = []
-        else:
-            if result.interrupted:
-                raise Interrupted("interrupted on the cluster")
-            failures = list(result.failures)
-            stats = [dataclasses.replace(s, worker=result.worker) for s in result.stats]
-        for digest, error in failures:
+        def fail(digest: Digest, error: FastpullError) -> None:
             if on_failure is None:
                 raise error
             on_failure(digest, error)
-        return stats
 
-    def _give_up(
-        self,
-        job: str,
-        stalled: list[Task],
-        on_failure: Callable[[Digest, FastpullError], None] | None,
-    ) -> None:
-        """Fail the blobs of tasks nothing was heard of for :data:`STALL_SECONDS`; should
-        their worker wake up, the job's stop event ends them."""
-        from distributed import Event
+        def done(task: Task, result: TaskResult) -> None:
+            if result.interrupted:
+                raise Interrupted("interrupted on the cluster")
+            stats.extend(dataclasses.replace(s, worker=result.worker) for s in result.stats)
+            for digest, error in result.failures:
+                fail(digest, error)
 
-        Event(stop_event(job), client=self.cluster.client).set()
-        for task in stalled:
-            error = ClusterError(
-                f"no word from the cluster about task {task.number} for {STALL_SECONDS:g} s "
-                "(a worker may hang); its blobs were given up"
-            )
+        def lost(task: Task, error: ClusterError) -> None:
             for blob in task.blobs:
-                if on_failure is None:
-                    raise error
-                on_failure(blob.descriptor.digest, error)
+                fail(blob.descriptor.digest, error)
 
-    def _forward(self, progress: queue.SimpleQueue[dict[str, Any]]) -> int:
-        """Emit the progress the tasks sent; how many events there were."""
-        forwarded = 0
-        while True:
-            try:
-                message = progress.get_nowait()
-            except queue.Empty:
-                return forwarded
-            forwarded += 1
-            self.emit(
-                events.LayerEvent(
-                    Digest.parse(str(message["digest"])),
-                    str(message["state"]),
-                    int(message["current"]),
-                    int(message["total"]),
-                )
+        specs = [
+            (
+                task,
+                TaskSpec(job, task.number, str(self.store), self.settings, task.blobs, credentials),
             )
+            for task in tasks
+        ]
+        self.cluster.run(job, run_task, specs, self.emit, done, lost)
+        return Fetched(tuple(stats))
+
+
+def new_job() -> str:
+    """A name for one run's tasks, unique across the cluster (Dask keys and events are
+    global)."""
+    return uuid.uuid4().hex[:12]
+
+
+def _settle(
+    future: Any,
+    task: Task,
+    on_done: Callable[[Task, Any], None],
+    on_lost: Callable[[Task, ClusterError], None],
+) -> None:
+    try:
+        result = future.result()
+    except Exception as exc:
+        # Raised by the task itself (a bug, a store a worker cannot open) or by Dask
+        # (KilledWorker: every worker that tried it died).
+        on_lost(task, ClusterError(f"task {task.number} failed on the cluster: {_describe(exc)}"))
+    else:
+        on_done(task, result)
+
+
+def _stalled(task: Task) -> ClusterError:
+    """The error of a task nothing was heard of for :data:`STALL_SECONDS`; should its
+    worker wake up, the job's stop event ends it."""
+    return ClusterError(
+        f"no word from the cluster about task {task.number} for {STALL_SECONDS:g} s "
+        "(a worker may hang); its blobs were given up"
+    )
+
+
+def _forward(
+    progress: queue.SimpleQueue[dict[str, Any]],
+    emit: events.Listener,
+    on_note: Callable[[dict[str, Any]], None] | None,
+) -> int:
+    """Emit the progress the tasks sent, hand on their notes; how many messages there were."""
+    forwarded = 0
+    while True:
+        try:
+            message = progress.get_nowait()
+        except queue.Empty:
+            return forwarded
+        forwarded += 1
+        if message.get("note"):
+            if on_note is not None:
+                on_note(message)
+            continue
+        emit(
+            events.LayerEvent(
+                Digest.parse(str(message["digest"])),
+                str(message["state"]),
+                int(message["current"]),
+                int(message["total"]),
+            )
+        )
 
 
 def _settled(futures: set[Any], timeout: float, *, every: bool = False) -> set[Any]:
@@ -337,4 +368,11 @@ def _blob_refs(
     return refs, tuple(sorted(credentials.items()))
 
 
-__all__ = ["ENV_ADDRESS", "Cluster", "ClusterFetcher", "check_address", "identity"]
+__all__ = [
+    "ENV_ADDRESS",
+    "Cluster",
+    "ClusterFetcher",
+    "check_address",
+    "identity",
+    "new_job",
+]

@@ -47,14 +47,25 @@ class Task:
         return sum(blob.size for blob in self.blobs)
 
 
-def task_budget(total_bytes: int, workers: int, min_task_bytes: int = MIN_TASK_BYTES) -> int:
-    """Bytes per task for ``total_bytes`` over ``workers`` workers."""
+def task_budget(
+    total_bytes: int,
+    workers: int,
+    min_task_bytes: int = MIN_TASK_BYTES,
+    max_task_bytes: int | None = None,
+) -> int:
+    """Bytes per task for ``total_bytes`` over ``workers`` workers; ``max_task_bytes`` caps
+    it (a worker that must hold a whole task on its own disk)."""
     share = -(-total_bytes // max(1, workers * TASKS_PER_WORKER))
-    return max(min_task_bytes, share)
+    budget = max(min_task_bytes, share)
+    return budget if max_task_bytes is None else max(1, min(budget, max_task_bytes))
 
 
 def split(
-    blobs: Iterable[BlobRef], workers: int, *, min_task_bytes: int = MIN_TASK_BYTES
+    blobs: Iterable[BlobRef],
+    workers: int,
+    *,
+    min_task_bytes: int = MIN_TASK_BYTES,
+    max_task_bytes: int | None = None,
 ) -> list[Task]:
     """Every blob (each digest once) in a task, the tasks largest first.
 
@@ -62,7 +73,8 @@ def split(
     """
     unique = {blob.descriptor.digest: blob for blob in blobs}
     ordered = sorted(unique.values(), key=lambda b: (-b.size, str(b.descriptor.digest)))
-    budget = task_budget(sum(b.size for b in ordered), workers, min_task_bytes)
+    total = sum(b.size for b in ordered)
+    budget = task_budget(total, workers, min_task_bytes, max_task_bytes)
     bins: list[list[BlobRef]] = []
     sizes: list[int] = []
     for blob in ordered:

@@ -18,7 +18,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fastpull import cancel, events
@@ -74,31 +74,41 @@ def stop_event(job: str) -> str:
 
 def run_task(spec: TaskSpec) -> TaskResult:
     """Fetch ``spec``'s blobs into the shared store (runs on a Dask worker)."""
+    started = time.monotonic()
+    failures: list[tuple[Digest, FastpullError]] = []
+    with running(spec.job) as (name, forward):
+        try:
+            stats = _fetch(spec, forward, lambda d, e: failures.append((d, e)))
+        except Interrupted:
+            return TaskResult(spec.number, name, interrupted=True)
+    return TaskResult(
+        spec.number, name, tuple(stats), tuple(failures), seconds=time.monotonic() - started
+    )
+
+
+@contextlib.contextmanager
+def running(job: str) -> Iterator[tuple[str, Forwarder]]:
+    """Around one task of ``job`` on a Dask worker: the worker's name, and a listener that
+    forwards layer events (and notes) to the client; meanwhile a thread watches the job's
+    stop ``Event`` and turns it into a cancel request (what the engine and uploads obey)."""
     from distributed import Event, get_client, get_worker
 
     worker = get_worker()
     name = str(worker.name)
-    forward = _Forwarder(lambda msg: worker.log_event(progress_topic(spec.job), msg), name)
+    forward = Forwarder(lambda msg: worker.log_event(progress_topic(job), msg), name)
     # Bound to the worker's client explicitly: the watcher thread has no Dask context.
-    stop = Event(stop_event(spec.job), client=get_client())
+    stop = Event(stop_event(job), client=get_client())
     watching = threading.Event()
     watcher = threading.Thread(
         target=_watch, args=(stop, watching), name="fastpull-stop-watch", daemon=True
     )
-    started = time.monotonic()
-    failures: list[tuple[Digest, FastpullError]] = []
     watcher.start()
     try:
-        stats = _fetch(spec, forward, lambda d, e: failures.append((d, e)))
-    except Interrupted:
-        return TaskResult(spec.number, name, interrupted=True)
+        yield name, forward
     finally:
         watching.set()
         watcher.join()
         cancel.clear()
-    return TaskResult(
-        spec.number, name, tuple(stats), tuple(failures), seconds=time.monotonic() - started
-    )
 
 
 def _watch(stop: object, done: threading.Event) -> None:
@@ -127,20 +137,26 @@ def _fetch(
 
 
 @dataclass
-class _Forwarder:
-    """Layer events to the client, state changes at once and byte counts at most every
-    :data:`POLL_SECONDS` per blob."""
+class Forwarder:
+    """Layer events to the client, state changes at once and byte counts (downloading,
+    pushing) at most every :data:`POLL_SECONDS` per blob."""
 
     send: Callable[[dict[str, object]], None]
     worker: str
     _last: dict[str, float] = field(default_factory=dict)
+
+    def note(self, fields: dict[str, object]) -> None:
+        """Tell the client something other than a layer event, at once (``fields`` must
+        be msgpack data)."""
+        self.send({"note": True, **fields, "worker": self.worker})
 
     def __call__(self, event: events.Event) -> None:
         if not isinstance(event, events.LayerEvent):
             return
         digest = str(event.digest)
         now = time.monotonic()
-        if event.state == events.DOWNLOADING and now - self._last.get(digest, 0.0) < POLL_SECONDS:
+        counting = event.state in (events.DOWNLOADING, events.PUSHING)
+        if counting and now - self._last.get(digest, 0.0) < POLL_SECONDS:
             return
         self._last[digest] = now
         self.send(
@@ -155,4 +171,12 @@ class _Forwarder:
         )
 
 
-__all__ = ["TaskResult", "TaskSpec", "progress_topic", "run_task", "stop_event"]
+__all__ = [
+    "Forwarder",
+    "TaskResult",
+    "TaskSpec",
+    "progress_topic",
+    "run_task",
+    "running",
+    "stop_event",
+]

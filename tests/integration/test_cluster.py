@@ -177,28 +177,22 @@ def test_cluster_without_a_batch_file_is_a_usage_error() -> None:
     assert "--cluster go with -f FILE" in one_line(done.stderr)
 
 
-def test_a_node_running_another_fastpull_is_named_before_anything_is_fetched(
-    registry: Any, repo: str, tmp_path: Path
-) -> None:
-    refs = _push_family(registry, repo, 1, seed=640)
-    listing = tmp_path / "images.txt"
-    listing.write_text(refs[0] + "\n")
-    # A copy of this fastpull with one line changed: the same version number, other code.
+@contextlib.contextmanager
+def _odd_cluster(tmp_path: Path) -> Iterator[DaskCluster]:
+    """A cluster of w1 and a worker "odd" that runs a copy of this fastpull with one line
+    changed: the same version number, other code."""
     other = tmp_path / "other-fastpull"
     source = Path(__file__).resolve().parents[2] / "fastpull"
     shutil.copytree(source, other / "fastpull", ignore=shutil.ignore_patterns("__pycache__"))
     with (other / "fastpull" / "cancel.py").open("a") as fh:
         fh.write("\n# patched on one node only\n")
     with _cluster(1) as cluster:
-        env = dict(cluster.env, PYTHONPATH=str(other))
-        cluster.add_worker("odd", env=env)
-        mark = registry.mark()
+        cluster.add_worker("odd", env=dict(cluster.env, PYTHONPATH=str(other)))
+        yield cluster
 
-        done = _fastpull(
-            "pull", "-f", str(listing), "--cluster", cluster.address,
-            "--store", str(tmp_path / "store"),
-        )  # fmt: skip
 
+def assert_names_the_odd_worker(done: subprocess.CompletedProcess[str]) -> None:
+    """The run stopped with one line naming worker "odd" only."""
     assert done.returncode == 5
     line = one_line(done.stderr)
     named = line.partition("do not run this fastpull ")[2].partition(";")[0]
@@ -206,6 +200,23 @@ def test_a_node_running_another_fastpull_is_named_before_anything_is_fetched(
     odd = named.partition(": ")[2]
     assert odd.startswith("worker odd at tcp://127.0.0.1:"), line
     assert "w1" not in odd and "scheduler" not in odd, line
+
+
+def test_a_node_running_another_fastpull_is_named_before_anything_is_fetched(
+    registry: Any, repo: str, tmp_path: Path
+) -> None:
+    refs = _push_family(registry, repo, 1, seed=640)
+    listing = tmp_path / "images.txt"
+    listing.write_text(refs[0] + "\n")
+    with _odd_cluster(tmp_path) as cluster:
+        mark = registry.mark()
+
+        done = _fastpull(
+            "pull", "-f", str(listing), "--cluster", cluster.address,
+            "--store", str(tmp_path / "store"),
+        )  # fmt: skip
+
+    assert_names_the_odd_worker(done)
     assert registry.requests(mark) == []
 
 

@@ -45,6 +45,12 @@ class DaskCluster:
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
+    def local_directory(self) -> Path:
+        """The base of every worker's local directory (Dask's scratch space; one per
+        cluster, so that a worker starting cleans up after the workers that died)."""
+        return self.workdir / "space"
+
+    @property
     def address(self) -> str:
         """``tcp://127.0.0.1:PORT`` of the scheduler."""
         return str(json.loads(self.scheduler_file.read_text())["address"])
@@ -69,6 +75,7 @@ class DaskCluster:
             [
                 *("worker", "--scheduler-file", str(self.scheduler_file), "--name", name),
                 *("--nworkers", "1", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"),
+                *("--local-directory", str(self.local_directory)),
             ],
             env=env,
         )

@@ -79,6 +79,40 @@ def test_every_blob_lands_in_exactly_one_task_within_the_budget(
     assert [t.number for t in tasks] == list(range(len(tasks)))
 
 
+@given(
+    sizes,
+    st.integers(min_value=1, max_value=50),
+    st.integers(min_value=1, max_value=2**30),
+    st.integers(min_value=1, max_value=2**33),
+)
+def test_a_cap_bounds_every_task_but_a_lone_larger_blob(
+    blob_sizes: list[int], workers: int, minimum: int, cap: int
+) -> None:
+    blobs = [_blob(size, f"blob-{i}") for i, size in enumerate(blob_sizes)]
+
+    tasks = split(blobs, workers, min_task_bytes=minimum, max_task_bytes=cap)
+
+    assert sum(len(t.blobs) for t in tasks) == len(blobs)
+    for task in tasks:
+        assert task.size <= cap or len(task.blobs) == 1
+    assert task_budget(sum(blob_sizes), workers, minimum, cap) <= cap
+
+
+def test_a_relay_spec_never_shows_its_credentials() -> None:
+    from fastpull.cluster.relay import RelayBlob, RelaySpec, Target
+    from fastpull.registry.settings import Settings
+    from fastpull.types import Credentials
+
+    creds = Credentials("bob", "s3cret-pass", "refresh-ghi", "bearer-jkl")
+    blob = RelayBlob(_blob(1, "a"), (Target("dest.example", "mirror/app"),))
+    spec = RelaySpec("job", 0, Settings(), (blob,), (("dest.example", creds),))
+
+    shown = repr(spec) + str(spec)
+    assert "bob" in shown
+    for secret in ("s3cret-pass", "refresh-ghi", "bearer-jkl"):
+        assert secret not in shown
+
+
 def test_a_task_spec_never_shows_its_credentials() -> None:
     # Dask logs a failed task's arguments with repr().
     from fastpull.cluster.tasks import TaskSpec
