@@ -456,6 +456,9 @@ class _ClusterCopy:
 
         def note(message: dict[str, Any]) -> None:
             target, result = placement(message)
+            # The worker that placed it, also when its task's result never comes (it died,
+            # and the rerun skips what it had placed).
+            self.moved_by.setdefault(str(result.digest), str(message.get("worker", "")))
             self._place((target.registry, target.repository, result.digest), result)
 
         self.cluster.run(job, run_relay, specs, self.emit, done, lost, note)

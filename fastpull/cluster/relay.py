@@ -23,10 +23,12 @@ The scratch directory is removed when the task ends, however it ends. A task who
 is killed leaves its directory behind in the worker's local directory, which Dask marks as
 the dead worker's (by a lock file the dead process no longer holds): the next worker that
 starts on that node with the same local directory (the nanny's replacement, or any other)
-deletes it. Dask runs the task again elsewhere; the blob is fetched again there, and its
-upload starts again from ``POST`` (the session's Location lived in the dead worker's memory,
-and distribution accepts only the latest one; a ``HEAD`` first finds a blob that had been
-completed).
+deletes it. Dask runs the task again elsewhere. Each blob a task places is also logged on
+the task's own event topic at the scheduler (:func:`placed_topic`), so the rerun skips the
+blobs the dead worker had placed at every target: what the death costs is the blobs that
+were still on their way, whose bytes were on the dead machine's disk. Their uploads start
+again from ``POST``: the session's Location lived in the dead worker's memory, and
+distribution accepts only the latest one (and drops a session whose request broke off).
 """
 
 from __future__ import annotations
@@ -120,6 +122,29 @@ class RelayResult:
     seconds: float = 0.0
 
 
+def placed_topic(job: str, number: int) -> str:
+    """The Dask event topic where task ``number`` of ``job`` logs each blob it placed: what
+    a rerun of the task (its worker died) need not fetch again. Per task, so that the
+    scheduler's bounded log of a topic holds one task's placements, not a whole job's."""
+    return f"fastpull-placed-{job}-{number}"
+
+
+def placed_before(spec: RelaySpec) -> set[Digest]:
+    """The blobs of ``spec`` that an earlier run of this task placed at every target."""
+    from distributed import get_client
+
+    reached: dict[Digest, set[Target]] = {}
+    for _when, message in get_client().get_events(placed_topic(spec.job, spec.number)):
+        if isinstance(message, dict):
+            target, result = placement(message)
+            reached.setdefault(result.digest, set()).add(target)
+    return {
+        b.descriptor.digest
+        for b in spec.blobs
+        if set(b.targets) <= reached.get(b.descriptor.digest, set())
+    }
+
+
 def scratch_base() -> Path:
     """Where relay tasks on this worker keep their scratch stores."""
     from distributed import get_worker
@@ -137,7 +162,7 @@ def run_relay(spec: RelaySpec) -> RelayResult:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{spec.job}-", dir=base))
         relay = _Relay(spec, forward)
         try:
-            relay.run(Store.open(scratch))
+            relay.run(Store.open(scratch), skip=placed_before(spec))
         except Interrupted:
             return RelayResult(spec.number, name, interrupted=True)
         except FastpullError as exc:
@@ -165,8 +190,11 @@ class _Relay:
     is committed, and deleted once every target has it."""
 
     def __init__(self, spec: RelaySpec, forward: Forwarder) -> None:
+        from distributed import get_worker
+
         self.spec = spec
         self.forward = forward
+        self._worker = get_worker()
         self.blobs = {b.descriptor.digest: b for b in spec.blobs}
         self.stats: list[BlobStats] = []
         self.delivered: list[tuple[Target, BlobResult]] = []
@@ -177,9 +205,11 @@ class _Relay:
         self._pusher: Pusher | None = None
         self._store: Store | None = None
 
-    def run(self, store: Store) -> None:
+    def run(self, store: Store, skip: set[Digest]) -> None:
+        """Fetch and upload every blob of the task but those in ``skip`` (placed already)."""
         spec = self.spec
         self._store = store
+        self.blobs = {d: b for d, b in self.blobs.items() if d not in skip}
         with (
             Puller(store, settings=spec.settings, credentials=spec) as puller,
             Pusher(
@@ -237,8 +267,11 @@ class _Relay:
         error = future.exception()
         digest = blob.descriptor.digest
         if error is None:
-            # At once, so the client can push an image's manifests while this task goes on.
-            self.forward.note(placed(target, future.result()))
+            # At once, so the client can push an image's manifests while this task goes on;
+            # and on the task's own topic, for a rerun of it to skip.
+            note = placed(target, future.result())
+            self.forward.note(note)
+            self._worker.log_event(placed_topic(self.spec.job, self.spec.number), note)
         with self._lock:
             if error is None:
                 self.delivered.append((target, future.result()))
@@ -299,6 +332,8 @@ __all__ = [
     "RelaySpec",
     "Target",
     "placed",
+    "placed_before",
+    "placed_topic",
     "placement",
     "run_relay",
     "scratch_base",

@@ -295,17 +295,27 @@ def test_killing_a_worker_mid_blob_and_the_batch_completes_on_the_other(
     with _slow_copy(registry, dest_registry, repo, tmp_path, 740, "killed") as run:
         _wait_until(lambda: _relay_dirs(run.cluster), "w1's scratch store")
         left_by_w1 = _relay_dirs(run.cluster)
+        config = run.image.config_digest
+        _wait_until(
+            lambda: config in _put_digests(dest_registry.requests()), "w1 to place the config"
+        )
         run.cluster.add_worker("w2")
         # w1's other chunks are in by now; it waits on the trickling one.
         by_w1 = len(run.proxy.requests_for(run.path))
+        config_gets = len(run.proxy.requests_for(blob_path(f"{repo}/big", config)))
         killed = run.cluster.kill_worker("w1")
         _, err = run.client.communicate(timeout=_RUN_TIMEOUT)
 
         assert run.client.returncode == 0, err + run.cluster.log("scheduler")
         _wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in killed), "orphans")
         document = json.loads(run.report.read_text())
-        assert [b["worker"] for b in document["blobs"]] == ["w2"] * 2
-        # What w1 had received died with its scratch store; w2 fetched the blob once, whole.
+        workers = {b["digest"]: b["worker"] for b in document["blobs"]}
+        assert workers[run.layer.digest] == "w2"
+        assert workers[config] not in ("", "w2")  # w1 placed it before it was killed
+        # The rerun on w2 skipped what w1 had placed: the config was not fetched again.
+        assert len(run.proxy.requests_for(blob_path(f"{repo}/big", config))) == config_gets
+        # What w1 had received of the layer died with its scratch store; w2 fetched the
+        # layer once, whole.
         requests = run.proxy.requests_for(run.path)
         assert sum(r.body_sent for r in requests[by_w1:]) == run.layer.size
         # The dead worker's scratch store is removed by the next worker that starts there.
