@@ -306,6 +306,11 @@ def split_registry(registry: str) -> tuple[str, int | None]:
     return host.lower(), int(port.lstrip("0")[:6] or "0") if port else None
 
 
+def canonical_registry(registry: str) -> str:
+    """A registry name as references carry it: the legacy Hub name is ``docker.io``."""
+    return DEFAULT_REGISTRY if registry == _LEGACY_REGISTRY else registry
+
+
 def endpoint_host(registry: str) -> str:
     """The host that serves a registry name (Docker Hub is not served at docker.io)."""
     return DOCKER_HUB_ENDPOINT if registry == DEFAULT_REGISTRY else registry
@@ -335,6 +340,7 @@ __all__ = [
     "DEFAULT_TAG",
     "DOCKER_HUB_ENDPOINT",
     "Reference",
+    "canonical_registry",
     "endpoint_host",
     "is_loopback_registry",
     "split_registry",

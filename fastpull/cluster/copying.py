@@ -33,7 +33,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import orjson
 
@@ -58,8 +57,8 @@ from fastpull.registry.client import RegistryClient
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.manifest import digest_of
 from fastpull.registry.settings import Settings
-from fastpull.registry.transport import Transport, http_error, next_hop
-from fastpull.registry.upload import EXISTS, MOUNTED, BlobResult, PushAuth, Uploader, push_scope
+from fastpull.registry.transport import Transport
+from fastpull.registry.upload import EXISTS, MOUNTED, BlobResult, PushAuth, Uploader
 from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest, PlatformSelection
 
@@ -364,28 +363,19 @@ class _ClusterCopy:
         registry, repository, digest = place
         if registry in unreachable:
             raise unreachable[registry]
-        client, _ = self._destination(registry)
-        url = client.repository_url(repository, "blobs", str(digest))
-        response = client.call("HEAD", url, push_scope(repository))
-        if response.status in (200, 404):
-            return response.status == 200
-        raise http_error(response, f"blob {digest.short} in {registry}/{repository}")
+        _, uploader = self._destination(registry)
+        return uploader.exists(repository, digest)
 
     def _mount(self, place: _Place, blob: Descriptor, source: str) -> BlobResult | None:
         """Mount a blob from ``source``, another repository of the registry that holds it;
         None when the registry would rather have it uploaded (then a task does)."""
         registry, repository, digest = place
-        client, _ = self._destination(registry)
-        url = client.repository_url(repository, "blobs", "uploads") + "/"
-        query = f"?mount={quote(str(digest), safe=':')}&from={quote(source, safe='/')}"
-        response = client.call("POST", url + query, push_scope(repository, source))
-        if response.status == 201:
+        _, uploader = self._destination(registry)
+        location = uploader.start_upload(repository, digest, source)
+        if location is None:
             return BlobResult(digest, blob.size, MOUNTED, mounted_from=source)
-        location = response.header("location")
-        if response.status == 202 and location:
-            # The registry opened an upload instead: close it, a task uploads the blob.
-            with contextlib.suppress(FastpullError):
-                client.call("DELETE", next_hop(response.url, location), push_scope(repository))
+        # The registry opened an upload instead: close it, a task uploads the blob.
+        uploader.cancel_session(location, repository)
         return None
 
     # -- 3: the relay tasks ---------------------------------------------------------------

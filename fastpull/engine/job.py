@@ -135,6 +135,8 @@ class Job:
         # Per host: bytes received since the controllers last heard of them, open transfers.
         self._received: Counter[str] = Counter()
         self._open: Counter[str] = Counter()
+        # Per host, its blobs not finished yet: the hosts whose counts add up to the run's.
+        self._unfinished: Counter[str] = Counter(self.hosts)
         self.flights: dict[int, InFlight] = {}
         self.results: list[BlobStats] = []
         # Per blob, the hashed prefix last told in a BlobHashed event.
@@ -157,7 +159,7 @@ class Job:
                     if blob.stage is Stage.COMMITTING:
                         assert blob.commit is not None
                         if blob.commit.done():
-                            self._guarded(index, self._committed, blob)
+                            self._guarded(index, self._committed, index, blob)
                     elif blob.writing:
                         self._guarded(index, self._verify, index, blob)
                 self._sync_journals()
@@ -204,6 +206,7 @@ class Job:
         whatever was journaled), and the listener hears why."""
         blob = self.blobs[index]
         blob.stage = Stage.FAILED
+        self._unfinished[self.hosts[index]] -= 1
         for chunk in self.sched.drop(index):
             self._tell(chunk.id, Cancel(chunk.id))
         blob.exit.close()
@@ -268,9 +271,7 @@ class Job:
         return blob.route.resolved or not self.sched.active_chunks(index)
 
     def _room(self) -> bool:
-        limit = self.connections.total(
-            h for h, b in zip(self.hosts, self.blobs, strict=True) if not b.finished
-        )
+        limit = self.connections.total(h for h, left in self._unfinished.items() if left)
         return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
 
     def _dispatch(self, now: float) -> None:
@@ -505,10 +506,11 @@ class Job:
             self._told[index] = hashed
             self.emit(events.BlobHashed(blob.digest, str(blob.ingest.path), hashed, blob.size))
 
-    def _committed(self, blob: BlobRun) -> None:
+    def _committed(self, index: int, blob: BlobRun) -> None:
         """A commit ended: the blob is in the store, or its error is raised here."""
         assert blob.commit is not None
         blob.commit.result()
         blob.stage = Stage.DONE
+        self._unfinished[self.hosts[index]] -= 1
         self.emit(events.LayerEvent(blob.digest, events.DOWNLOAD_COMPLETE, blob.size, blob.size))
         self.results.append(blob.stats(self.clock()))

@@ -26,14 +26,13 @@ import orjson
 
 from fastpull.errors import ConfigError, UsageError
 from fastpull.reference import (
-    DEFAULT_REGISTRY,
+    canonical_registry,
     endpoint_host,
     is_loopback_registry,
     split_registry,
 )
 from fastpull.registry.transport import TLSConfig
 
-_LEGACY_HUB = "index.docker.io"
 # The most transfers one run may have at once (``--connections``, ``--max-connections``).
 MAX_CONNECTIONS = 256
 
@@ -131,8 +130,7 @@ def _check_insecure_entry(entry: str) -> str:
 
 def _registry_name(name: str) -> str:
     """A registry as references name it (``docker.io``, ``ghcr.io``, ``localhost:5000``)."""
-    entry = name.strip().lower()
-    return DEFAULT_REGISTRY if entry == _LEGACY_HUB else entry
+    return canonical_registry(name.strip().lower())
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

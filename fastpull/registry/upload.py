@@ -478,15 +478,16 @@ class Uploader:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    def _exists(self, repository: str, descriptor: Descriptor) -> bool:
-        url = self.auth.repository_url(repository, "blobs", str(descriptor.digest))
+    def exists(self, repository: str, digest: Digest) -> bool:
+        """Whether ``repository`` holds the blob (``HEAD``)."""
+        url = self.auth.repository_url(repository, "blobs", str(digest))
         scope = push_scope(repository)
         response, _ = self._request("HEAD", url, scope)
         if response.status == 200:
             return True
         if response.status == 404:
             return False
-        raise self._error(response, scope, f"blob {descriptor.digest.short} in {repository}")
+        raise self._error(response, scope, f"blob {digest.short} in {repository}")
 
     def _error(self, response: Response, scope: str, what: str) -> FastpullError:
         if response.status in (401, 403):
@@ -543,18 +544,18 @@ class Uploader:
         progress: Progress | None,
     ) -> BlobResult:
         if state.location is None:
-            if not state.skip_head and self._exists(repository, blob.descriptor):
+            if not state.skip_head and self.exists(repository, blob.digest):
                 return BlobResult(blob.digest, blob.size, EXISTS)
             state.skip_head = False  # a later attempt asks again
             source = next((s for s in mount_from if s != repository), None)
-            location = self._start(repository, blob.digest, source)
+            location = self.start_upload(repository, blob.digest, source)
             if location is None:
                 return BlobResult(blob.digest, blob.size, MOUNTED, mounted_from=source)
             state.begin(location)
         self._send_blob(repository, blob, state, progress)
         return BlobResult(blob.digest, blob.size, PUSHED)
 
-    def _start(self, repository: str, digest: Digest, mount_from: str | None) -> str | None:
+    def start_upload(self, repository: str, digest: Digest, mount_from: str | None) -> str | None:
         """Open an upload session; with ``mount_from``, try the mount first. Returns the
         session's Location, or None when the mount made the blob present."""
         url = self.auth.repository_url(repository, "blobs", "uploads") + "/"
