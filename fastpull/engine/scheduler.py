@@ -5,10 +5,15 @@ Pure bookkeeping, no I/O, so every rule here is tested on its own
 asks how far each blob is contiguous from byte 0 (what may be hashed).
 
 Rules:
-- A blob under 1.5 chunks long is one request; a larger one is cut into chunks whose size
-  follows the whole job (``total / (connections * 4)``, between ``min_chunk`` and
-  ``max_chunk``), so one 1 GiB layer alone keeps every connection busy, and so do many
-  small layers.
+- The queue holds byte ranges, cut into chunks only as they are handed out, so each chunk's
+  length can follow what the link has shown by then (:meth:`Scheduler.chunk_length`): what
+  one transfer carries in ``chunk_seconds``. Every request costs the registry and the
+  client CPU (a ranged GET through the registry's middleware, a worker round trip), so a
+  fast link gets few large chunks; a slow one gets chunks small enough that the queue
+  still balances the transfers, and the endgame (below) evens out the last ones. Before
+  any rate is known, chunks follow the whole job (``total / (connections * 4)``), so one
+  1 GiB layer alone keeps every connection busy, and so do many small layers. Lengths stay
+  between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks long is one request.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
   blob's hash frontier advances while it downloads.
 - A failed chunk keeps what it wrote: the written part counts as done and only the rest
@@ -80,6 +85,8 @@ class Policy:
     min_chunk: int = 2 * MIB
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
+    # How long one chunk should take at the rate a transfer gets, once that rate is known.
+    chunk_seconds: float = 1.0
     max_attempts: int = 6
     # The other bounds on a range's retries (progress, total, time); ``max_attempts`` wins.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -114,11 +121,22 @@ class Scheduler:
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
 
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
     def _new(
         self, blob: int, start: int, end: int, attempt: int, retries: Retries | None = None
     ) -> Chunk:
-        self._next_id += 1
-        return Chunk(self._next_id, blob, start, end, attempt, retries)
+        return Chunk(self._new_id(), blob, start, end, attempt, retries)
+
+    def chunk_length(self, per_transfer: float | None) -> int:
+        """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
+        second (None: not measured yet): what it carries in ``chunk_seconds``."""
+        if per_transfer is None:
+            return self.chunk_size
+        wanted = int(per_transfer * self.policy.chunk_seconds)
+        return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:
         """The byte ranges of a blob that are neither done, nor being fetched, nor queued."""
@@ -139,35 +157,43 @@ class Scheduler:
         return gaps
 
     def _plan(self, blob: int, attempt: int = 1) -> None:
-        """Queue what a blob still misses: small gaps as one request, big ones in chunks of
-        ``chunk_size``; a single-stream blob as one request from byte 0."""
+        """Queue what a blob still misses, one range per gap (cut as handed out); a
+        single-stream blob as one request from byte 0."""
         info = self._blobs[blob]
         if info.single_stream:
             self._pending.append((0.0, self._new(blob, 0, info.size, attempt)))
             return
         for gap_start, gap_end in self._gaps(blob):
-            position = gap_start
-            while position < gap_end:
-                stop = min(gap_end, position + self.chunk_size)
-                if gap_end - stop < self.chunk_size // 2:
-                    stop = gap_end  # no runt chunk at the tail
-                self._pending.append((0.0, self._new(blob, position, stop, attempt)))
-                position = stop
+            self._pending.append((0.0, self._new(blob, gap_start, gap_end, attempt)))
         if info.size == 0 and not self.active_chunks(blob) and not self._queued(blob):
             self._pending.append((0.0, self._new(blob, 0, 0, attempt)))
 
     # -- handing out work ----------------------------------------------------------------
 
     def next_chunk(
-        self, now: float, eligible: Callable[[int], bool] = lambda _blob: True
+        self,
+        now: float,
+        eligible: Callable[[int], bool] = lambda _blob: True,
+        length: Callable[[int], int] | None = None,
     ) -> Chunk | None:
         """The next chunk to start (it becomes active), or None if nothing is ready.
 
         ``eligible(blob)`` can hold back a blob's chunks (while its URL is being resolved).
+        ``length(blob)`` is how long a chunk of that blob should be (default
+        :attr:`chunk_size`); the rest of its queued range stays queued.
         """
-        for i, (ready_at, chunk) in enumerate(self._pending):
-            if ready_at <= now and eligible(chunk.blob):
-                del self._pending[i]
+        for i, (ready_at, queued) in enumerate(self._pending):
+            if ready_at <= now and eligible(queued.blob):
+                chunk = queued
+                # A retry resumes the very range that failed, with that range's history.
+                if queued.retries is None and not self._blobs[queued.blob].single_stream:
+                    size = max(1, self.chunk_size if length is None else length(queued.blob))
+                    stop = queued.start + size
+                    if queued.end - stop >= max(1, size // 2):  # no runt chunk at the tail
+                        chunk = replace(queued, id=self._new_id(), end=stop)
+                        self._pending[i] = (ready_at, replace(queued, start=stop))
+                if chunk is queued:
+                    del self._pending[i]
                 active = _Active(chunk, chunk.start)
                 self._active[chunk.id] = active
                 self._active_at[chunk.blob][chunk.start] = active

@@ -34,6 +34,42 @@ def test_small_blobs_are_one_request_and_big_ones_are_cut() -> None:
     assert [(c.start, c.end) for c in chunks if c.blob == 2] == [(0, 0)]
 
 
+def test_chunks_are_cut_as_handed_out_to_the_length_asked() -> None:
+    s = Scheduler([100 * MIB, 3 * MIB], Policy(connections=4))
+    first = s.next_chunk(0.0, length=lambda _blob: 40 * MIB)
+    assert first is not None and (first.blob, first.start, first.end) == (0, 0, 40 * MIB)
+    # The rest stays queued as one range: a later, different length applies to it.
+    second = s.next_chunk(0.0, length=lambda _blob: 10 * MIB)
+    assert second is not None and (second.start, second.end) == (40 * MIB, 50 * MIB)
+    # No runt: a remainder under half a chunk goes with the chunk before it.
+    third = s.next_chunk(0.0, length=lambda _blob: 34 * MIB)
+    assert third is not None and (third.start, third.end) == (50 * MIB, 100 * MIB)
+    small = s.next_chunk(0.0, length=lambda _blob: 1 * MIB)
+    assert small is not None and (small.blob, small.start, small.end) == (1, 0, 1 * MIB)
+    assert len({first.id, second.id, third.id, small.id}) == 4
+
+
+def test_a_single_stream_blob_is_never_cut() -> None:
+    s = Scheduler([32 * MIB], Policy(connections=4, min_chunk=4 * MIB, max_chunk=4 * MIB))
+    running = s.next_chunk(0.0)
+    assert running is not None
+    s.single_stream(0)
+    s.forget(running.id)
+    s.restart_single(0)
+    whole = s.next_chunk(0.0, length=lambda _blob: 2 * MIB)
+    assert whole is not None and (whole.start, whole.end) == (0, 32 * MIB)
+
+
+def test_chunk_length_follows_the_rate_of_one_transfer() -> None:
+    policy = Policy(connections=64, min_chunk=2 * MIB, max_chunk=64 * MIB, chunk_seconds=1.0)
+    s = Scheduler([2048 * MIB], policy)
+    # Unmeasured: cut for the whole job and the most transfers it may grow to.
+    assert s.chunk_length(None) == s.chunk_size == 2048 * MIB // (64 * 4)
+    assert s.chunk_length(10 * MIB) == 10 * MIB  # a CDN edge: a second's worth
+    assert s.chunk_length(500 * MIB) == 64 * MIB  # loopback: the largest chunk
+    assert s.chunk_length(100_000) == 2 * MIB  # a trickle: the smallest
+
+
 def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
     s = Scheduler([10 * MIB], Policy(connections=4, min_chunk=2 * MIB))
     a, b, c, *_ = _drain(s)
@@ -214,7 +250,11 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
     for _ in range(10_000):
         if all(s.complete_blob(i) for i in range(len(sizes))):
             break
-        while len(active) < 3 and (c := s.next_chunk(float("inf"))) is not None:
+
+        def length(_blob: int) -> int:
+            return rng.randint(1, 500)
+
+        while len(active) < 3 and (c := s.next_chunk(float("inf"), length=length)) is not None:
             active[c.id] = c
             position[c.id] = c.start
         if not active:
