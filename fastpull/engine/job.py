@@ -271,13 +271,16 @@ class Job:
             return False
         return blob.route.resolved or not self.sched.active_chunks(index)
 
+    def _limit(self) -> int:
+        return self.connections.total(h for h, left in self._unfinished.items() if left)
+
     def _room(self) -> bool:
-        limit = self.connections.total(h for h, left in self._unfinished.items() if left)
+        limit = self._limit()
         return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
 
     def _chunk_length(self, index: int) -> int:
         rate = self.connections[self.hosts[index]].per_transfer
-        return self.sched.chunk_length(rate)
+        return self.sched.chunk_length(rate, self._limit() - sum(self._open.values()))
 
     def _dispatch(self, now: float) -> None:
         while self._room():

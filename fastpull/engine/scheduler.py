@@ -7,10 +7,11 @@ asks how far each blob is contiguous from byte 0 (what may be hashed).
 Rules:
 - The queue holds byte ranges, cut into chunks only as they are handed out, so each chunk's
   length can follow what the link has shown by then (:meth:`Scheduler.chunk_length`): what
-  one transfer carries in ``chunk_seconds``. Every request costs the registry and the
-  client CPU (a ranged GET through the registry's middleware, a worker round trip), so a
-  fast link gets few large chunks; a slow one gets chunks small enough that the queue
-  still balances the transfers, and the endgame (below) evens out the last ones. Before
+  one transfer carries in ``chunk_seconds``, and no more than an even share of the queue
+  among the transfers waiting for work. Every request costs the registry and the client
+  CPU (a ranged GET through the registry's middleware, a worker round trip), so a fast link
+  gets few large chunks; a slow one gets chunks small enough that the queue still balances
+  the transfers, and the endgame (below) evens out the last ones. Before
   any rate is known, chunks follow the whole job (``total / (connections * 4)``), so one
   1 GiB layer alone keeps every connection busy, and so do many small layers. Lengths stay
   between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks long is one request.
@@ -130,12 +131,15 @@ class Scheduler:
     ) -> Chunk:
         return Chunk(self._new_id(), blob, start, end, attempt, retries)
 
-    def chunk_length(self, per_transfer: float | None) -> int:
+    def chunk_length(self, per_transfer: float | None, free: int = 1) -> int:
         """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
-        second (None: not measured yet): what it carries in ``chunk_seconds``."""
+        second (None: not measured yet) and ``free`` transfers are waiting for work: what
+        one carries in ``chunk_seconds``, but no more than an even share of the queue, so
+        idle transfers are not left to split a long chunk a moment after it was cut."""
         if per_transfer is None:
             return self.chunk_size
-        wanted = int(per_transfer * self.policy.chunk_seconds)
+        queued = sum(chunk.length for _, chunk in self._pending)
+        wanted = min(int(per_transfer * self.policy.chunk_seconds), queued // max(1, free))
         return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:

@@ -68,6 +68,9 @@ def test_chunk_length_follows_the_rate_of_one_transfer() -> None:
     assert s.chunk_length(10 * MIB) == 10 * MIB  # a CDN edge: a second's worth
     assert s.chunk_length(500 * MIB) == 64 * MIB  # loopback: the largest chunk
     assert s.chunk_length(100_000) == 2 * MIB  # a trickle: the smallest
+    # Transfers waiting for work share what is queued: none is left to split another's chunk.
+    assert s.chunk_length(500 * MIB, free=64) == 2048 * MIB // 64
+    assert s.chunk_length(500 * MIB, free=4096) == 2 * MIB
 
 
 def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
