@@ -102,7 +102,7 @@ def _planned_lengths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     tests/unit/test_scheduler.py). The scheduler runs in this process in both modes.
     """
     if "measured_lengths" not in request.fixturenames:
-        monkeypatch.setattr(Scheduler, "chunk_length", lambda self, _rate: self.chunk_size)
+        monkeypatch.setattr(Scheduler, "chunk_length", lambda self, *_how: self.chunk_size)
 
 
 def _pull(
