@@ -289,7 +289,7 @@ class Job:
                 break
             self._send(chunk, now)
         if not self.sched.has_pending and self._room():
-            split = self.sched.split_candidate()
+            split = self.sched.split_candidate(now)
             if split is not None:
                 self._tell(split[0], Shrink(*split))
 

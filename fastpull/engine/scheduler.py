@@ -21,15 +21,18 @@ Rules:
   goes back in the queue, after a backoff. Each byte range carries its own retry history
   (``responses.Retries``): only attempts that made no progress count against its attempts,
   with ceilings on all attempts and on the time without progress.
-- Endgame: when a connection is idle and nothing is queued, the active chunk with the most
-  bytes left is split at the middle of its remainder (aria2's rule), so a slow connection
-  never holds the tail. The split takes effect only once the worker has acknowledged the
-  new end, so two transfers never write the same bytes.
+- Endgame: when a connection is idle and nothing is queued, the active chunk that would
+  take longest to finish at its own rate is split at the middle of its remainder (aria2's
+  rule, by time rather than bytes), so a slow connection never holds the tail; a chunk due
+  within ``split_after`` seconds is left alone, as a split would cost more than it saves.
+  The split takes effect only once the worker has acknowledged the new end, so two
+  transfers never write the same bytes.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -66,6 +69,7 @@ class Outcome(enum.Enum):
 class _Active:
     chunk: Chunk
     position: int
+    since: float = 0.0  # when it was handed out
     shrinking: bool = False
 
 
@@ -86,6 +90,9 @@ class Policy:
     min_chunk: int = 2 * MIB
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
+    # A chunk is split only if, at the rate it is getting, it would take longer than this
+    # to finish: a split costs a request, and the bytes the server sent past the cut.
+    split_after: float = 0.5
     # How long one chunk should take at the rate a transfer gets, once that rate is known.
     chunk_seconds: float = 1.0
     max_attempts: int = 6
@@ -198,7 +205,7 @@ class Scheduler:
                         self._pending[i] = (ready_at, replace(queued, start=stop))
                 if chunk is queued:
                     del self._pending[i]
-                active = _Active(chunk, chunk.start)
+                active = _Active(chunk, chunk.start, now)
                 self._active[chunk.id] = active
                 self._active_at[chunk.blob][chunk.start] = active
                 return chunk
@@ -288,17 +295,27 @@ class Scheduler:
 
     # -- endgame -------------------------------------------------------------------------
 
-    def split_candidate(self) -> tuple[int, int] | None:
-        """(chunk id, proposed new end) of the active chunk most worth splitting, if any."""
+    def split_candidate(self, now: float) -> tuple[int, int] | None:
+        """(chunk id, proposed new end) of the active chunk most worth splitting at ``now``,
+        if any: the one that would take longest to finish at its own rate so far, if that
+        is more than ``split_after`` seconds (one that has received nothing yet counts as
+        endless once it has waited that long)."""
         best: _Active | None = None
+        longest = self.policy.split_after
         for active in self._active.values():
             left = active.chunk.end - active.position
             if active.shrinking or left < 2 * self.policy.min_split:
                 continue
             if self._blobs[active.chunk.blob].single_stream:
                 continue
-            if best is None or left > best.chunk.end - best.position:
-                best = active
+            got = active.position - active.chunk.start
+            waited = now - active.since
+            if got > 0:
+                seconds = left * waited / got
+            else:
+                seconds = math.inf if waited >= self.policy.split_after else 0.0
+            if seconds > longest:
+                best, longest = active, seconds
         if best is None:
             return None
         best.shrinking = True

@@ -142,9 +142,9 @@ def test_endgame_split_waits_for_the_acknowledged_end() -> None:
     only = s.next_chunk(0.0)
     assert only is not None and only.length == 64 * MIB
     s.progress(only.id, 16 * MIB)
-    split = s.split_candidate()
+    split = s.split_candidate(1.0)  # 16 MiB a second: 3 s to go
     assert split == (only.id, 40 * MIB)
-    assert s.split_candidate() is None  # not twice while the worker has not answered
+    assert s.split_candidate(1.0) is None  # not twice while the worker has not answered
     assert not s.has_pending  # nothing queued until the worker acknowledges
     # The worker had already written past the proposed end.
     tail = s.shrunk(only.id, 41 * MIB)
@@ -161,10 +161,29 @@ def test_split_of_a_chunk_that_finished_meanwhile_creates_nothing() -> None:
     s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
     only = s.next_chunk(0.0)
     assert only is not None
-    assert s.split_candidate() is not None
+    assert s.split_candidate(1.0) is not None  # a second without a byte
     s.complete(only.id)
     assert s.shrunk(only.id, 10 * MIB) is None
     assert s.complete_blob(0)
+
+
+def test_a_chunk_about_to_finish_is_not_split() -> None:
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
+    only = s.next_chunk(0.0)
+    assert only is not None
+    assert s.split_candidate(0.1) is None  # nothing received, but only just asked for
+    s.progress(only.id, 60 * MIB)
+    assert s.split_candidate(1.0) is None  # 4 MiB left at 60 MiB/s: done in 0.07 s
+
+
+def test_the_chunk_with_most_time_left_is_split_not_the_one_with_most_bytes() -> None:
+    policy = Policy(connections=2, min_chunk=32 * MIB, max_chunk=32 * MIB)
+    s = Scheduler([64 * MIB], policy)
+    fast, slow = s.next_chunk(0.0), s.next_chunk(0.0)
+    assert fast is not None and slow is not None
+    s.progress(fast.id, fast.start + 4 * MIB)  # 28 MiB left at 4 MiB/s: 7 s
+    s.progress(slow.id, slow.start + 20 * MIB // 10)  # 30 MiB left at 2 MiB/s: 15 s
+    assert s.split_candidate(1.0) == (slow.id, slow.start + 2 * MIB + 15 * MIB)
 
 
 def test_single_stream_fallback_restarts_from_zero() -> None:
@@ -250,6 +269,7 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
     active: dict[int, Chunk] = {}
     position: dict[int, int] = {}
     pending_split: dict[int, int] = {}
+    now = 0.0
     for _ in range(10_000):
         if all(s.complete_blob(i) for i in range(len(sizes))):
             break
@@ -257,7 +277,8 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
         def length(_blob: int) -> int:
             return rng.randint(1, 500)
 
-        while len(active) < 3 and (c := s.next_chunk(float("inf"), length=length)) is not None:
+        now += 1.0
+        while len(active) < 3 and (c := s.next_chunk(now, length=length)) is not None:
             active[c.id] = c
             position[c.id] = c.start
         if not active:
@@ -277,7 +298,7 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
             assert s.fail(cid, position[cid], 0.0) is not Outcome.EXHAUSTED
             del active[cid]
         elif action < 0.85 and cid not in pending_split:
-            split = s.split_candidate()
+            split = s.split_candidate(now + rng.random())
             if split is not None:
                 pending_split[split[0]] = split[1]
         elif pending_split:
