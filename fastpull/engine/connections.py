@@ -37,6 +37,8 @@ PROBE_AFTER = 2.0
 PROBE_MAX = 32.0
 # Share of a window's samples that must have every allowed transfer busy to judge it.
 _SATURATED = 0.8
+# How much each finished transfer's weight in the rate per transfer fades per newer one.
+_DECAY = 0.8
 
 
 @dataclass
@@ -60,6 +62,9 @@ class ConnectionController:
     _hold_until: float = field(default=0.0, init=False)
     # The first busy window is the connections' warm-up: its rate says nothing yet.
     _warm: bool = field(default=False, init=False)
+    # Bytes and seconds of the transfers finished so far, older ones weighing less.
+    _carried: float = field(default=0.0, init=False)
+    _took: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.ceiling = max(1, self.ceiling)
@@ -100,6 +105,22 @@ class ConnectionController:
         if now >= self._probe_at and self.limit < self.ceiling:
             self._before = rate
             self.limit = min(self.ceiling, self.limit * 2)
+
+    def transferred(self, size: int, seconds: float) -> None:
+        """A transfer carried ``size`` bytes in ``seconds``, from its request to its end."""
+        self._carried = self._carried * _DECAY + size
+        self._took = self._took * _DECAY + max(seconds, 1e-3)
+
+    @property
+    def per_transfer(self) -> float | None:
+        """Bytes a second one transfer gets, request to end, over the recent transfers
+        (None before the first has finished).
+
+        Measured per finished transfer rather than per window: a window's rate swings with
+        how the reports of a busy machine happen to fall, a whole transfer's does not. A
+        byte-weighted mean, so a tiny blob's latency does not pass for a slow link.
+        """
+        return self._carried / self._took if self._took else None
 
     def pushed_back(self, now: float) -> None:
         """The server asked us to slow down (429, 503): halve the limit and hold it."""

@@ -123,8 +123,9 @@ class Job:
             config.ceiling_for or (lambda _host: config.max_connections),
             pinned=config.pinned,
         )
-        # Chunks are cut for the most transfers the run may grow to, so that a grown count
-        # finds work queued rather than waiting for the endgame to split running chunks.
+        # Until the link's rate is known, chunks are cut for the most transfers the run may
+        # grow to, so that a grown count finds work queued rather than waiting for the
+        # endgame to split running chunks.
         policy = Policy(
             connections=max((self.connections[h].ceiling for h in self.hosts), default=1),
             max_attempts=config.retry.attempts,
@@ -270,18 +271,25 @@ class Job:
             return False
         return blob.route.resolved or not self.sched.active_chunks(index)
 
+    def _limit(self) -> int:
+        return self.connections.total(h for h, left in self._unfinished.items() if left)
+
     def _room(self) -> bool:
-        limit = self.connections.total(h for h, left in self._unfinished.items() if left)
+        limit = self._limit()
         return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
+
+    def _chunk_length(self, index: int) -> int:
+        rate = self.connections[self.hosts[index]].per_transfer
+        return self.sched.chunk_length(rate, self._limit() - sum(self._open.values()))
 
     def _dispatch(self, now: float) -> None:
         while self._room():
-            chunk = self.sched.next_chunk(now, self._eligible)
+            chunk = self.sched.next_chunk(now, self._eligible, self._chunk_length)
             if chunk is None:
                 break
             self._send(chunk, now)
         if not self.sched.has_pending and self._room():
-            split = self.sched.split_candidate()
+            split = self.sched.split_candidate(now)
             if split is not None:
                 self._tell(split[0], Shrink(*split))
 
@@ -309,7 +317,7 @@ class Job:
         blob.connections = max(blob.connections, len(self.sched.active_chunks(chunk.blob)))
         worker = self.pool.assign(fetch)
         self._open[self.hosts[chunk.blob]] += 1
-        self.flights[chunk.id] = InFlight(chunk.id, chunk.blob, worker, url, chunk.start)
+        self.flights[chunk.id] = InFlight(chunk.id, chunk.blob, worker, url, chunk.start, now)
 
     def _tell(self, chunk_id: int, command: Command) -> None:
         """Send ``command`` to the worker running chunk ``chunk_id``, if it still runs."""
@@ -395,8 +403,10 @@ class Job:
             return
         match report:
             case Done():
-                self.sched.complete(chunk_id)
+                done = self.sched.complete(chunk_id)
                 blob.route = blob.route.data_from(flight.url)
+                took = self.clock() - flight.sent_at
+                self.connections[self.hosts[index]].transferred(done.length, took)
             case Cancelled():
                 self.sched.forget(chunk_id)
             case RangeIgnored():

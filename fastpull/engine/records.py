@@ -173,4 +173,5 @@ class InFlight:
     worker: int
     url: str
     position: int
+    sent_at: float = 0.0
     stopping: bool = False

@@ -5,25 +5,34 @@ Pure bookkeeping, no I/O, so every rule here is tested on its own
 asks how far each blob is contiguous from byte 0 (what may be hashed).
 
 Rules:
-- A blob under 1.5 chunks long is one request; a larger one is cut into chunks whose size
-  follows the whole job (``total / (connections * 4)``, between ``min_chunk`` and
-  ``max_chunk``), so one 1 GiB layer alone keeps every connection busy, and so do many
-  small layers.
+- The queue holds byte ranges, cut into chunks only as they are handed out, so each chunk's
+  length can follow what the link has shown by then (:meth:`Scheduler.chunk_length`): what
+  one transfer carries in ``chunk_seconds``, and no more than an even share of the queue
+  among the transfers waiting for work. Every request costs the registry and the client
+  CPU (a ranged GET through the registry's middleware, a worker round trip), so a fast link
+  gets few large chunks; a slow one gets chunks small enough that the queue still balances
+  the transfers, and the endgame (below) evens out the last ones. Before
+  any rate is known, chunks follow the whole job (``total / (connections * 4)``), so one
+  1 GiB layer alone keeps every connection busy, and so do many small layers. Lengths stay
+  between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks long is one request.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
   blob's hash frontier advances while it downloads.
 - A failed chunk keeps what it wrote: the written part counts as done and only the rest
   goes back in the queue, after a backoff. Each byte range carries its own retry history
   (``responses.Retries``): only attempts that made no progress count against its attempts,
   with ceilings on all attempts and on the time without progress.
-- Endgame: when a connection is idle and nothing is queued, the active chunk with the most
-  bytes left is split at the middle of its remainder (aria2's rule), so a slow connection
-  never holds the tail. The split takes effect only once the worker has acknowledged the
-  new end, so two transfers never write the same bytes.
+- Endgame: when a connection is idle and nothing is queued, the active chunk that would
+  take longest to finish at its own rate is split at the middle of its remainder (aria2's
+  rule, by time rather than bytes), so a slow connection never holds the tail; a chunk due
+  within ``split_after`` seconds is left alone, as a split would cost more than it saves.
+  The split takes effect only once the worker has acknowledged the new end, so two
+  transfers never write the same bytes.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -60,6 +69,7 @@ class Outcome(enum.Enum):
 class _Active:
     chunk: Chunk
     position: int
+    since: float = 0.0  # when it was handed out
     shrinking: bool = False
 
 
@@ -80,6 +90,11 @@ class Policy:
     min_chunk: int = 2 * MIB
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
+    # A chunk is split only if, at the rate it is getting, it would take longer than this
+    # to finish: a split costs a request, and the bytes the server sent past the cut.
+    split_after: float = 0.5
+    # How long one chunk should take at the rate a transfer gets, once that rate is known.
+    chunk_seconds: float = 1.0
     max_attempts: int = 6
     # The other bounds on a range's retries (progress, total, time); ``max_attempts`` wins.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -114,11 +129,25 @@ class Scheduler:
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
 
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
     def _new(
         self, blob: int, start: int, end: int, attempt: int, retries: Retries | None = None
     ) -> Chunk:
-        self._next_id += 1
-        return Chunk(self._next_id, blob, start, end, attempt, retries)
+        return Chunk(self._new_id(), blob, start, end, attempt, retries)
+
+    def chunk_length(self, per_transfer: float | None, free: int = 1) -> int:
+        """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
+        second (None: not measured yet) and ``free`` transfers are waiting for work: what
+        one carries in ``chunk_seconds``, but no more than an even share of the queue, so
+        idle transfers are not left to split a long chunk a moment after it was cut."""
+        if per_transfer is None:
+            return self.chunk_size
+        queued = sum(chunk.length for _, chunk in self._pending)
+        wanted = min(int(per_transfer * self.policy.chunk_seconds), queued // max(1, free))
+        return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:
         """The byte ranges of a blob that are neither done, nor being fetched, nor queued."""
@@ -139,36 +168,44 @@ class Scheduler:
         return gaps
 
     def _plan(self, blob: int, attempt: int = 1) -> None:
-        """Queue what a blob still misses: small gaps as one request, big ones in chunks of
-        ``chunk_size``; a single-stream blob as one request from byte 0."""
+        """Queue what a blob still misses, one range per gap (cut as handed out); a
+        single-stream blob as one request from byte 0."""
         info = self._blobs[blob]
         if info.single_stream:
             self._pending.append((0.0, self._new(blob, 0, info.size, attempt)))
             return
         for gap_start, gap_end in self._gaps(blob):
-            position = gap_start
-            while position < gap_end:
-                stop = min(gap_end, position + self.chunk_size)
-                if gap_end - stop < self.chunk_size // 2:
-                    stop = gap_end  # no runt chunk at the tail
-                self._pending.append((0.0, self._new(blob, position, stop, attempt)))
-                position = stop
+            self._pending.append((0.0, self._new(blob, gap_start, gap_end, attempt)))
         if info.size == 0 and not self.active_chunks(blob) and not self._queued(blob):
             self._pending.append((0.0, self._new(blob, 0, 0, attempt)))
 
     # -- handing out work ----------------------------------------------------------------
 
     def next_chunk(
-        self, now: float, eligible: Callable[[int], bool] = lambda _blob: True
+        self,
+        now: float,
+        eligible: Callable[[int], bool] = lambda _blob: True,
+        length: Callable[[int], int] | None = None,
     ) -> Chunk | None:
         """The next chunk to start (it becomes active), or None if nothing is ready.
 
         ``eligible(blob)`` can hold back a blob's chunks (while its URL is being resolved).
+        ``length(blob)`` is how long a chunk of that blob should be (default
+        :attr:`chunk_size`); the rest of its queued range stays queued.
         """
-        for i, (ready_at, chunk) in enumerate(self._pending):
-            if ready_at <= now and eligible(chunk.blob):
-                del self._pending[i]
-                active = _Active(chunk, chunk.start)
+        for i, (ready_at, queued) in enumerate(self._pending):
+            if ready_at <= now and eligible(queued.blob):
+                chunk = queued
+                # A retry resumes the very range that failed, with that range's history.
+                if queued.retries is None and not self._blobs[queued.blob].single_stream:
+                    size = max(1, self.chunk_size if length is None else length(queued.blob))
+                    stop = queued.start + size
+                    if queued.end - stop >= max(1, size // 2):  # no runt chunk at the tail
+                        chunk = replace(queued, id=self._new_id(), end=stop)
+                        self._pending[i] = (ready_at, replace(queued, start=stop))
+                if chunk is queued:
+                    del self._pending[i]
+                active = _Active(chunk, chunk.start, now)
                 self._active[chunk.id] = active
                 self._active_at[chunk.blob][chunk.start] = active
                 return chunk
@@ -258,17 +295,27 @@ class Scheduler:
 
     # -- endgame -------------------------------------------------------------------------
 
-    def split_candidate(self) -> tuple[int, int] | None:
-        """(chunk id, proposed new end) of the active chunk most worth splitting, if any."""
+    def split_candidate(self, now: float) -> tuple[int, int] | None:
+        """(chunk id, proposed new end) of the active chunk most worth splitting at ``now``,
+        if any: the one that would take longest to finish at its own rate so far, if that
+        is more than ``split_after`` seconds (one that has received nothing yet counts as
+        endless once it has waited that long)."""
         best: _Active | None = None
+        longest = self.policy.split_after
         for active in self._active.values():
             left = active.chunk.end - active.position
             if active.shrinking or left < 2 * self.policy.min_split:
                 continue
             if self._blobs[active.chunk.blob].single_stream:
                 continue
-            if best is None or left > best.chunk.end - best.position:
-                best = active
+            got = active.position - active.chunk.start
+            waited = now - active.since
+            if got > 0:
+                seconds = left * waited / got
+            else:
+                seconds = math.inf if waited >= self.policy.split_after else 0.0
+            if seconds > longest:
+                best, longest = active, seconds
         if best is None:
             return None
         best.shrinking = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,43 @@ def test_loopback_registry_is_pulled_over_https_without_its_ca(
     # ...and fastpull never even tried plain HTTP first.
     assert requested_urls
     assert all(url.startswith(f"https://{tls_registry.host}/") for url in requested_urls)
+
+
+def test_https_requests_speak_http_1_1_though_the_registry_offers_http_2(
+    tls_registry: Any, repo: str, cli: Any, docker_config: Any
+) -> None:
+    """HTTP/2 buys nothing with one connection per transfer and costs a Go registry CPU."""
+    image = make_image([make_layer({"big.bin": bytes(range(256)) * 40_000}, seed=301)])
+    tls_registry.pusher.push_image(repo, "1", image)
+    mark = tls_registry.mark()
+
+    result = cli("pull", f"{tls_registry.host}/{repo}:1")
+
+    assert result.code == 0, result.err
+    logged = tls_registry.requests(mark)
+    assert ("GET", f"/v2/{repo}/blobs/{image.layers[0].digest}") in {
+        (r.method, r.path) for r in logged
+    }
+    assert {r.protocol for r in logged} == {"HTTP/1.1"}
+    # The registry does offer HTTP/2: a client that asks for it gets it.
+    h2 = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http2",
+            "--cacert",
+            str(tls_registry.ca_path),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+            f"{tls_registry.url}/v2/",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert h2.stdout == "2"
 
 
 # -- verification at the transport level -------------------------------------------------------

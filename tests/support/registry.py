@@ -36,7 +36,7 @@ AuthMode = Literal["none", "htpasswd", "token"]
 # One access-log line, e.g.
 #   127.0.0.1 - - [28/Nov/2026:07:56:53 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl/7.88.1"
 _ACCESS_LINE = re.compile(
-    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<target>\S+) [^"]*" '
+    r'^\S+ \S+ \S+ \[[^\]]*\] "(?P<method>[A-Z]+) (?P<target>\S+) (?P<protocol>[^"]*)" '
     r"(?P<status>\d{3}) (?P<size>\S+) "
     r'"(?:[^"\\]|\\.)*" "(?P<agent>(?:[^"\\]|\\.)*)"'
 )
@@ -53,13 +53,14 @@ class RegistryStartError(RuntimeError):
 
 
 class LoggedRequest(NamedTuple):
-    """One access-log entry; ``path`` is the request target as logged, query included, and
-    ``size`` the body bytes sent."""
+    """One access-log entry; ``path`` is the request target as logged, query included,
+    ``size`` the body bytes sent and ``protocol`` the HTTP version (``HTTP/1.1``)."""
 
     method: str
     path: str
     status: int
     size: int = 0
+    protocol: str = ""
 
 
 class RegistryServer:
@@ -211,7 +212,9 @@ class RegistryServer:
                 continue
             size = int(match["size"]) if match["size"].isdigit() else 0
             entries.append(
-                LoggedRequest(match["method"], match["target"], int(match["status"]), size)
+                LoggedRequest(
+                    match["method"], match["target"], int(match["status"]), size, match["protocol"]
+                )
             )
         return entries
 

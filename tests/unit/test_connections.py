@@ -230,3 +230,29 @@ def test_a_pinned_run_pins_the_total_not_each_host() -> None:
 
     assert hosts.total(["a.example", "b.example"]) == 6
     assert hosts["a.example"].limit == 6
+
+
+def test_rate_per_transfer_is_unknown_until_one_finishes() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    assert controller.per_transfer is None
+    controller.transferred(8 * MB, 1.0)
+    assert controller.per_transfer == 8 * MB
+
+
+def test_rate_per_transfer_weighs_bytes_so_tiny_blobs_do_not_pass_for_a_slow_link() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    for _ in range(5):
+        controller.transferred(40 * MB, 1.0)
+        controller.transferred(1_000, 0.005)  # a config blob: all latency
+    rate = controller.per_transfer
+    assert rate is not None and 38 * MB < rate <= 40 * MB
+
+
+def test_rate_per_transfer_follows_a_link_that_changes() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    for _ in range(20):
+        controller.transferred(50 * MB, 1.0)
+    for _ in range(20):
+        controller.transferred(8 * MB, 1.0)
+    rate = controller.per_transfer
+    assert rate is not None and 8 * MB <= rate < 9 * MB

@@ -34,6 +34,45 @@ def test_small_blobs_are_one_request_and_big_ones_are_cut() -> None:
     assert [(c.start, c.end) for c in chunks if c.blob == 2] == [(0, 0)]
 
 
+def test_chunks_are_cut_as_handed_out_to_the_length_asked() -> None:
+    s = Scheduler([100 * MIB, 3 * MIB], Policy(connections=4))
+    first = s.next_chunk(0.0, length=lambda _blob: 40 * MIB)
+    assert first is not None and (first.blob, first.start, first.end) == (0, 0, 40 * MIB)
+    # The rest stays queued as one range: a later, different length applies to it.
+    second = s.next_chunk(0.0, length=lambda _blob: 10 * MIB)
+    assert second is not None and (second.start, second.end) == (40 * MIB, 50 * MIB)
+    # No runt: a remainder under half a chunk goes with the chunk before it.
+    third = s.next_chunk(0.0, length=lambda _blob: 34 * MIB)
+    assert third is not None and (third.start, third.end) == (50 * MIB, 100 * MIB)
+    small = s.next_chunk(0.0, length=lambda _blob: 1 * MIB)
+    assert small is not None and (small.blob, small.start, small.end) == (1, 0, 1 * MIB)
+    assert len({first.id, second.id, third.id, small.id}) == 4
+
+
+def test_a_single_stream_blob_is_never_cut() -> None:
+    s = Scheduler([32 * MIB], Policy(connections=4, min_chunk=4 * MIB, max_chunk=4 * MIB))
+    running = s.next_chunk(0.0)
+    assert running is not None
+    s.single_stream(0)
+    s.forget(running.id)
+    s.restart_single(0)
+    whole = s.next_chunk(0.0, length=lambda _blob: 2 * MIB)
+    assert whole is not None and (whole.start, whole.end) == (0, 32 * MIB)
+
+
+def test_chunk_length_follows_the_rate_of_one_transfer() -> None:
+    policy = Policy(connections=64, min_chunk=2 * MIB, max_chunk=64 * MIB, chunk_seconds=1.0)
+    s = Scheduler([2048 * MIB], policy)
+    # Unmeasured: cut for the whole job and the most transfers it may grow to.
+    assert s.chunk_length(None) == s.chunk_size == 2048 * MIB // (64 * 4)
+    assert s.chunk_length(10 * MIB) == 10 * MIB  # a CDN edge: a second's worth
+    assert s.chunk_length(500 * MIB) == 64 * MIB  # loopback: the largest chunk
+    assert s.chunk_length(100_000) == 2 * MIB  # a trickle: the smallest
+    # Transfers waiting for work share what is queued: none is left to split another's chunk.
+    assert s.chunk_length(500 * MIB, free=64) == 2048 * MIB // 64
+    assert s.chunk_length(500 * MIB, free=4096) == 2 * MIB
+
+
 def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
     s = Scheduler([10 * MIB], Policy(connections=4, min_chunk=2 * MIB))
     a, b, c, *_ = _drain(s)
@@ -103,9 +142,9 @@ def test_endgame_split_waits_for_the_acknowledged_end() -> None:
     only = s.next_chunk(0.0)
     assert only is not None and only.length == 64 * MIB
     s.progress(only.id, 16 * MIB)
-    split = s.split_candidate()
+    split = s.split_candidate(1.0)  # 16 MiB a second: 3 s to go
     assert split == (only.id, 40 * MIB)
-    assert s.split_candidate() is None  # not twice while the worker has not answered
+    assert s.split_candidate(1.0) is None  # not twice while the worker has not answered
     assert not s.has_pending  # nothing queued until the worker acknowledges
     # The worker had already written past the proposed end.
     tail = s.shrunk(only.id, 41 * MIB)
@@ -122,10 +161,29 @@ def test_split_of_a_chunk_that_finished_meanwhile_creates_nothing() -> None:
     s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
     only = s.next_chunk(0.0)
     assert only is not None
-    assert s.split_candidate() is not None
+    assert s.split_candidate(1.0) is not None  # a second without a byte
     s.complete(only.id)
     assert s.shrunk(only.id, 10 * MIB) is None
     assert s.complete_blob(0)
+
+
+def test_a_chunk_about_to_finish_is_not_split() -> None:
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
+    only = s.next_chunk(0.0)
+    assert only is not None
+    assert s.split_candidate(0.1) is None  # nothing received, but only just asked for
+    s.progress(only.id, 60 * MIB)
+    assert s.split_candidate(1.0) is None  # 4 MiB left at 60 MiB/s: done in 0.07 s
+
+
+def test_the_chunk_with_most_time_left_is_split_not_the_one_with_most_bytes() -> None:
+    policy = Policy(connections=2, min_chunk=32 * MIB, max_chunk=32 * MIB)
+    s = Scheduler([64 * MIB], policy)
+    fast, slow = s.next_chunk(0.0), s.next_chunk(0.0)
+    assert fast is not None and slow is not None
+    s.progress(fast.id, fast.start + 4 * MIB)  # 28 MiB left at 4 MiB/s: 7 s
+    s.progress(slow.id, slow.start + 20 * MIB // 10)  # 30 MiB left at 2 MiB/s: 15 s
+    assert s.split_candidate(1.0) == (slow.id, slow.start + 2 * MIB + 15 * MIB)
 
 
 def test_single_stream_fallback_restarts_from_zero() -> None:
@@ -211,10 +269,16 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
     active: dict[int, Chunk] = {}
     position: dict[int, int] = {}
     pending_split: dict[int, int] = {}
+    now = 0.0
     for _ in range(10_000):
         if all(s.complete_blob(i) for i in range(len(sizes))):
             break
-        while len(active) < 3 and (c := s.next_chunk(float("inf"))) is not None:
+
+        def length(_blob: int) -> int:
+            return rng.randint(1, 500)
+
+        now += 1.0
+        while len(active) < 3 and (c := s.next_chunk(now, length=length)) is not None:
             active[c.id] = c
             position[c.id] = c.start
         if not active:
@@ -234,7 +298,7 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
             assert s.fail(cid, position[cid], 0.0) is not Outcome.EXHAUSTED
             del active[cid]
         elif action < 0.85 and cid not in pending_split:
-            split = s.split_candidate()
+            split = s.split_candidate(now + rng.random())
             if split is not None:
                 pending_split[split[0]] = split[1]
         elif pending_split:
