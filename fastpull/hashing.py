@@ -23,11 +23,8 @@ Environment variables, read once at import:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Protocol
-
-import blake3
 
 # Bytes read per pread() call by the Python fallback (the extension uses the same size).
 _READ_SIZE = 1 << 20
@@ -104,13 +101,19 @@ def new_hasher(algorithm: str, backend: str | None = None) -> Hasher:
         raise ValueError(
             f"hashing backend {backend!r} is not available (have: {', '.join(AVAILABLE_BACKENDS)})"
         )
+    # hashlib and blake3 are imported when asked for: with the extension, a pull of SHA-256
+    # blobs (all of them, in practice) uses neither.
     if algorithm == "blake3":
+        import blake3
+
         return blake3.blake3()
     if algorithm not in ("sha256", "sha512"):
         raise ValueError(f"unsupported digest algorithm {algorithm!r}")
     if backend == "native":
         assert _native is not None  # AVAILABLE_BACKENDS guarantees it
         return _native.SHA256() if algorithm == "sha256" else _native.SHA512()
+    import hashlib
+
     return hashlib.new(algorithm)
 
 

@@ -25,14 +25,19 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pycurl
 
 from fastpull.engine.sink import ChunkWriter, new_chunk_writer
 from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
+
+if TYPE_CHECKING:
+    # Only a worker process needs it (its command line imports it): a pull small enough to
+    # run inline never loads multiprocessing.
+    from multiprocessing.connection import Connection
 
 # A large receive buffer (512 KiB → 4 MiB: 2.2 → 1.7 CPU s/GB,
 # `python -m benchmarks.bench_pull --images big --tools fastpull`). The write callback still

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -102,7 +101,7 @@ def atomic_write(
     overwriting, so racing initialisers cannot clobber each other. ``durable_first`` is
     synced alongside the temp file, so the two waits for the disk overlap.
     """
-    temp = directory / f".{name}.{secrets.token_hex(8)}.tmp"
+    temp = directory / f".{name}.{os.urandom(8).hex()}.tmp"
     try:
         with syncing_meanwhile(durable_first):
             write_new_file(temp, data)

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ class IngestPaths:
 
     def new_temp(self) -> Path:
         """A fresh name for a temp file of this digest that no other writer uses."""
-        return self.directory / f"{self.name}.{secrets.token_hex(8)}.tmp"
+        return self.directory / f"{self.name}.{os.urandom(8).hex()}.tmp"
 
     def owns(self, filename: str) -> bool:
         """Whether ``filename`` (in :attr:`directory`) is one of this ingest's files."""
