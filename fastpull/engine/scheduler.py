@@ -92,7 +92,7 @@ class Policy:
     min_split: int = 2 * MIB
     # A chunk is split only if, at the rate it is getting, it would take longer than this
     # to finish: a split costs a request, and the bytes the server sent past the cut.
-    split_after: float = 0.5
+    split_after: float = 1.0
     # How long one chunk should take at the rate a transfer gets, once that rate is known.
     chunk_seconds: float = 1.0
     max_attempts: int = 6
