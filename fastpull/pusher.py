@@ -8,7 +8,8 @@
    all images of a run): an upload is I/O, and libcurl releases the GIL while it waits.
 3. Per destination registry, :class:`BlobHolders` remembers which repository holds which
    blob: seen there by ``HEAD``, uploaded or mounted in this run, or guessed from the
-   store's images named on that registry. A blob another repository holds is mounted, not
+   store's images named on that registry and from where earlier runs placed blobs
+   (:mod:`~fastpull.store.placements`). A blob another repository holds is mounted, not
    uploaded (at once, without a ``HEAD``, when this run saw it there), and two images
    needing one blob never upload it twice at once: the second waits for the first, then
    mounts it.
@@ -53,6 +54,7 @@ from fastpull.store.layout import (
     SOURCE_MANIFEST_ANNOTATION,
     Store,
 )
+from fastpull.store.placements import Placement, Placements
 from fastpull.types import Descriptor, Digest
 
 DEFAULT_JOBS = 8
@@ -254,6 +256,7 @@ class Pusher:
         self._lock = threading.Lock()
         self._auth: dict[str, PushAuth] = {}
         self._holders: dict[str, BlobHolders] = {}
+        self._placements = Placements(store.root)
         self._uploaders: list[Uploader] = []
         self._local = threading.local()
         self.jobs = jobs or DEFAULT_JOBS
@@ -309,7 +312,8 @@ class Pusher:
 
     def _seed(self, registry: str) -> BlobHolders:
         """Holders guessed from the store: its images named on ``registry`` came from
-        there, so their repositories probably hold their blobs."""
+        there, so their repositories probably hold their blobs; and where earlier runs
+        placed blobs on ``registry``."""
         holders = BlobHolders()
         for ref, image in named_images(self.store):
             if ref.registry != registry:
@@ -317,6 +321,8 @@ class Pusher:
             with contextlib.suppress(FastpullError):
                 for blob in plan_push(self.store, image, str(ref)).blobs:
                     holders.guess(blob.digest, ref.repository)
+        for placed in self._placements.at(registry):
+            holders.guess(placed.digest, placed.repository)
         return holders
 
     def _uploader(self, registry: str) -> Uploader:
@@ -416,6 +422,7 @@ class Pusher:
                     probe=not holders.held_elsewhere(digest, repository),
                 )
             holders.add(digest, repository)
+            self._placements.record(Placement(registry, repository, digest))
         finally:
             holders.release(digest)
         if layer:

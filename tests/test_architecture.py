@@ -7,7 +7,7 @@ from the packages before it in this list (never from one after it)::
     registry/  responses, transport, auth, credentials, settings,    -- who to talk to, how
                manifest, client, upload
     store/     files, locks, journal, diskqueue, ingest, layout, gc,
-               inventory, maintenance                                  -- where bytes rest
+               inventory, maintenance, placements                      -- where bytes rest
     archive/   tarstream, documents, writer, reader                    -- images as one tar
     engine/    scheduler, connections, sink, worker, pool, routing,     -- how bytes move
                resume, verify, commit, records, job, download
@@ -98,6 +98,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store.files", "store.ingest", "store.locks"},
     "store.gc": frozenset({"types", "store.files", "store.ingest", "store.layout", "store.locks"}),
     "store.inventory": frozenset({"errors", "reference", "types", "registry.manifest"}),
+    "store.placements": frozenset({"errors", "reference", "types"}),
     "store.maintenance": frozenset({"errors", "reference", "types", "registry.manifest"})
     | {"store.gc", "store.inventory", "store.layout"},
     # archive/: save and load image archives
@@ -160,7 +161,8 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"store.gc", "store.layout", "store.maintenance", "puller"},
     "pusher": _CORE
     | {"reference", "registry.client", "registry.credentials", "registry.manifest"}
-    | {"registry.settings", "registry.transport", "registry.upload", "store.layout"},
+    | {"registry.settings", "registry.transport", "registry.upload", "store.layout"}
+    | {"store.placements"},
     "mirror": _CORE
     | {"batchfile", "bulk", "puller", "pusher", "reference", "registry.credentials"}
     | {"registry.settings", "registry.upload", "store.layout", "store.maintenance"},

@@ -13,6 +13,7 @@ On disk (image-spec ``image-layout.md``)::
     <root>/gc.lock             flock'ed shared by pulls, exclusively by gc / rmi / verify --repair
     <root>/blobs/<alg>/<hex>   verified content, and nothing else
     <root>/ingest/             fastpull's partial downloads and temp files (other tools ignore it)
+    <root>/placements.jsonl    where pushes and copies placed blobs (see store.placements)
 
 What holds whatever happens, ``kill -9`` and power loss included:
 

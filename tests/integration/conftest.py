@@ -158,6 +158,7 @@ def assert_store_consistent(store: Path, *, killed: bool = False) -> None:
     in the middle of a journal line: only the complete lines must be true then.
     """
     expected = {"oci-layout", "index.json", "index.json.lock", "gc.lock", "blobs", "ingest"}
+    expected |= {"placements.jsonl"}  # where pushes and copies placed blobs
     # A writer of index.json killed before its rename leaves its temp file.
     debris = re.compile(r"\.index\.json\.[0-9a-f]+\.tmp" if killed else "$^")
     assert {p.name for p in store.iterdir() if not debris.fullmatch(p.name)} <= expected

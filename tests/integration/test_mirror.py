@@ -160,6 +160,53 @@ def test_a_second_image_sharing_layers_is_mounted_not_uploaded(
     assert _raw_manifest(dest_registry, f"{repo}/b", "1") == second.manifest_bytes
 
 
+def test_a_later_copy_mounts_what_an_earlier_run_placed_in_another_repository(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    base = make_layer(300_000, seed=521)
+    first = make_image([base, make_layer(1000, seed=522)])
+    second = make_image([base, make_layer(1000, seed=523)])
+    registry.pusher.push_image(repo, "one", first)
+    registry.pusher.push_image(repo, "two", second)
+    dest = dest_registry.host
+    assert cli("copy", f"{registry.host}/{repo}:one", f"{dest}/{repo}/a:1").code == 0
+
+    # Another run (nothing of the first is in memory): the store remembers where it put the
+    # base layer, so the new repository mounts it instead of being sent it again.
+    mark = dest_registry.mark()
+    result = cli("copy", f"{registry.host}/{repo}:two", f"{dest}/{repo}/b:1")
+
+    assert result.code == 0, result.err
+    logged = dest_registry.requests(mark)
+    assert base.digest not in _put_digests(logged)
+    assert [unquote(r.path) for r in _mounts(logged)] == [
+        f"/v2/{repo}/b/blobs/uploads/?mount={base.digest}&from={repo}/a"
+    ]
+    assert _raw_manifest(dest_registry, f"{repo}/b", "1") == second.manifest_bytes
+    assert (env_store() / "placements.jsonl").is_file()
+    assert_store_consistent(env_store())
+
+
+def test_a_remembered_holder_that_lost_the_blob_costs_an_upload_not_a_failure(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
+) -> None:
+    layer = make_layer(200_000, seed=531)
+    image = make_image([layer])
+    registry.pusher.push_image(repo, "1", image)
+    assert cli("pull", f"{registry.host}/{repo}:1").code == 0
+    # A stale memory: a repository that never got the blob (deleted since, say).
+    line = {"registry": dest_registry.host, "repository": f"{repo}/gone", "digest": layer.digest}
+    (env_store() / "placements.jsonl").write_text(json.dumps(line) + "\n")
+
+    mark = dest_registry.mark()
+    result = cli("copy", f"{registry.host}/{repo}:1", f"{dest_registry.host}/{repo}/c:1")
+
+    assert result.code == 0, result.err
+    logged = dest_registry.requests(mark)
+    assert layer.digest in _put_digests(logged)
+    assert _raw_manifest(dest_registry, f"{repo}/c", "1") == image.manifest_bytes
+
+
 @pytest.mark.parametrize("fmt", ["oci", "docker"])
 def test_multi_platform_copy_is_byte_for_byte_at_the_destination(
     registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, fmt: str
