@@ -137,12 +137,18 @@ def _put_digests(requests: list[LoggedRequest]) -> list[str]:
     ]
 
 
+def _sharing_a_base(seed: int) -> tuple[Layer, Image, Image]:
+    """A base layer and two images made of it and a small layer of their own."""
+    base = make_layer(200_000, seed=seed)
+    first = make_image([base, make_layer(1000, seed=seed + 1)])
+    second = make_image([base, make_layer(1000, seed=seed + 2)])
+    return base, first, second
+
+
 def test_a_second_image_sharing_layers_is_mounted_not_uploaded(
     registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
 ) -> None:
-    base = make_layer(200_000, seed=511)
-    first = make_image([base, make_layer(1000, seed=512)])
-    second = make_image([base, make_layer(1000, seed=513)])
+    base, first, second = _sharing_a_base(511)
     one = _pulled(cli, registry, repo, "one", first)
     two = _pulled(cli, registry, repo, "two", second)
     assert cli("push", one, f"{dest_registry.host}/{repo}/a:1").code == 0
@@ -163,9 +169,7 @@ def test_a_second_image_sharing_layers_is_mounted_not_uploaded(
 def test_a_later_copy_mounts_what_an_earlier_run_placed_in_another_repository(
     registry: Any, dest_registry: RegistryServer, repo: str, cli: Any
 ) -> None:
-    base = make_layer(300_000, seed=521)
-    first = make_image([base, make_layer(1000, seed=522)])
-    second = make_image([base, make_layer(1000, seed=523)])
+    base, first, second = _sharing_a_base(521)
     registry.pusher.push_image(repo, "one", first)
     registry.pusher.push_image(repo, "two", second)
     dest = dest_registry.host
