@@ -75,8 +75,13 @@ class ConnectionController:
         """``received`` bytes arrived since the last call, with ``active`` transfers open."""
         if self.pinned:
             return
-        if self._window_start is None:
-            self._window_start = now
+        if self._window_start is None or (not self._warm and active < self.limit):
+            # Until warm, a window starts only once every allowed transfer is busy: the
+            # moments before (blobs' first requests, running alone) are no part of it.
+            self._window_start, self._window_bytes = now, 0
+            self._samples = self._busy_samples = 0
+            if active < self.limit:
+                return
         self._window_bytes += received
         self._samples += 1
         self._busy_samples += active >= self.limit

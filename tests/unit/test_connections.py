@@ -147,6 +147,22 @@ def test_the_first_busy_window_is_warm_up_and_judges_nothing() -> None:
     assert controller.limit == 16
 
 
+def test_warm_up_starts_when_every_transfer_is_busy_not_before() -> None:
+    controller = ConnectionController(start=16, ceiling=64)
+    link = Link(8 * MB, 1000 * MB)
+    now = 0.0
+    while now < 0.15 - TICK / 2:  # the blobs' first requests, answering alone
+        now += TICK
+        controller.observe(now, int(link.rate(7) * TICK), active=7)
+    busy_from = now
+    while controller.limit == 16:
+        now += TICK
+        controller.observe(now, int(link.rate(16) * TICK), active=16)
+    # A warm-up window and a judged one, counted from when all 16 were busy.
+    assert now - busy_from <= 2 * WINDOW + 2 * TICK
+    assert controller.limit == 32
+
+
 def test_windows_without_every_transfer_busy_decide_nothing() -> None:
     controller = ConnectionController(start=16, ceiling=64)
     now = 0.0
