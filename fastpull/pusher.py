@@ -325,7 +325,7 @@ class Pusher:
             holders.guess(placed.digest, placed.repository)
         return holders
 
-    def _uploader(self, registry: str) -> Uploader:
+    def uploader(self, registry: str) -> Uploader:
         """This thread's uploader for ``registry``."""
         mine: dict[str, Uploader] | None = getattr(self._local, "uploaders", None)
         if mine is None:
@@ -414,7 +414,7 @@ class Pusher:
                 result = BlobResult(digest, blob.size, EXISTS)
             else:
                 progress = _Progress(self, blob) if layer else None
-                result = self._uploader(registry).upload(
+                result = self.uploader(registry).upload(
                     repository,
                     BlobFile(blob, self.store.blob_path(digest), growing),
                     mount_from=holders.sources(digest, repository),
@@ -444,7 +444,7 @@ class Pusher:
                 f"{dest.familiar}: the image's digest is {top.digest}; push it by tag instead"
             )
         results = gather(uploads.values())
-        uploader = self._uploader(dest.registry)
+        uploader = self.uploader(dest.registry)
         for manifest in plan.manifests[:-1]:
             uploader.put_manifest(
                 dest.repository, str(manifest.digest), manifest.raw, manifest.media_type

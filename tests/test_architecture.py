@@ -152,10 +152,9 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     | {"cluster.plan", "cluster.tasks", "engine.download", "puller", "pusher", "reference"}
     | {"registry.settings", "registry.upload", "store.layout"},
     "cluster.copying": _CORE
-    | {"batchfile", "bulk", "mirror", "puller", "reference", "store.layout"}
+    | {"batchfile", "bulk", "mirror", "puller", "pusher", "reference", "store.layout"}
     | {"cluster.client", "cluster.plan", "cluster.relay"}
-    | {"registry.client", "registry.credentials", "registry.manifest", "registry.settings"}
-    | {"registry.transport", "registry.upload"},
+    | {"registry.credentials", "registry.manifest", "registry.settings", "registry.upload"},
     "storecheck": _CORE
     | {"reference", "registry.manifest", "registry.settings", "store.inventory"}
     | {"store.gc", "store.layout", "store.maintenance", "puller"},

@@ -52,13 +52,12 @@ from fastpull.cluster.relay import (
 from fastpull.errors import ClusterError, FastpullError, Interrupted, UsageError
 from fastpull.mirror import CopyBatchResult, CopyOutcome, check_entries, entry_destination
 from fastpull.puller import ImagePlan, Puller
+from fastpull.pusher import Pusher
 from fastpull.reference import Reference
-from fastpull.registry.client import RegistryClient
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.manifest import digest_of
 from fastpull.registry.settings import Settings
-from fastpull.registry.transport import Transport
-from fastpull.registry.upload import EXISTS, MOUNTED, BlobResult, PushAuth, Uploader
+from fastpull.registry.upload import EXISTS, MOUNTED, BlobResult
 from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest, PlatformSelection
 
@@ -205,6 +204,10 @@ class _ClusterCopy:
         self._ready: list[_Image] | None = []
         self._pool = ThreadPoolExecutor(CLIENT_THREADS, thread_name_prefix="fastpull-copy")
         self._downloaded: dict[Digest, int] = {}
+        # The destinations' clients, shared tokens and per-thread uploaders: the client
+        # checks, mounts and pushes manifests; the blobs themselves go from the tasks.
+        self._pusher = Pusher(store, settings=settings, credentials=credentials)
+        self._closing.append(self._pusher.close)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -330,47 +333,24 @@ class _ClusterCopy:
 
     def _reach(self, registries: set[str]) -> dict[str, FastpullError]:
         """Ping every destination registry once: those that cannot be used, and why."""
-        pinged = self._each(lambda r: self._destination(r)[0].base_url, sorted(registries))
+        pinged = self._each(lambda r: self._pusher.auth(r).base_url, sorted(registries))
         return {
             registry: answer
             for registry, answer in zip(sorted(registries), pinged, strict=True)
             if isinstance(answer, FastpullError)
         }
 
-    def _destination(self, registry: str) -> tuple[RegistryClient, Uploader]:
-        """This thread's client and uploader for a destination registry."""
-        mine: dict[str, tuple[RegistryClient, Uploader]] | None = getattr(
-            self._local, "destinations", None
-        )
-        if mine is None:
-            mine = self._local.destinations = {}
-        if registry not in mine:
-            transport = Transport(
-                tls_for=self.settings.tls_for, stall_seconds=self.settings.stall_timeout
-            )
-            client = RegistryClient(
-                registry,
-                settings=self.settings,
-                credentials=self.credentials.get(registry),
-                transport=transport,
-            )
-            mine[registry] = (client, Uploader(PushAuth(client), transport))
-            with self._lock:
-                self._closing.append(transport.close)
-        return mine[registry]
-
     def _has(self, place: _Place, unreachable: Mapping[str, FastpullError]) -> bool:
         registry, repository, digest = place
         if registry in unreachable:
             raise unreachable[registry]
-        _, uploader = self._destination(registry)
-        return uploader.exists(repository, digest)
+        return self._pusher.uploader(registry).exists(repository, digest)
 
     def _mount(self, place: _Place, blob: Descriptor, source: str) -> BlobResult | None:
         """Mount a blob from ``source``, another repository of the registry that holds it;
         None when the registry would rather have it uploaded (then a task does)."""
         registry, repository, digest = place
-        _, uploader = self._destination(registry)
+        uploader = self._pusher.uploader(registry)
         location = uploader.start_upload(repository, digest, source)
         if location is None:
             return BlobResult(digest, blob.size, MOUNTED, mounted_from=source)
@@ -487,7 +467,7 @@ class _ClusterCopy:
                     f"{dest.familiar}: the image's digest is {top_digest}; copy it by tag instead"
                 )
             self.emit(events.PushStarted(dest.name))
-            _, uploader = self._destination(dest.registry)
+            uploader = self._pusher.uploader(dest.registry)
             for raw, media_type, digest in manifests[:-1]:
                 uploader.put_manifest(dest.repository, str(digest), raw, media_type)
             reference = str(top_digest) if dest.digest is not None or not dest.tag else dest.tag
