@@ -120,7 +120,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
     "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})
-    | {"store.ingest", "engine.routing", "engine.verify"},
+    | {"store.ingest", "engine.connections", "engine.routing", "engine.verify"},
     "engine.resume": frozenset({"store.journal", "engine.worker"}),
     "engine.commit": frozenset({"errors", "engine.records"}),
     "engine.pool": frozenset({"errors", "engine.worker"}),

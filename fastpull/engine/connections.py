@@ -1,4 +1,5 @@
-"""How many transfers a run keeps open: measured, not guessed (pure; the loop feeds it).
+"""How many transfers a run keeps open: measured, not guessed (pure but for reading the
+machine's idle CPU, :func:`machine_idle_seconds`; the loop feeds it).
 
 Registries behind CDNs, S3 or a long lossy path give each TCP connection a modest share,
 so the link wants as many connections as it takes to fill it; on loopback or a fast LAN
@@ -8,9 +9,12 @@ is the warm-up and only starts the count), doubles the limit if the last doublin
 total rate by at least :data:`GAIN`; a doubling that did not is taken back and growth pauses,
 for :data:`PROBE_AFTER` seconds at first and twice as long after each probe that gains
 nothing again (up to :data:`PROBE_MAX`): links change, and one unlucky window must not
-cost a whole run its connections. A server that pushes back (429, 503) halves
-the limit and holds it there for :data:`HOLD` seconds. The limit stays within ``floor`` and
-``ceiling``; a pinned controller (``--connections N``) never moves.
+cost a whole run its connections. When the machine had :data:`SPARE_CORES` of CPU idle
+through the warm-up, the first doubling comes at its end, judged like any other: the link,
+not the CPU, limits the rate then, and on a link that caps each connection (8 MB/s) every
+window spent at the start count costs most of the rate. A server that pushes back (429,
+503) halves the limit and holds it there for :data:`HOLD` seconds. The limit stays within
+``floor`` and ``ceiling``; a pinned controller (``--connections N``) never moves.
 
 Each registry host gets its own controller (:class:`HostConnections`): a batch that pulls
 from a CDN-backed registry and from a LAN mirror at once needs many transfers to the first
@@ -19,6 +23,7 @@ and few to the second, and a push-back from one host says nothing about the othe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -39,6 +44,19 @@ PROBE_MAX = 32.0
 _SATURATED = 0.8
 # How much each finished transfer's weight in the rate per transfer fades per newer one.
 _DECAY = 0.8
+# Idle CPU, in cores, through the warm-up that lets the first doubling skip its judged window.
+SPARE_CORES = 1.0
+
+
+def machine_idle_seconds() -> float | None:
+    """CPU-seconds this machine's cores have spent idle (or waiting on I/O) since boot,
+    summed over the cores; None where ``/proc/stat`` cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            fields = stat.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -49,8 +67,11 @@ class ConnectionController:
     ceiling: int
     pinned: bool = False
     floor: int = 2
+    # The machine's idle CPU-seconds so far, summed over its cores (None: not known).
+    idle_clock: Callable[[], float | None] | None = None
     limit: int = field(init=False)
     _window_start: float | None = field(default=None, init=False)
+    _window_idle: float | None = field(default=None, init=False)
     _window_bytes: int = field(default=0, init=False)
     _samples: int = field(default=0, init=False)
     _busy_samples: int = field(default=0, init=False)
@@ -80,6 +101,7 @@ class ConnectionController:
             # moments before (blobs' first requests, running alone) are no part of it.
             self._window_start, self._window_bytes = now, 0
             self._samples = self._busy_samples = 0
+            self._window_idle = self._idle()
             if active < self.limit:
                 return
         self._window_bytes += received
@@ -90,12 +112,26 @@ class ConnectionController:
             return
         saturated = self._busy_samples >= _SATURATED * self._samples
         rate = self._window_bytes / elapsed
-        self._window_start, self._window_bytes = now, 0
+        idle_before, idle_now = self._window_idle, self._idle()
+        self._window_start, self._window_bytes, self._window_idle = now, 0, idle_now
         self._samples = self._busy_samples = 0
         if saturated and now >= self._hold_until:
             if self._warm:
                 self._judge(now, rate)
+            elif self._spare(idle_before, idle_now, elapsed) and self.limit < self.ceiling:
+                self._before = rate
+                self.limit = min(self.ceiling, self.limit * 2)
             self._warm = True
+
+    def _idle(self) -> float | None:
+        return self.idle_clock() if self.idle_clock is not None else None
+
+    @staticmethod
+    def _spare(before: float | None, now: float | None, elapsed: float) -> bool:
+        """Whether at least :data:`SPARE_CORES` of CPU sat idle, on average, in a window."""
+        if before is None or now is None:
+            return False
+        return (now - before) / elapsed >= SPARE_CORES
 
     def _judge(self, now: float, rate: float) -> None:
         if self._before is not None:
@@ -152,13 +188,16 @@ class HostConnections:
     start: int
     ceiling_for: Callable[[str], int]
     pinned: bool = False
+    idle_clock: Callable[[], float | None] | None = None
     _controllers: dict[str, ConnectionController] = field(default_factory=dict, init=False)
 
     def __getitem__(self, host: str) -> ConnectionController:
         controller = self._controllers.get(host)
         if controller is None:
             ceiling = self.start if self.pinned else self.ceiling_for(host)
-            controller = ConnectionController(self.start, ceiling, pinned=self.pinned)
+            controller = ConnectionController(
+                self.start, ceiling, pinned=self.pinned, idle_clock=self.idle_clock
+            )
             self._controllers[host] = controller
         return controller
 
@@ -179,7 +218,9 @@ __all__ = [
     "HOLD",
     "PROBE_AFTER",
     "PROBE_MAX",
+    "SPARE_CORES",
     "WINDOW",
     "ConnectionController",
     "HostConnections",
+    "machine_idle_seconds",
 ]

@@ -122,6 +122,7 @@ class Job:
             config.connections,
             config.ceiling_for or (lambda _host: config.max_connections),
             pinned=config.pinned,
+            idle_clock=config.idle_clock,
         )
         # Until the link's rate is known, chunks are cut for the most transfers the run may
         # grow to, so that a grown count finds work queued rather than waiting for the

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fastpull import events
+from fastpull.engine.connections import machine_idle_seconds
 from fastpull.engine.routing import Route
 from fastpull.engine.verify import Verifier
 from fastpull.registry.responses import RetryPolicy
@@ -56,6 +57,8 @@ class EngineConfig:
     stall_seconds: int = 30
     emit: events.Listener = events.ignore
     clock: Callable[[], float] = time.monotonic
+    # The machine's idle CPU-seconds, for the connection count (see engine/connections.py).
+    idle_clock: Callable[[], float | None] = machine_idle_seconds
 
 
 @dataclass(frozen=True)

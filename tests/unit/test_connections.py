@@ -13,9 +13,11 @@ from fastpull.engine.connections import (
     HOLD,
     PROBE_AFTER,
     PROBE_MAX,
+    SPARE_CORES,
     WINDOW,
     ConnectionController,
     HostConnections,
+    machine_idle_seconds,
 )
 from fastpull.engine.worker import PROGRESS_INTERVAL
 
@@ -34,10 +36,29 @@ class Link:
         return min(connections * self.per_connection, self.total)
 
 
-def _run(controller: ConnectionController, link: Link, seconds: float, start: float = 0.0) -> float:
+@dataclass
+class Machine:
+    """A machine whose cores sit ``spare`` cores idle on average, on the simulated clock."""
+
+    spare: float
+    now: float = 0.0
+
+    def idle_seconds(self) -> float:
+        return self.spare * self.now
+
+
+def _run(
+    controller: ConnectionController,
+    link: Link,
+    seconds: float,
+    start: float = 0.0,
+    machine: Machine | None = None,
+) -> float:
     now = start
     while now < start + seconds:
         now += TICK
+        if machine is not None:
+            machine.now = now
         active = controller.limit
         controller.observe(now, int(link.rate(active) * TICK), active)
     return now
@@ -161,6 +182,53 @@ def test_warm_up_starts_when_every_transfer_is_busy_not_before() -> None:
     # A warm-up window and a judged one, counted from when all 16 were busy.
     assert now - busy_from <= 2 * WINDOW + 2 * TICK
     assert controller.limit == 32
+
+
+def test_with_cpu_to_spare_the_first_doubling_comes_at_the_end_of_the_warm_up() -> None:
+    link = Link(8 * MB, 1000 * MB)
+    idle = Machine(spare=SPARE_CORES + 0.2)
+    eager = ConnectionController(start=16, ceiling=64, idle_clock=idle.idle_seconds)
+    busy = Machine(spare=SPARE_CORES - 0.2)
+    judged = ConnectionController(start=16, ceiling=64, idle_clock=busy.idle_seconds)
+
+    _run(eager, link, WINDOW + TICK, machine=idle)
+    _run(judged, link, WINDOW + TICK, machine=busy)
+
+    assert (eager.limit, judged.limit) == (32, 16)
+    # Then one window each to the ceiling, which the judged controller reaches a window later.
+    _run(eager, link, WINDOW, start=WINDOW + TICK, machine=idle)
+    assert eager.limit == 64
+    _run(judged, link, WINDOW, start=WINDOW + TICK, machine=busy)
+    assert judged.limit == 32
+    _run(judged, link, WINDOW + TICK, start=2 * WINDOW + TICK, machine=busy)
+    assert judged.limit == 64
+
+
+def test_an_early_doubling_that_does_not_pay_is_taken_back() -> None:
+    # A fast link on a machine with idle cores: the early doubling is tried, judged, undone.
+    idle = Machine(spare=4.0)
+    controller = ConnectionController(start=16, ceiling=64, idle_clock=idle.idle_seconds)
+
+    _run(controller, Link(1000 * MB, 600 * MB), WINDOW + TICK, machine=idle)
+    assert controller.limit == 32
+    _run(controller, Link(1000 * MB, 600 * MB), PROBE_AFTER - WINDOW, WINDOW + TICK, idle)
+    assert controller.limit == 16
+
+
+def test_an_unreadable_idle_clock_means_the_judged_ramp() -> None:
+    controller = ConnectionController(start=16, ceiling=64, idle_clock=lambda: None)
+
+    _run(controller, Link(8 * MB, 1000 * MB), WINDOW + TICK)
+
+    assert controller.limit == 16
+
+
+def test_the_machine_idle_clock_reads_this_machine() -> None:
+    first = machine_idle_seconds()
+    second = machine_idle_seconds()
+    # Linux, where the engine runs and CI too: /proc/stat is always there.
+    assert first is not None and second is not None
+    assert 0 < first <= second
 
 
 def test_windows_without_every_transfer_busy_decide_nothing() -> None:
