@@ -1,9 +1,9 @@
-"""The end of a blob's download: hash what is final, judge the digest, publish the file.
+"""The end of a blob's download: judge the digest, publish the file.
 
-Hashing advances over the part of the ingest file that will never be written again
-(``Scheduler.hashable``); once every byte is there the digest decides: publish (the fsync and
-rename run on a publishing thread, so the engine's loop keeps feeding the workers), fetch the
-whole blob once more, or fail with :class:`DigestMismatch`.
+The job hashes each blob over the part of its ingest file that will never be written again
+(``Scheduler.hashable``); once every byte is hashed the digest decides: publish (the fsync
+and rename run on a publishing thread, so the engine's loop keeps feeding the workers),
+fetch the whole blob once more, or fail with :class:`DigestMismatch`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ class Verdict(enum.Enum):
     REFETCH = "refetch"  # wrong content: the whole blob comes again
 
 
-def hashed(blob: BlobRun, hashable: int, complete: bool) -> bool:
-    """Hash forward to ``hashable`` (one step); whether the whole blob is now hashed and
-    nothing of it is still being fetched (``complete``), so its digest can be judged."""
-    blob.verifier.advance(hashable)
+def hashed(blob: BlobRun, complete: bool) -> bool:
+    """Whether the whole blob is hashed and nothing of it is still being fetched
+    (``complete``), so its digest can be judged."""
     return blob.verifier.position >= blob.size and complete
 
 

@@ -40,6 +40,9 @@ INLINE_BELOW = 64 << 20
 # Blobs published (fsync, rename) at once: the fsyncs of blobs that finish together overlap,
 # and the file system commits them together, instead of each waiting for the one before.
 PUBLISH_THREADS = 4
+# Blobs hashed at once, at most one per core: on a fast link the blobs' hashing falls behind
+# their download (see Job._hash) and what is left is hashed on every core.
+HASH_THREADS = 4
 DEFAULT_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS = 64
 
@@ -135,7 +138,12 @@ class Downloader:
                 min(PUBLISH_THREADS, len(todo)), thread_name_prefix="fastpull-publish"
             )
             stack.callback(publisher.shutdown)
-            job = Job(self.config, todo, pool, disk, on_failure, publisher)
+            hashers = min(len(todo), os.cpu_count() or 1, HASH_THREADS)
+            hasher = None
+            if hashers > 1:
+                hasher = ThreadPoolExecutor(hashers, thread_name_prefix="fastpull-hash")
+                stack.callback(hasher.shutdown)
+            job = Job(self.config, todo, pool, disk, on_failure, publisher, hasher)
             results.extend(job.run())
         return Fetched(tuple(results), count)
 

@@ -101,6 +101,7 @@ class Job:
         disk: DiskQueue,
         on_failure: FailureListener | None = None,
         publisher: Executor | None = None,
+        hasher: Executor | None = None,
     ) -> None:
         self.config = config
         self.emit = config.emit
@@ -112,6 +113,8 @@ class Job:
         self._publish: Callable[[Callable[[], None]], Future[None]] = (
             publisher.submit if publisher is not None else disk.run
         )
+        # Where several blobs' hashing steps run at once; without one, in turn on the loop.
+        self._hasher = hasher
         self._sync_at = self.clock() + SYNC_INTERVAL
         self.on_failure = on_failure
         self.blobs = blobs
@@ -157,6 +160,7 @@ class Job:
                 # After the refill: a transfer that just ended is not a free connection.
                 self.connections.observe(self.clock(), self._received, self._open)
                 self._received.clear()
+                self._hash()
                 for index, blob in enumerate(self.blobs):
                     if blob.stage is Stage.COMMITTING:
                         assert blob.commit is not None
@@ -190,7 +194,7 @@ class Job:
 
     # -- failure isolation ---------------------------------------------------------------
 
-    def _guarded(self, index: int | None, action: Callable[..., None], *args: object) -> None:
+    def _guarded(self, index: int | None, action: Callable[..., object], *args: object) -> None:
         """Run ``action``; an error of one blob fails only that blob when the caller asked
         to be told of failures instead."""
         try:
@@ -254,10 +258,7 @@ class Job:
 
     def _hashing_behind(self) -> bool:
         """Whether some blob has written bytes its verifier has not hashed yet."""
-        return any(
-            b.writing and b.verifier.position < self.sched.hashable(i)
-            for i, b in enumerate(self.blobs)
-        )
+        return any(self._behind(i) for i in range(len(self.blobs)))
 
     # -- handing out work ----------------------------------------------------------------
 
@@ -490,9 +491,33 @@ class Job:
 
     # -- verification and commit ---------------------------------------------------------
 
+    def _hash(self) -> None:
+        """Hash one step further into every blob whose written prefix is ahead of its hash.
+
+        Several blobs are hashed at once on the hashing threads (the hash releases the GIL):
+        on a fast link the download outruns hashing, whose prefixes wait on chunks still in
+        flight, and what is left when the last bytes land would otherwise be hashed on one
+        core, blob after blob, while the others sit idle.
+        """
+        targets = {i: self.sched.hashable(i) for i in range(len(self.blobs)) if self._behind(i)}
+        if self._hasher is None or len(targets) < 2:
+            for index, target in targets.items():
+                self._guarded(index, self.blobs[index].verifier.advance, target)
+            return
+        steps = {
+            index: self._hasher.submit(self.blobs[index].verifier.advance, target)
+            for index, target in targets.items()
+        }
+        for index, step in steps.items():
+            self._guarded(index, step.result)
+
+    def _behind(self, index: int) -> bool:
+        blob = self.blobs[index]
+        return blob.writing and blob.verifier.position < self.sched.hashable(index)
+
     def _verify(self, index: int, blob: BlobRun) -> None:
         self._tell_hashed(index, blob)  # a restart since the last call, before new bytes
-        if not commit.hashed(blob, self.sched.hashable(index), self.sched.complete_blob(index)):
+        if not commit.hashed(blob, self.sched.complete_blob(index)):
             self._tell_hashed(index, blob)
             return
         self.emit(events.LayerEvent(blob.digest, events.VERIFYING, blob.size, blob.size))

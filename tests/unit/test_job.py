@@ -8,7 +8,11 @@ reached directly, including the ones only a scripted server could provoke there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -289,3 +293,61 @@ def test_what_a_finished_transfer_adds_to_the_journal() -> None:
     assert written(Cancelled(1, 120, ""), 100) is None  # no checksum: cannot be trusted
     assert written(Answered(1, 100, 503), 100) is None
     assert written(RangeIgnored(1, 100), 100) is None
+
+
+class RecordingVerifier(Verifier):
+    """A verifier that notes which thread hashed each step."""
+
+    def __init__(self, digest: Digest, fd: int) -> None:
+        super().__init__(digest, fd, release=lambda *_: None)
+        self.threads: list[str] = []
+
+    def advance(self, to: int) -> int:
+        self.threads.append(threading.current_thread().name)
+        return super().advance(to)
+
+
+@pytest.mark.parametrize("behind", [1, 2, 3])
+def test_blobs_behind_their_download_are_hashed_at_once_on_the_hashing_threads(
+    tmp_path: Path, behind: int
+) -> None:
+    store = Store.open(tmp_path / "store")
+    contents = [bytes([n]) * (3 * MIB) for n in range(3)]
+    digests = [Digest.parse("sha256:" + hashlib.sha256(c).hexdigest()) for c in contents]
+    with contextlib.ExitStack() as stack:
+        disk = DiskQueue()
+        stack.callback(disk.close)
+        hasher = ThreadPoolExecutor(2, thread_name_prefix="test-hash")
+        stack.callback(hasher.shutdown)
+        blobs, verifiers = [], []
+        for digest, content in zip(digests, contents, strict=True):
+            blob_stack = stack.enter_context(contextlib.ExitStack())
+            ingest = blob_stack.enter_context(store.ingest(digest, len(content)))
+            ingest.preallocate()
+            verifier = RecordingVerifier(digest, ingest.fd)
+            descriptor = Descriptor("application/octet-stream", digest, len(content))
+            blob = BlobRun(descriptor, ingest, blob_stack, verifier, Source())
+            blob.route = Route(URL).data_from(URL)
+            blobs.append(blob)
+            verifiers.append(verifier)
+        pool = FakePool()
+        config = EngineConfig(tls_for=lambda _url: TLSConfig(), connections=8)
+        job = Job(config, blobs, pool, disk, None, None, hasher)  # type: ignore[arg-type]
+        job._dispatch(0.0)
+        fetches = pool.fetches()
+        # The first ``behind`` blobs' bytes land; the others' are still on their way.
+        for fetch in fetches:
+            index = job.flights[fetch.chunk_id].blob
+            if index < behind:
+                os.pwrite(
+                    blobs[index].ingest.fd, contents[index][fetch.start : fetch.end], fetch.start
+                )
+                job._handle(Done(fetch.chunk_id, fetch.end, "00" * 16))
+
+        job._hash()
+
+    hashed = [v for v in verifiers if v.threads]
+    assert len(hashed) == behind
+    expected = "test-hash" if behind > 1 else threading.current_thread().name
+    assert all(v.threads[0].startswith(expected) for v in hashed)
+    assert all(v.position == 3 * MIB for v in hashed)
