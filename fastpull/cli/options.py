@@ -80,7 +80,7 @@ _TRANSFER = (
         "--max-concurrent-downloads",
         "connections",
         type=click.IntRange(1, 256),
-        help="Pin the transfers at once, across all blobs and chunks (default: from 16, "
+        help="Pin the transfers at once, across all blobs and chunks (default: from 4, "
         "more while they raise the total rate, up to --max-connections).",
     ),
     click.option(

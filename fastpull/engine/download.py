@@ -43,7 +43,7 @@ PUBLISH_THREADS = 4
 # Blobs hashed at once, at most one per core: on a fast link the blobs' hashing falls behind
 # their download (see Job._hash) and what is left is hashed on every core.
 HASH_THREADS = 4
-DEFAULT_CONNECTIONS = 16
+DEFAULT_CONNECTIONS = 4
 DEFAULT_MAX_CONNECTIONS = 64
 
 

@@ -48,7 +48,7 @@ class EngineConfig:
     tls_for: Callable[[str], TLSConfig]
     # Transfers at the start; the run adds more up to ``max_connections`` while they raise
     # the total rate, unless ``pinned`` (see engine/connections.py).
-    connections: int = 16
+    connections: int = 4
     max_connections: int = 64
     pinned: bool = False
     # A registry host's own ceiling (``HOST[:PORT]``); ``max_connections`` for all if None.
