@@ -40,7 +40,6 @@ class WorkerPool:
     def _start(self) -> None:
         # Imported here: a small pull runs inline and never starts a process.
         import subprocess
-        from multiprocessing.connection import Connection
 
         mine, theirs = socket.socketpair()
         with theirs:
@@ -53,6 +52,10 @@ class WorkerPool:
                 start_new_session=True,
             )
         self._procs.append(proc)
+        # Imported once the worker is on its way: the import takes about as long as the
+        # worker's own start-up has to go, and the pull waits for both.
+        from multiprocessing.connection import Connection
+
         self._conns.append(Connection(mine.detach()))
 
     def has_room(self, total: int, per_worker: int) -> bool:
