@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future
@@ -278,7 +277,7 @@ class Job:
 
     def _room(self) -> bool:
         limit = self._limit()
-        return self.pool.has_room(limit, math.ceil(limit / self.pool.size))
+        return self.pool.has_room(limit)
 
     def _chunk_length(self, index: int) -> int:
         rate = self.connections[self.hosts[index]].per_transfer

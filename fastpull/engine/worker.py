@@ -257,6 +257,12 @@ class WorkerLoop:
         """Whether any transfer is running."""
         return bool(self._transfers)
 
+    @property
+    def quiet(self) -> bool:
+        """Whether no transfer is running and nothing is waiting to be reported (a
+        command may have ended a transfer since the last :meth:`poll`)."""
+        return not (self._transfers or self._out)
+
     def submit(self, command: Command) -> None:
         """Act on a command from the parent."""
         if isinstance(command, Fetch):
@@ -435,6 +441,7 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loop = WorkerLoop()
     try:
+        conn.send([])  # ready: the parent hands new transfers here from now on
         while True:
             while conn.poll(0):
                 command = conn.recv()

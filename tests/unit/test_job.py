@@ -58,12 +58,11 @@ URL = f"https://r.example/v2/x/blobs/{DIGEST}"
 class FakePool:
     """One worker that records what it is told and never answers."""
 
-    size: int = 1
     load: list[int] = field(default_factory=lambda: [0])
     told: list[Command] = field(default_factory=list)
 
-    def has_room(self, total: int, per_worker: int) -> bool:
-        return self.load[0] < min(total, per_worker)
+    def has_room(self, total: int) -> bool:
+        return self.load[0] < total
 
     def assign(self, fetch: Fetch) -> int:
         self.load[0] += 1
