@@ -6,15 +6,28 @@ asks how far each blob is contiguous from byte 0 (what may be hashed).
 
 Rules:
 - The queue holds byte ranges, cut into chunks only as they are handed out, so each chunk's
-  length can follow what the link has shown by then (:meth:`Scheduler.chunk_length`): what
-  one transfer carries in ``chunk_seconds``, and no more than an even share of the queue
-  among the transfers waiting for work. Every request costs the registry and the client
-  CPU (a ranged GET through the registry's middleware, a worker round trip), so a fast link
-  gets few large chunks; a slow one gets chunks small enough that the queue still balances
-  the transfers, and the endgame (below) evens out the last ones. Before
-  any rate is known, chunks follow the whole job (``total / (connections * 4)``), so one
-  1 GiB layer alone keeps every connection busy, and so do many small layers. Lengths stay
-  between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks long is one request.
+  length can follow what the link has shown by then (:meth:`Scheduler.chunk_length`). A
+  request is not free: it costs a round trip, and registry and client CPU (a ranged GET
+  through the registry's middleware, a worker round trip), which on a shared machine comes
+  out of the pull. A chunk pays for its request when it keeps a transfer busy for a good
+  while; a second chunk of a blob pays only if a second transfer finishes the blob sooner.
+  - Once transfers have finished, a chunk is what one transfer carries in
+    ``chunk_seconds``, but no more than an even share of the queue among the transfers
+    waiting for work, so idle transfers are not left to split a long chunk a moment after
+    it was cut (the endgame, below). The share is never less than what one transfer
+    carries in ``request_seconds``, a quarter second, which keeps a request's fixed cost
+    to a few percent: 2 MiB at 8 MiB/s per connection, where the tail is still shared by
+    many transfers; several times that on loopback, where more transfers would only share
+    the same CPU.
+  - Before any rate is known, chunks follow the whole job (``total / (connections * 4)``),
+    so one 1 GiB layer alone keeps every connection busy, and so do many small layers;
+    but never less than ``plan_chunk``, 8 MiB: a second's transfer at 8 MiB/s, the slowest
+    per-connection share the defaults are tuned for. Shorter would cost a fast link a
+    request per few milliseconds (a 33 MB image took 18 requests on loopback at 2 MiB,
+    7 or 8 at 8 MiB); on a slower link the endgame splits a chunk due in more than
+    ``split_after`` once the queue runs dry.
+  - Lengths stay within ``min_chunk`` (``plan_chunk`` before a rate is known) and
+    ``max_chunk``, and a range under 1.5 chunks long is one request.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
   blob's hash frontier advances while it downloads.
 - A failed chunk keeps what it wrote: the written part counts as done and only the rest
@@ -87,14 +100,18 @@ class Policy:
     """Chunking knobs; the defaults suit loopback and CDN-capped links alike."""
 
     connections: int = 16
+    # The shortest chunk cut once a rate is known, and before (the plan).
     min_chunk: int = 2 * MIB
+    plan_chunk: int = 8 * MIB
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
     # A chunk is split only if, at the rate it is getting, it would take longer than this
     # to finish: a split costs a request, and the bytes the server sent past the cut.
     split_after: float = 1.0
-    # How long one chunk should take at the rate a transfer gets, once that rate is known.
+    # How long one chunk should take at the rate a transfer gets, once that rate is known,
+    # and how long at least when the queue is shared among idle transfers.
     chunk_seconds: float = 1.0
+    request_seconds: float = 0.25
     max_attempts: int = 6
     # The other bounds on a range's retries (progress, total, time); ``max_attempts`` wins.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -125,7 +142,7 @@ class Scheduler:
                 self._mark_done(index, max(0, start), min(sizes[index], end))
         missing = sum(size - self.received(i) for i, size in enumerate(sizes))
         target = missing // max(1, self.policy.connections * 4)
-        self.chunk_size = max(self.policy.min_chunk, min(self.policy.max_chunk, target))
+        self.chunk_size = min(self.policy.max_chunk, max(self.policy.plan_chunk, target))
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
 
@@ -142,11 +159,14 @@ class Scheduler:
         """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
         second (None: not measured yet) and ``free`` transfers are waiting for work: what
         one carries in ``chunk_seconds``, but no more than an even share of the queue, so
-        idle transfers are not left to split a long chunk a moment after it was cut."""
+        idle transfers are not left to split a long chunk a moment after it was cut; and
+        the share no less than what one carries in ``request_seconds``, so a request is
+        worth its round trip."""
         if per_transfer is None:
             return self.chunk_size
         queued = sum(chunk.length for _, chunk in self._pending)
-        wanted = min(int(per_transfer * self.policy.chunk_seconds), queued // max(1, free))
+        share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
+        wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
         return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:

@@ -48,6 +48,8 @@ from fastpull.types import Descriptor, Digest
 MIB = 1 << 20
 DIGEST = Digest.parse("sha256:" + "cd" * 32)
 URL = f"https://r.example/v2/x/blobs/{DIGEST}"
+# Two chunks of the plan's shortest (scheduler.Policy.plan_chunk, 8 MiB).
+SIZE = 16 * MIB
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
-    """A job over one 4 MiB blob (two 2 MiB chunks over two connections), whose first
+    """A job over one 16 MiB blob (two 8 MiB chunks over two connections), whose first
     answer already came (so both chunks go at once), retrying up to 20 times; backoff
     without jitter: attempt n waits n seconds."""
     monkeypatch.setattr(
@@ -137,10 +139,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
         disk = DiskQueue()
         stack.callback(disk.close)
         blob_stack = stack.enter_context(contextlib.ExitStack())
-        ingest = blob_stack.enter_context(store.ingest(DIGEST, 4 * MIB))
+        ingest = blob_stack.enter_context(store.ingest(DIGEST, SIZE))
         ingest.preallocate()
         verifier = Verifier(DIGEST, ingest.fd, release=lambda *_: None)
-        descriptor = Descriptor("application/octet-stream", DIGEST, 4 * MIB)
+        descriptor = Descriptor("application/octet-stream", DIGEST, SIZE)
         blob = BlobRun(descriptor, ingest, blob_stack, verifier, Source())
         blob.route = Route(URL).data_from(URL)
         pool = FakePool()
@@ -210,7 +212,7 @@ def test_range_ignored_waits_for_the_other_transfers_then_streams_once(setup: Se
     assert setup.blob.stage is Stage.FETCHING
     job._dispatch(clock.now)
     whole = pool.fetches()[-1]
-    assert (whole.start, whole.end, whole.ranged) == (0, 4 * MIB, False)
+    assert (whole.start, whole.end, whole.ranged) == (0, SIZE, False)
 
 
 def test_an_answer_that_fails_the_blob_stops_only_that_blob(setup: Setup) -> None:
@@ -225,6 +227,23 @@ def test_an_answer_that_fails_the_blob_stops_only_that_blob(setup: Setup) -> Non
     assert digest == DIGEST and isinstance(error, NotFound)
     job._handle(Done(second.chunk_id, second.end, "00" * 16))  # late: ignored
     assert pool.load == [0]
+
+
+def test_only_a_transfer_of_a_whole_chunk_or_more_measures_the_link(setup: Setup) -> None:
+    # A config blob's few bytes take a round trip whatever the link: taken for a rate, they
+    # would cut the next chunks to the shortest on the fastest link.
+    job, pool, clock = setup.job, setup.pool, setup.clock
+    controller = job.connections["r.example"]
+    job._dispatch(clock.now)
+    first, second = pool.fetches()
+    short = first.start + job.sched.policy.min_chunk - 1
+    job.sched.shrunk(first.chunk_id, short)  # as after an endgame split
+    clock.now += 0.01
+    job._handle(Done(first.chunk_id, short, "00" * 16))
+    assert controller.per_transfer is None
+    clock.now += 0.01
+    job._handle(Done(second.chunk_id, second.end, "00" * 16))
+    assert controller.per_transfer == pytest.approx((second.end - second.start) / 0.02)
 
 
 def test_a_redirect_moves_the_blob_and_resends_the_chunk(setup: Setup) -> None:
