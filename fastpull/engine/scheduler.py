@@ -11,23 +11,26 @@ Rules:
   through the registry's middleware, a worker round trip), which on a shared machine comes
   out of the pull. A chunk pays for its request when it keeps a transfer busy for a good
   while; a second chunk of a blob pays only if a second transfer finishes the blob sooner.
-  - Once transfers have finished, a chunk is what one transfer carries in
-    ``chunk_seconds``, but no more than an even share of the queue among the transfers
-    waiting for work, so idle transfers are not left to split a long chunk a moment after
-    it was cut (the endgame, below). The share is never less than what one transfer
-    carries in ``request_seconds``, a quarter second, which keeps a request's fixed cost
-    to a few percent: 2 MiB at 8 MiB/s per connection, where the tail is still shared by
-    many transfers; several times that on loopback, where more transfers would only share
-    the same CPU.
-  - Before any rate is known, chunks follow the whole job (``total / (connections * 4)``),
-    so one 1 GiB layer alone keeps every connection busy, and so do many small layers;
-    but never less than ``plan_chunk``, 8 MiB: a second's transfer at 8 MiB/s, the slowest
-    per-connection share the defaults are tuned for. Shorter would cost a fast link a
-    request per few milliseconds (a 33 MB image took 18 requests on loopback at 2 MiB,
-    7 or 8 at 8 MiB); on a slower link the endgame splits a chunk due in more than
-    ``split_after`` once the queue runs dry.
-  - Lengths stay within ``min_chunk`` (``plan_chunk`` before a rate is known) and
-    ``max_chunk``, and a range under 1.5 chunks long is one request.
+  - A chunk is what one transfer carries in ``chunk_seconds``, but no more than an even
+    share of the queue among the transfers waiting for work, so idle transfers are not
+    left to split a long chunk a moment after it was cut (the endgame, below). The share
+    is never less than what one transfer carries in ``request_seconds``, a quarter second,
+    which keeps a request's fixed cost to a few percent: 2 MiB at 8 MiB/s per connection,
+    where the tail is still shared by many transfers; several times that on loopback,
+    where more transfers would only share the same CPU (a 33 MB image of five layers took
+    18 requests there, now 9 or 10).
+  - The rate per transfer is that of the transfers finished so far (measured by the
+    caller), or before any has finished, that of the transfers running
+    (:meth:`Scheduler.running_rate`): a small image's blobs are all under way, and the
+    rest of each is cut as soon as its first answer is in, long before a transfer ends.
+  - Before any transfer has received a byte (each blob's first request), chunks follow the
+    whole job (``total / (connections * 4)``), so one 1 GiB layer alone keeps every
+    connection busy, and so do many small layers. Longer first chunks would save a small
+    image a request per layer on loopback, but cost it most of a second behind an 8 MiB/s
+    per-connection link (0.47 s → 0.79 s with 8 MiB), where a chunk due within
+    ``split_after`` is never split.
+  - Lengths stay between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks
+    long is one request.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
   blob's hash frontier advances while it downloads.
 - A failed chunk keeps what it wrote: the written part counts as done and only the rest
@@ -100,9 +103,7 @@ class Policy:
     """Chunking knobs; the defaults suit loopback and CDN-capped links alike."""
 
     connections: int = 16
-    # The shortest chunk cut once a rate is known, and before (the plan).
     min_chunk: int = 2 * MIB
-    plan_chunk: int = 8 * MIB
     max_chunk: int = 64 * MIB
     min_split: int = 2 * MIB
     # A chunk is split only if, at the rate it is getting, it would take longer than this
@@ -142,7 +143,7 @@ class Scheduler:
                 self._mark_done(index, max(0, start), min(sizes[index], end))
         missing = sum(size - self.received(i) for i, size in enumerate(sizes))
         target = missing // max(1, self.policy.connections * 4)
-        self.chunk_size = min(self.policy.max_chunk, max(self.policy.plan_chunk, target))
+        self.chunk_size = max(self.policy.min_chunk, min(self.policy.max_chunk, target))
         for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
             self._plan(index)
 
@@ -155,19 +156,37 @@ class Scheduler:
     ) -> Chunk:
         return Chunk(self._new_id(), blob, start, end, attempt, retries)
 
-    def chunk_length(self, per_transfer: float | None, free: int = 1) -> int:
+    def chunk_length(
+        self, per_transfer: float | None, free: int = 1, now: float | None = None
+    ) -> int:
         """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
-        second (None: not measured yet) and ``free`` transfers are waiting for work: what
+        second (None: no transfer has finished yet; then the transfers running at ``now``
+        tell, see :meth:`running_rate`) and ``free`` transfers are waiting for work: what
         one carries in ``chunk_seconds``, but no more than an even share of the queue, so
         idle transfers are not left to split a long chunk a moment after it was cut; and
         the share no less than what one carries in ``request_seconds``, so a request is
         worth its round trip."""
+        if per_transfer is None and now is not None:
+            per_transfer = self.running_rate(now)
         if per_transfer is None:
             return self.chunk_size
         queued = sum(chunk.length for _, chunk in self._pending)
         share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
         wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
         return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
+
+    def running_rate(self, now: float) -> float | None:
+        """Bytes a second one transfer gets, over the transfers running at ``now``, each
+        from its request on (None before any has received a byte).
+
+        What a small image has to go by: its blobs' first chunks are all handed out at
+        once, and the rest of each blob as soon as its first answer is in, before any
+        transfer has finished. It counts the round trip, so it errs on the slow side.
+        """
+        running = self._active.values()
+        got = sum(a.position - a.chunk.start for a in running)
+        waited = sum(now - a.since for a in running)
+        return got / waited if got > 0 and waited > 0 else None
 
     def _gaps(self, blob: int) -> list[tuple[int, int]]:
         """The byte ranges of a blob that are neither done, nor being fetched, nor queued."""

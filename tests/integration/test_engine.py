@@ -8,10 +8,9 @@ progress, memory that does not grow with the blob); against
 ``Range`` or lie in ``Content-Range``, CDN redirects and expiring signed URLs, rate limits,
 resets, stalls, a slow connection in the endgame, corrupted bytes, Ctrl-C.
 
-The plan cuts chunks of ``job bytes / (connections * 4)`` clamped to [8 MiB, 64 MiB]; these
-tests mostly lower the 8 MiB to 2 MiB (:func:`short_plan`), so a 24 MiB layer over 4
-connections comes in twelve 2 MiB chunks. Endgame splits need a chunk with at least 4 MiB
-left, hence the larger chunks of the endgame test.
+Chunk size is ``job bytes / (connections * 4)`` clamped to [2 MiB, 64 MiB], so a 24 MiB layer
+over 4 connections comes in twelve 2 MiB chunks. Endgame splits need a chunk with at least
+4 MiB left, hence the larger chunks of the endgame test.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from typing import Any
 import pytest
 
 import fastpull
-from fastpull.engine import job as engine_job
+from fastpull.engine import job
 from fastpull.engine.download import BlobStats
 from fastpull.engine.scheduler import Policy, Scheduler
 from fastpull.puller import PullResult
@@ -60,8 +59,6 @@ BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 BOTH_MODES = pytest.mark.parametrize("workers", [0, 2], ids=["inline", "processes"])
 # A pull that hangs is stopped as Ctrl-C would stop it (Interrupted), so its test fails.
 PULL_DEADLINE = 20.0
-# The plan's shortest chunk in these tests (production's is Policy.plan_chunk, 8 MiB).
-PLAN = 2 * MIB
 # Inside the second 2 MiB chunk of a layer fetched over 4 connections.
 SECOND_CHUNK = 3 * MIB
 
@@ -99,27 +96,15 @@ def measured_lengths() -> None:
     """Opts a test out of :func:`_planned_lengths`: its chunks follow the measured rate."""
 
 
-@pytest.fixture
-def short_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plan chunks from :data:`PLAN` up, not from production's 8 MiB: a layer of tens of MiB
-    then comes in many chunks, as a layer of hundreds of MiB would with the defaults, and
-    faults can be scripted at a second chunk's offsets. The scheduler runs in this process
-    in both modes."""
-    monkeypatch.setattr(engine_job, "Policy", functools.partial(Policy, plan_chunk=PLAN))
-
-
 @pytest.fixture(autouse=True)
 def _planned_lengths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every chunk at the plan's length (``_planned_chunks``, from :data:`PLAN` up), not
-    the measured rate's.
+    """Keep every chunk at the plan's length (``_planned_chunks``), not the measured rate's.
 
     These tests script faults at known offsets and count requests; how long chunks become
-    once a rate is measured, and the production plan, are tested on their own
-    (``test_big_layer_comes_in_chunks_*``, ``test_a_small_image_*`` and
-    tests/unit/test_scheduler.py).
+    once a rate is measured is tested on its own (``test_big_layer_comes_in_chunks_*`` and
+    tests/unit/test_scheduler.py). The scheduler runs in this process in both modes.
     """
     if "measured_lengths" not in request.fixturenames:
-        request.getfixturevalue("short_plan")
         monkeypatch.setattr(Scheduler, "chunk_length", lambda self, *_how: self.chunk_size)
 
 
@@ -144,10 +129,9 @@ def _stats(result: PullResult, digest: str) -> BlobStats:
     return next(b for b in result.blobs if str(b.digest) == digest)
 
 
-def _planned_chunks(size: int, job: int, connections: int, floor: int = PLAN) -> int:
-    """How many chunks the scheduler's plan cuts a ``size``-byte blob into, its chunks no
-    shorter than ``floor``."""
-    chunk = min(64 * MIB, max(floor, job // (connections * 4)))
+def _planned_chunks(size: int, job: int, connections: int) -> int:
+    """How many chunks the scheduler's rule cuts a ``size``-byte blob into."""
+    chunk = max(2 * MIB, min(64 * MIB, job // (connections * 4)))
     count = position = 0
     while position < size:
         stop = min(size, position + chunk)
@@ -156,33 +140,28 @@ def _planned_chunks(size: int, job: int, connections: int, floor: int = PLAN) ->
     return count
 
 
-# (blob size, job size, connections, plan floor, chunks): worked out by hand from the rule
-# in scheduler.py's docstring, so the oracle above is checked against something it did not
-# copy. Floors: production's 8 MiB, and these tests' 2 MiB.
+# (blob size, job size, connections, chunks): worked out by hand from the rule in
+# scheduler.py's docstring, so the oracle above is checked against something it did not copy.
 PLANNED_CHUNKS = [
-    (1 * MIB, 1 * MIB, 4, 8 * MIB, 1),  # below the floor
-    (12 * MIB - 1, 12 * MIB - 1, 4, 8 * MIB, 1),  # under 1.5 chunks of 8 MiB: one request
-    (12 * MIB, 12 * MIB, 4, 8 * MIB, 2),  # 1.5 chunks: the 4 MiB tail is its own request
-    (20 * MIB, 33 * MIB, 64, 8 * MIB, 3),  # a small image's largest layer: 8, 8 and 4 MiB
-    (24 * MIB, 24 * MIB, 4, 8 * MIB, 3),  # 24 MiB / 16 is below the floor: three of 8 MiB
-    (3 * MIB - 1, 3 * MIB - 1, 4, 2 * MIB, 1),  # under 1.5 chunks of 2 MiB: one request
-    (3 * MIB, 3 * MIB, 4, 2 * MIB, 2),  # 1.5 chunks: the 1 MiB tail is half a chunk
-    (24 * MIB, 24 * MIB, 4, 2 * MIB, 12),  # twelve 2 MiB chunks
-    (25 * MIB, 25 * MIB, 4, 2 * MIB, 13),  # a 1 MiB tail is half a chunk: its own request
-    (25 * MIB - 1, 25 * MIB - 1, 4, 2 * MIB, 12),  # just under half: joined to the last
-    (100 * MIB, 2048 * MIB, 16, 8 * MIB, 3),  # 32 MiB chunks, the 4 MiB tail joined
-    (1024 * MIB, 1024 * MIB, 16, 8 * MIB, 64),  # 16 MiB chunks
-    (1024 * MIB, 1024 * MIB, 1, 8 * MIB, 16),  # capped at 64 MiB
+    (1 * MIB, 1 * MIB, 4, 1),  # below the 2 MiB floor
+    (3 * MIB - 1, 3 * MIB - 1, 4, 1),  # under 1.5 chunks of 2 MiB: one request
+    (3 * MIB, 3 * MIB, 4, 2),  # 1.5 chunks: the 1 MiB tail is half a chunk, its own request
+    (24 * MIB, 24 * MIB, 4, 12),  # 24 MiB / 16 is below the floor: twelve 2 MiB chunks
+    (25 * MIB, 25 * MIB, 4, 13),  # a 1 MiB tail is half a chunk: its own request
+    (25 * MIB - 1, 25 * MIB - 1, 4, 12),  # just under half: joined to the last chunk
+    (100 * MIB, 2048 * MIB, 16, 3),  # 32 MiB chunks, the 4 MiB tail joined
+    (1024 * MIB, 1024 * MIB, 16, 64),  # 16 MiB chunks
+    (1024 * MIB, 1024 * MIB, 1, 16),  # capped at 64 MiB
 ]
 
 
-@pytest.mark.parametrize(("size", "job", "connections", "floor", "chunks"), PLANNED_CHUNKS)
+@pytest.mark.parametrize(("size", "job", "connections", "chunks"), PLANNED_CHUNKS)
 def test_planned_chunks_follow_the_table(
-    size: int, job: int, connections: int, floor: int, chunks: int
+    size: int, job: int, connections: int, chunks: int
 ) -> None:
-    assert _planned_chunks(size, job, connections, floor) == chunks
+    assert _planned_chunks(size, job, connections) == chunks
     sizes = [size] if job == size else [size, job - size]
-    scheduler = Scheduler(sizes, Policy(connections=connections, plan_chunk=floor))
+    scheduler = Scheduler(sizes, Policy(connections=connections))
     planned = []
     while (chunk := scheduler.next_chunk(0.0)) is not None:
         planned.append(chunk)
@@ -234,12 +213,11 @@ def test_big_layer_comes_in_chunks_one_get_each(
     (stats,) = [
         b for b in json.loads(stats_file.read_text())["blobs"] if b["digest"] == layer.digest
     ]
-    # The first chunk is cut by the plan; once one has finished, the rest are cut by the
-    # rate the transfers got, and the endgame may split them. (On loopback the rest may go
-    # in one request: one transfer carries it in well under a second. Chunks of one blob
-    # in parallel: test_every_connection_is_busy_behind_a_per_connection_cap.)
-    assert _planned_chunks(layer.size, layer.size + image.config.size, 4, Policy().plan_chunk) > 1
+    # The first chunks are cut by the plan; once some have finished, the rest are cut by
+    # the rate the transfers got (larger on loopback), and the endgame may split them.
+    assert _planned_chunks(layer.size, layer.size + image.config.size, 4) > 1
     assert stats["chunks"] > 1
+    assert stats["connections"] > 1
     assert stats["downloaded"] == layer.size
     # The access log has no Range headers; one GET per chunk means no chunk was fetched twice.
     gets = blob_gets(registry.requests(mark))
@@ -258,7 +236,7 @@ def test_big_layer_comes_in_chunks_one_get_each(
 
 @BOTH_MODES
 def test_chunks_grow_to_what_a_fast_connection_carries(
-    servers: Start, store: Path, workers: int, measured_lengths: None, short_plan: None
+    servers: Start, store: Path, workers: int, measured_lengths: None
 ) -> None:
     server = servers()
     layer = _layer(64 * MIB)
@@ -283,28 +261,30 @@ def test_chunks_grow_to_what_a_fast_connection_carries(
     assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
-def test_a_small_image_comes_in_about_one_request_per_blob(
+def test_a_small_image_is_cut_by_what_its_first_requests_show(
     registry: Any, repo: str, store: Path, measured_lengths: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No endgame split, which a loaded machine could provoke: only how chunks are cut counts.
-    monkeypatch.setattr(engine_job, "Policy", functools.partial(Policy, split_after=math.inf))
-    big, mid = make_layer(20 * MIB, seed=7, compression="none"), _layer(6 * MIB)
-    image = make_image([big, mid])
+    monkeypatch.setattr(job, "Policy", functools.partial(Policy, split_after=math.inf))
+    layers = [make_layer(size, seed=70 + size, compression="none") for size in (20 * MIB, 8 * MIB)]
+    image = make_image(layers)
     registry.pusher.push_image(repo, "1", image)
     mark = registry.mark()
 
     with _deadline(PULL_DEADLINE):
         fastpull.pull(f"{registry.host}/{repo}:1", connections=16, workers=0)
 
-    gets = blob_gets(registry.requests(mark))
-    # The job alone would want 2 MiB chunks (26 MiB over 16 transfers, four each), a
-    # request per few milliseconds of loopback; every blob's first chunk is cut before
-    # any rate is known, so by the plan's 8 MiB floor.
-    assert gets.count(mid.digest) == 1
-    assert gets.count(image.config_digest) == 1
-    assert 2 <= gets.count(big.digest) < 20 * MIB // (2 * MIB)
-    assert file_digest(blob(store, big.digest)) == big.digest
-    assert file_digest(blob(store, mid.digest)) == mid.digest
+    gets = [r for r in registry.requests(mark) if r.method == "GET" and "/blobs/" in r.path]
+    total = sum(layer.size for layer in layers) + image.config.size
+    planned = sum(_planned_chunks(layer.size, total, 16) for layer in layers) + 1
+    assert planned == 10 + 4 + 1  # 2 MiB chunks, four for each of the 16 transfers
+    # Each blob's first request is cut by the plan; the rest of it, as soon as its first
+    # answer is in, by the rate the running transfers show: loopback carries far more than
+    # 2 MiB in a quarter second per transfer.
+    assert len(gets) < planned
+    assert sum(r.size for r in gets) == total  # every byte asked for once
+    for layer in layers:
+        assert file_digest(blob(store, layer.digest)) == layer.digest
 
 
 # -- servers that get Range wrong ------------------------------------------------------------

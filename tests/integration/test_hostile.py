@@ -226,7 +226,7 @@ def test_a_link_that_cuts_every_answer_after_a_mib_still_delivers_a_64_mib_chunk
 ) -> None:
     # A middlebox with a response-size limit: every attempt makes progress, so none counts
     # against the range's attempts, and the one 64 MiB request resumes until it is whole.
-    monkeypatch.setattr(job, "Policy", functools.partial(Policy, plan_chunk=64 * MIB))
+    monkeypatch.setattr(job, "Policy", functools.partial(Policy, min_chunk=64 * MIB))
     image = make_image([make_layer(64 * MIB, seed=102, compression="none")])
     layer = image.layers[0]
     registry.pusher.push_image(repo, "1", image)

@@ -48,8 +48,6 @@ from fastpull.types import Descriptor, Digest
 MIB = 1 << 20
 DIGEST = Digest.parse("sha256:" + "cd" * 32)
 URL = f"https://r.example/v2/x/blobs/{DIGEST}"
-# Two chunks of the plan's shortest (scheduler.Policy.plan_chunk, 8 MiB).
-SIZE = 16 * MIB
 
 
 @dataclass
@@ -116,7 +114,7 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
-    """A job over one 16 MiB blob (two 8 MiB chunks over two connections), whose first
+    """A job over one 4 MiB blob (two 2 MiB chunks over two connections), whose first
     answer already came (so both chunks go at once), retrying up to 20 times; backoff
     without jitter: attempt n waits n seconds."""
     monkeypatch.setattr(
@@ -139,10 +137,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setup]:
         disk = DiskQueue()
         stack.callback(disk.close)
         blob_stack = stack.enter_context(contextlib.ExitStack())
-        ingest = blob_stack.enter_context(store.ingest(DIGEST, SIZE))
+        ingest = blob_stack.enter_context(store.ingest(DIGEST, 4 * MIB))
         ingest.preallocate()
         verifier = Verifier(DIGEST, ingest.fd, release=lambda *_: None)
-        descriptor = Descriptor("application/octet-stream", DIGEST, SIZE)
+        descriptor = Descriptor("application/octet-stream", DIGEST, 4 * MIB)
         blob = BlobRun(descriptor, ingest, blob_stack, verifier, Source())
         blob.route = Route(URL).data_from(URL)
         pool = FakePool()
@@ -212,7 +210,7 @@ def test_range_ignored_waits_for_the_other_transfers_then_streams_once(setup: Se
     assert setup.blob.stage is Stage.FETCHING
     job._dispatch(clock.now)
     whole = pool.fetches()[-1]
-    assert (whole.start, whole.end, whole.ranged) == (0, SIZE, False)
+    assert (whole.start, whole.end, whole.ranged) == (0, 4 * MIB, False)
 
 
 def test_an_answer_that_fails_the_blob_stops_only_that_blob(setup: Setup) -> None:

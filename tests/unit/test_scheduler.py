@@ -50,7 +50,7 @@ def test_chunks_are_cut_as_handed_out_to_the_length_asked() -> None:
 
 
 def test_a_single_stream_blob_is_never_cut() -> None:
-    s = Scheduler([32 * MIB], Policy(connections=4, plan_chunk=4 * MIB, max_chunk=4 * MIB))
+    s = Scheduler([32 * MIB], Policy(connections=4, min_chunk=4 * MIB, max_chunk=4 * MIB))
     running = s.next_chunk(0.0)
     assert running is not None
     s.single_stream(0)
@@ -75,51 +75,76 @@ def test_chunk_length_follows_the_rate_of_one_transfer() -> None:
 
 def test_the_queue_share_is_never_less_than_a_quarter_second_of_transfer() -> None:
     s = Scheduler([24 * MIB], Policy(connections=64, request_seconds=0.25))
-    # A loaded loopback link: 20 MB/s per transfer, with 13 transfers waiting. An even share
-    # (under 2 MiB) would cost a request each for a few milliseconds of transfer.
+    # A loaded loopback link: 20 MiB/s per transfer, with 13 transfers waiting. An even
+    # share (under 2 MiB) would cost a request each for a few milliseconds of transfer.
     assert s.chunk_length(20 * MIB, free=13) == 5 * MIB
     # Behind an 8 MiB/s-per-connection proxy, with the tail shared by 60 transfers, a
     # quarter second is the shortest chunk anyway: every transfer still gets work.
     assert s.chunk_length(8 * MIB, free=60) == 2 * MIB
 
 
-def _small_image(s: Scheduler, rate: float | None, free: int) -> list[Chunk]:
-    """Hand out every chunk of a job at one moment, ``free`` transfers waiting."""
+SMALL = [20 * MIB, 8 * MIB, 4 * MIB, 1 * MIB, 256 * 1024, 1500]
+
+
+def _first_requests(s: Scheduler) -> list[Chunk]:
+    """Each blob's first chunk, handed out at 0 (the rest waits for its first answer)."""
+    firsts = []
+    while (c := s.next_chunk(0.0, lambda b: not s.active_chunks(b))) is not None:
+        firsts.append(c)
+    return firsts
+
+
+def _the_rest(s: Scheduler, now: float, free: int) -> list[Chunk]:
+    """Everything queued, handed out at ``now`` to ``free`` waiting transfers, cut by what
+    the transfers running have shown (no transfer has finished)."""
     chunks: list[Chunk] = []
 
     def length(_blob: int) -> int:
-        return s.chunk_length(rate, max(1, free - len(chunks)))
+        return s.chunk_length(None, max(1, free - len(chunks)), now)
 
-    while (c := s.next_chunk(0.0, length=length)) is not None:
+    while (c := s.next_chunk(now, length=length)) is not None:
         chunks.append(c)
     return chunks
 
 
-SMALL = [20 * MIB, 8 * MIB, 4 * MIB, 1 * MIB, 256 * 1024, 1500]
+def test_the_running_transfers_tell_the_rate_before_any_has_finished() -> None:
+    s = Scheduler([8 * MIB, 8 * MIB], Policy(connections=4))
+    a, _ = _first_requests(s)
+    assert s.running_rate(1.0) is None  # nothing received yet: the plan's length
+    assert s.chunk_length(None, 1, now=1.0) == s.chunk_size
+    s.progress(a.id, a.start + 2 * MIB)
+    # 2 MiB over two transfers waiting 1 s each since their requests.
+    assert s.running_rate(1.0) == MIB
 
 
-def test_before_any_rate_a_small_image_takes_about_one_request_per_blob() -> None:
-    # The ceiling of 64 transfers would want 2 MiB chunks (33 MiB / 256 is under that):
-    # one request per 2 MiB, on a link that may carry a blob in a few milliseconds.
+def test_a_small_image_on_a_fast_link_takes_about_one_request_per_blob() -> None:
+    # The ceiling of 64 transfers wants 2 MiB chunks (33 MiB / 256 is less). 20 ms after
+    # the first requests, loopback has brought each some 2 MB (100 MiB/s per transfer).
     s = Scheduler(SMALL, Policy(connections=64))
-    chunks = _small_image(s, None, 16)
-    per_blob = [sum(c.blob == b for c in chunks) for b in range(len(SMALL))]
-    assert per_blob == [3, 1, 1, 1, 1, 1]
-    assert {c.length for c in chunks if c.blob == 0} == {8 * MIB, 20 * MIB - 16 * MIB}
+    firsts = _first_requests(s)
+    for chunk in firsts:
+        s.progress(chunk.id, chunk.start + 2 * MIB)
+    rest = _the_rest(s, 0.02, 16 - len(firsts))
+    per_blob = [sum(c.blob == b for c in firsts + rest) for b in range(len(SMALL))]
+    assert per_blob == [2, 2, 2, 1, 1, 1]
 
 
-def test_once_the_rate_is_known_a_small_blob_is_cut_by_it_not_by_the_free_transfers() -> None:
-    s = Scheduler([12 * MIB], Policy(connections=64))
-    # Loopback under load: 40 MB/s per transfer, 13 transfers free. A quarter second carries
-    # 10 MiB, so the 12 MiB left go in one request (the 2 MiB rest is a runt).
-    assert [c.length for c in _small_image(s, 40 * MIB, 13)] == [12 * MIB]
-    # 8 MiB/s per connection: six 2 MiB chunks, each transfer busy for a quarter second.
-    s = Scheduler([12 * MIB], Policy(connections=64))
-    assert [c.length for c in _small_image(s, 8 * MIB, 13)] == [2 * MIB] * 6
+def test_a_small_image_on_a_slow_link_is_spread_over_many_transfers() -> None:
+    # Behind 8 MiB/s per connection, 20 ms have brought each first request 160 KiB: the
+    # rest goes in even shares of the queue, every transfer waiting gets one, and none
+    # takes much more than a quarter second.
+    s = Scheduler(SMALL, Policy(connections=64))
+    firsts = _first_requests(s)
+    for chunk in firsts:
+        s.progress(chunk.id, chunk.start + 160 * 1024)
+    waiting = 16 - len(firsts)
+    rest = _the_rest(s, 0.02, waiting)
+    assert len(rest) >= waiting
+    assert max(c.length for c in rest) <= 4 * MIB
 
 
 def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
-    s = Scheduler([10 * MIB], Policy(connections=4, plan_chunk=2 * MIB))
+    s = Scheduler([10 * MIB], Policy(connections=4, min_chunk=2 * MIB))
     a, b, c, *_ = _drain(s)
     s.complete(b.id)
     assert s.prefix(0) == 0
@@ -132,7 +157,7 @@ def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
 
 
 def test_failure_keeps_written_bytes_and_requeues_the_rest() -> None:
-    s = Scheduler([8 * MIB], Policy(connections=1, plan_chunk=4 * MIB, max_attempts=3))
+    s = Scheduler([8 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=3))
     first = s.next_chunk(0.0)
     assert first is not None
     assert s.fail(first.id, first.start + 100, ready_at=5.0) is Outcome.REQUEUED
@@ -149,7 +174,7 @@ def test_failure_keeps_written_bytes_and_requeues_the_rest() -> None:
 def test_each_range_retries_on_its_own_history() -> None:
     # Many failures of one range of a blob leave the other ranges' first failure at the
     # first-attempt backoff: nothing blob-wide feeds the delay.
-    s = Scheduler([8 * MIB], Policy(connections=1, plan_chunk=4 * MIB, max_attempts=50))
+    s = Scheduler([8 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=50))
     first, second = _drain(s)
     for _ in range(10):
         assert s.fail(first.id, first.start, 0.0) is Outcome.REQUEUED
@@ -160,7 +185,7 @@ def test_each_range_retries_on_its_own_history() -> None:
 
 
 def test_attempts_that_make_progress_do_not_count() -> None:
-    policy = Policy(connections=1, plan_chunk=64 * MIB, max_chunk=64 * MIB, max_attempts=2)
+    policy = Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB, max_attempts=2)
     s = Scheduler([64 * MIB], policy)
     (chunk,) = _drain(s)
     for _ in range(63):  # every answer cut after 1 MiB
@@ -175,9 +200,7 @@ def test_attempts_that_make_progress_do_not_count() -> None:
 
 def test_a_range_without_progress_for_too_long_gives_up() -> None:
     retry = RetryPolicy(max_idle=60.0)
-    s = Scheduler(
-        [4 * MIB], Policy(connections=1, plan_chunk=4 * MIB, max_attempts=50, retry=retry)
-    )
+    s = Scheduler([4 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_attempts=50, retry=retry))
     (chunk,) = _drain(s)
     assert s.fail(chunk.id, chunk.start, ready_at=101.0, now=100.0) is Outcome.REQUEUED
     (chunk,) = _drain(s, 200.0)
@@ -185,7 +208,7 @@ def test_a_range_without_progress_for_too_long_gives_up() -> None:
 
 
 def test_endgame_split_waits_for_the_acknowledged_end() -> None:
-    s = Scheduler([64 * MIB], Policy(connections=1, plan_chunk=64 * MIB, max_chunk=64 * MIB))
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
     only = s.next_chunk(0.0)
     assert only is not None and only.length == 64 * MIB
     s.progress(only.id, 16 * MIB)
@@ -205,7 +228,7 @@ def test_endgame_split_waits_for_the_acknowledged_end() -> None:
 
 
 def test_split_of_a_chunk_that_finished_meanwhile_creates_nothing() -> None:
-    s = Scheduler([64 * MIB], Policy(connections=1, plan_chunk=64 * MIB, max_chunk=64 * MIB))
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
     only = s.next_chunk(0.0)
     assert only is not None
     assert s.split_candidate(1.0) is not None  # a second without a byte
@@ -215,7 +238,7 @@ def test_split_of_a_chunk_that_finished_meanwhile_creates_nothing() -> None:
 
 
 def test_a_chunk_about_to_finish_is_not_split() -> None:
-    s = Scheduler([64 * MIB], Policy(connections=1, plan_chunk=64 * MIB, max_chunk=64 * MIB))
+    s = Scheduler([64 * MIB], Policy(connections=1, min_chunk=64 * MIB, max_chunk=64 * MIB))
     only = s.next_chunk(0.0)
     assert only is not None
     assert s.split_candidate(0.1) is None  # nothing received, but only just asked for
@@ -224,7 +247,7 @@ def test_a_chunk_about_to_finish_is_not_split() -> None:
 
 
 def test_the_chunk_with_most_time_left_is_split_not_the_one_with_most_bytes() -> None:
-    policy = Policy(connections=2, plan_chunk=32 * MIB, max_chunk=32 * MIB)
+    policy = Policy(connections=2, min_chunk=32 * MIB, max_chunk=32 * MIB)
     s = Scheduler([64 * MIB], policy)
     fast, slow = s.next_chunk(0.0), s.next_chunk(0.0)
     assert fast is not None and slow is not None
@@ -234,7 +257,7 @@ def test_the_chunk_with_most_time_left_is_split_not_the_one_with_most_bytes() ->
 
 
 def test_single_stream_fallback_restarts_from_zero() -> None:
-    s = Scheduler([32 * MIB], Policy(connections=4, plan_chunk=4 * MIB, max_chunk=4 * MIB))
+    s = Scheduler([32 * MIB], Policy(connections=4, min_chunk=4 * MIB, max_chunk=4 * MIB))
     a, b = s.next_chunk(0.0), s.next_chunk(0.0)
     assert a is not None and b is not None
     s.complete(a.id)
@@ -253,7 +276,7 @@ def test_single_stream_fallback_restarts_from_zero() -> None:
 
 
 def test_replan_fetches_everything_again() -> None:
-    s = Scheduler([16 * MIB], Policy(connections=2, plan_chunk=4 * MIB, max_chunk=4 * MIB))
+    s = Scheduler([16 * MIB], Policy(connections=2, min_chunk=4 * MIB, max_chunk=4 * MIB))
     for c in _drain(s):
         s.complete(c.id)
     assert s.complete_blob(0)
@@ -273,7 +296,7 @@ def _random_ranges(rng: random.Random, size: int) -> list[tuple[int, int]]:
 def test_resumed_ranges_are_not_fetched_again() -> None:
     s = Scheduler(
         [40 * MIB],
-        Policy(connections=2, plan_chunk=4 * MIB, max_chunk=4 * MIB),
+        Policy(connections=2, min_chunk=4 * MIB, max_chunk=4 * MIB),
         [[(0, 10 * MIB), (20 * MIB, 21 * MIB)]],
     )
     assert s.prefix(0) == 10 * MIB
@@ -292,7 +315,7 @@ def test_a_blob_resumed_whole_needs_no_request() -> None:
 
 def test_refetch_done_queues_the_resumed_ranges_around_running_transfers() -> None:
     s = Scheduler(
-        [16 * MIB], Policy(connections=1, plan_chunk=4 * MIB, max_chunk=4 * MIB), [[(0, 8 * MIB)]]
+        [16 * MIB], Policy(connections=1, min_chunk=4 * MIB, max_chunk=4 * MIB), [[(0, 8 * MIB)]]
     )
     running = s.next_chunk(0.0)
     assert running is not None and (running.start, running.end) == (8 * MIB, 12 * MIB)
@@ -309,9 +332,7 @@ def test_random_schedules_cover_every_byte_exactly_once(sizes: list[int], seed: 
     """Whatever was resumed, and whatever order chunks complete, fail, get split in, every
     byte ends up done exactly once."""
     rng = random.Random(seed)
-    policy = Policy(
-        connections=3, min_chunk=100, plan_chunk=100, max_chunk=400, min_split=50, max_attempts=50
-    )
+    policy = Policy(connections=3, min_chunk=100, max_chunk=400, min_split=50, max_attempts=50)
     resumed = [_random_ranges(rng, size) for size in sizes]
     s = Scheduler(sizes, policy, resumed)
     written: list[list[tuple[int, int]]] = [list(ranges) for ranges in resumed]
