@@ -20,9 +20,11 @@ Rules:
     where more transfers would only share the same CPU (a 33 MB image of five layers took
     18 requests there, now 9 or 10).
   - The rate per transfer is that of the transfers finished so far (measured by the
-    caller), or before any has finished, that of the transfers running
-    (:meth:`Scheduler.running_rate`): a small image's blobs are all under way, and the
-    rest of each is cut as soon as its first answer is in, long before a transfer ends.
+    caller). Before any has finished, the transfers running show a rate too
+    (:meth:`Scheduler.running_rate`), which may lengthen the plan's chunks (below), never
+    shorten them, as it counts each request's round trip and so errs slow: a small image's
+    blobs are all under way, and the rest of each is cut as soon as its first answer is
+    in, long before a transfer ends.
   - Before any transfer has received a byte (each blob's first request), chunks follow the
     whole job (``total / (connections * 4)``), so one 1 GiB layer alone keeps every
     connection busy, and so do many small layers. Longer first chunks would save a small
@@ -160,16 +162,23 @@ class Scheduler:
         self, per_transfer: float | None, free: int = 1, now: float | None = None
     ) -> int:
         """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
-        second (None: no transfer has finished yet; then the transfers running at ``now``
-        tell, see :meth:`running_rate`) and ``free`` transfers are waiting for work: what
-        one carries in ``chunk_seconds``, but no more than an even share of the queue, so
-        idle transfers are not left to split a long chunk a moment after it was cut; and
-        the share no less than what one carries in ``request_seconds``, so a request is
-        worth its round trip."""
-        if per_transfer is None and now is not None:
-            per_transfer = self.running_rate(now)
-        if per_transfer is None:
+        second and ``free`` transfers are waiting for work: what one carries in
+        ``chunk_seconds``, but no more than an even share of the queue, so idle transfers
+        are not left to split a long chunk a moment after it was cut; and the share no less
+        than what one carries in ``request_seconds``, so a request is worth its round trip.
+
+        Before any transfer has finished (``per_transfer`` None), the transfers running at
+        ``now`` may lengthen the plan's chunks (:meth:`running_rate`), never shorten them:
+        their rate counts each request's round trip and first moments, so it errs slow.
+        """
+        if per_transfer is not None:
+            return self._length_at(per_transfer, free)
+        running = None if now is None else self.running_rate(now)
+        if running is None:
             return self.chunk_size
+        return max(self.chunk_size, self._length_at(running, free))
+
+    def _length_at(self, per_transfer: float, free: int) -> int:
         queued = sum(chunk.length for _, chunk in self._pending)
         share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
         wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
@@ -181,7 +190,7 @@ class Scheduler:
 
         What a small image has to go by: its blobs' first chunks are all handed out at
         once, and the rest of each blob as soon as its first answer is in, before any
-        transfer has finished. It counts the round trip, so it errs on the slow side.
+        transfer has finished.
         """
         running = self._active.values()
         got = sum(a.position - a.chunk.start for a in running)

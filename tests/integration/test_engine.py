@@ -213,11 +213,12 @@ def test_big_layer_comes_in_chunks_one_get_each(
     (stats,) = [
         b for b in json.loads(stats_file.read_text())["blobs"] if b["digest"] == layer.digest
     ]
-    # The first chunks are cut by the plan; once some have finished, the rest are cut by
-    # the rate the transfers got (larger on loopback), and the endgame may split them.
+    # The first chunk is cut by the plan; the rest by the rate the transfers show, and the
+    # endgame may split them. (On loopback the rest may go in one request, one transfer
+    # carrying it in a fraction of a second. Chunks of one blob at once:
+    # test_every_connection_is_busy_behind_a_per_connection_cap.)
     assert _planned_chunks(layer.size, layer.size + image.config.size, 4) > 1
     assert stats["chunks"] > 1
-    assert stats["connections"] > 1
     assert stats["downloaded"] == layer.size
     # The access log has no Range headers; one GET per chunk means no chunk was fetched twice.
     gets = blob_gets(registry.requests(mark))

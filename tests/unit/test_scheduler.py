@@ -117,6 +117,16 @@ def test_the_running_transfers_tell_the_rate_before_any_has_finished() -> None:
     assert s.running_rate(1.0) == MIB
 
 
+def test_the_running_transfers_never_shorten_the_plans_chunks() -> None:
+    # Their rate counts the round trip: a high-latency link looks slow at first.
+    s = Scheduler([2048 * MIB], Policy(connections=64))
+    (first,) = _first_requests(s)
+    s.progress(first.id, first.start + MIB)
+    assert s.running_rate(1.0) == MIB
+    assert s.chunk_length(None, 16, now=1.0) == s.chunk_size == 8 * MIB
+    assert s.chunk_length(MIB, 16) == 2 * MIB  # a finished transfer's rate does
+
+
 def test_a_small_image_on_a_fast_link_takes_about_one_request_per_blob() -> None:
     # The ceiling of 64 transfers wants 2 MiB chunks (33 MiB / 256 is less). 20 ms after
     # the first requests, loopback has brought each some 2 MB (100 MiB/s per transfer).
