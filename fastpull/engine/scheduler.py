@@ -18,19 +18,20 @@ Rules:
     which keeps a request's fixed cost to a few percent: 2 MiB at 8 MiB/s per connection,
     where the tail is still shared by many transfers; several times that on loopback,
     where more transfers would only share the same CPU (a 33 MB image of five layers took
-    18 requests there, now 9 or 10).
+    18 requests there, now 9).
   - The rate per transfer is that of the transfers finished so far (measured by the
     caller). Before any has finished, the transfers running show a rate too
     (:meth:`Scheduler.running_rate`), which may lengthen the plan's chunks (below), never
     shorten them, as it counts each request's round trip and so errs slow: a small image's
     blobs are all under way, and the rest of each is cut as soon as its first answer is
     in, long before a transfer ends.
-  - Before any transfer has received a byte (each blob's first request), chunks follow the
-    whole job (``total / (connections * 4)``), so one 1 GiB layer alone keeps every
-    connection busy, and so do many small layers. Longer first chunks would save a small
-    image a request per layer on loopback, but cost it most of a second behind an 8 MiB/s
-    per-connection link (0.47 s → 0.79 s with 8 MiB), where a chunk due within
-    ``split_after`` is never split.
+  - The plan, for each blob's first request (before any transfer has received a byte) and
+    as the least until one has finished: chunks follow the whole job
+    (``total / (connections * 4)``), so one 1 GiB layer alone keeps every connection busy,
+    and so do many small layers. Longer first chunks would save a small image a request
+    per layer on loopback, but cost it a third of a second behind an 8 MiB/s
+    per-connection link (0.47 s → 0.79 s with 8 MiB ones: the endgame splits only chunks
+    due in more than ``split_after``).
   - Lengths stay between ``min_chunk`` and ``max_chunk``, and a range under 1.5 chunks
     long is one request.
 - Chunks are handed out largest blob first and, within a blob, in offset order, so each
@@ -190,7 +191,8 @@ class Scheduler:
 
         What a small image has to go by: its blobs' first chunks are all handed out at
         once, and the rest of each blob as soon as its first answer is in, before any
-        transfer has finished.
+        transfer has finished. Every host's transfers count: a batch from two registries
+        at once is rare, and the rate only lengthens chunks that the endgame can split.
         """
         running = self._active.values()
         got = sum(a.position - a.chunk.start for a in running)
