@@ -21,10 +21,12 @@ Rules:
     18 requests there, now 9).
   - The rate per transfer is that of the transfers finished so far (measured by the
     caller). Before any has finished, the transfers running show a rate too
-    (:meth:`Scheduler.running_rate`), which may lengthen the plan's chunks (below), never
-    shorten them, as it counts each request's round trip and so errs slow: a small image's
-    blobs are all under way, and the rest of each is cut as soon as its first answer is
-    in, long before a transfer ends.
+    (:meth:`Scheduler.running_rate`): a small image's blobs are all under way, and the
+    rest of each is cut as soon as its first answer is in, long before a transfer ends.
+    That rate comes from the first moments, with few transfers under way, and counts
+    each request's round trip, so it is trusted only as far as the least worth a
+    request: it lengthens the plan's chunks (below) to what one transfer carries in
+    ``request_seconds``, and never shortens them.
   - The plan, for each blob's first request (before any transfer has received a byte) and
     as the least until one has finished: chunks follow the whole job
     (``total / (connections * 4)``), so one 1 GiB layer alone keeps every connection busy,
@@ -168,18 +170,16 @@ class Scheduler:
         are not left to split a long chunk a moment after it was cut; and the share no less
         than what one carries in ``request_seconds``, so a request is worth its round trip.
 
-        Before any transfer has finished (``per_transfer`` None), the transfers running at
-        ``now`` may lengthen the plan's chunks (:meth:`running_rate`), never shorten them:
-        their rate counts each request's round trip and first moments, so it errs slow.
+        Before any transfer has finished (``per_transfer`` None), the plan's length, or
+        what one of the transfers running at ``now`` carries in ``request_seconds``
+        (:meth:`running_rate`) if that is longer.
         """
-        if per_transfer is not None:
-            return self._length_at(per_transfer, free)
-        running = None if now is None else self.running_rate(now)
-        if running is None:
-            return self.chunk_size
-        return max(self.chunk_size, self._length_at(running, free))
-
-    def _length_at(self, per_transfer: float, free: int) -> int:
+        if per_transfer is None:
+            running = None if now is None else self.running_rate(now)
+            if running is None:
+                return self.chunk_size
+            worth = min(self.policy.max_chunk, int(running * self.policy.request_seconds))
+            return max(self.chunk_size, worth)
         queued = sum(chunk.length for _, chunk in self._pending)
         share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
         wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
