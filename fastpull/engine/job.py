@@ -406,11 +406,8 @@ class Job:
             case Done():
                 done = self.sched.complete(chunk_id)
                 blob.route = blob.route.data_from(flight.url)
-                # A transfer shorter than the shortest chunk is mostly its round trip: its
-                # rate would say how far the server is, not how fast the link carries.
-                if done.length >= self.sched.policy.min_chunk:
-                    took = self.clock() - flight.sent_at
-                    self.connections[self.hosts[index]].transferred(done.length, took)
+                took = self.clock() - flight.sent_at
+                self.connections[self.hosts[index]].transferred(done.length, took)
             case Cancelled():
                 self.sched.forget(chunk_id)
             case RangeIgnored():

@@ -20,15 +20,14 @@ Rules:
     where more transfers would only share the same CPU (a 33 MB image of five layers took
     18 requests there, now 9).
   - The rate per transfer is that of the transfers finished so far (measured by the
-    caller). Before any has finished, the transfers running show a rate too
-    (:meth:`Scheduler.running_rate`): a small image's blobs are all under way, and the
-    rest of each is cut as soon as its first answer is in, long before a transfer ends.
-    That rate comes from the first moments, with few transfers under way, and counts
-    each request's round trip, so it is trusted only as far as the least worth a
-    request: it lengthens the plan's chunks (below) to what one transfer carries in
-    ``request_seconds``, and never shortens them.
+    caller). The transfers running show a rate too (:meth:`Scheduler.running_rate`), and
+    a chunk is never shorter than what one of them carries in ``request_seconds``. That
+    is what a small image has to go by: its blobs are all under way, and the rest of each
+    is cut as soon as its first answer is in, when at most a config blob has finished (a
+    round trip's rate, whatever the link). It is trusted no further than that: it comes
+    from the first moments, with few transfers under way, and counts the round trips.
   - The plan, for each blob's first request (before any transfer has received a byte) and
-    as the least until one has finished: chunks follow the whole job
+    until one has finished: chunks follow the whole job
     (``total / (connections * 4)``), so one 1 GiB layer alone keeps every connection busy,
     and so do many small layers. Longer first chunks would save a small image a request
     per layer on loopback, but cost it a third of a second behind an 8 MiB/s
@@ -165,34 +164,36 @@ class Scheduler:
         self, per_transfer: float | None, free: int = 1, now: float | None = None
     ) -> int:
         """How long the next chunk should be when one transfer gets ``per_transfer`` bytes a
-        second and ``free`` transfers are waiting for work: what one carries in
-        ``chunk_seconds``, but no more than an even share of the queue, so idle transfers
-        are not left to split a long chunk a moment after it was cut; and the share no less
-        than what one carries in ``request_seconds``, so a request is worth its round trip.
+        second (None: none has finished yet, the plan's length) and ``free`` transfers are
+        waiting for work: what one carries in ``chunk_seconds``, but no more than an even
+        share of the queue, so idle transfers are not left to split a long chunk a moment
+        after it was cut; and the share no less than what one carries in
+        ``request_seconds``, so a request is worth its round trip.
 
-        Before any transfer has finished (``per_transfer`` None), the plan's length, or
-        what one of the transfers running at ``now`` carries in ``request_seconds``
-        (:meth:`running_rate`) if that is longer.
+        Never less than what one of the transfers running at ``now`` carries in
+        ``request_seconds`` (:meth:`running_rate`).
         """
         if per_transfer is None:
-            running = None if now is None else self.running_rate(now)
-            if running is None:
-                return self.chunk_size
-            worth = min(self.policy.max_chunk, int(running * self.policy.request_seconds))
-            return max(self.chunk_size, worth)
-        queued = sum(chunk.length for _, chunk in self._pending)
-        share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
-        wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
-        return max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
+            length = self.chunk_size
+        else:
+            queued = sum(chunk.length for _, chunk in self._pending)
+            share = max(queued // max(1, free), int(per_transfer * self.policy.request_seconds))
+            wanted = min(int(per_transfer * self.policy.chunk_seconds), share)
+            length = max(self.policy.min_chunk, min(self.policy.max_chunk, wanted))
+        running = None if now is None else self.running_rate(now)
+        if running is None:
+            return length
+        return max(length, min(self.policy.max_chunk, int(running * self.policy.request_seconds)))
 
     def running_rate(self, now: float) -> float | None:
         """Bytes a second one transfer gets, over the transfers running at ``now``, each
         from its request on (None before any has received a byte).
 
         What a small image has to go by: its blobs' first chunks are all handed out at
-        once, and the rest of each blob as soon as its first answer is in, before any
-        transfer has finished. Every host's transfers count: a batch from two registries
-        at once is rare, and the rate only lengthens chunks that the endgame can split.
+        once, and the rest of each blob as soon as its first answer is in, when at most a
+        config blob has finished, whose few bytes took a round trip whatever the link.
+        Every host's transfers count: a batch from two registries at once is rare, and the
+        rate only lengthens chunks that the endgame can split.
         """
         running = self._active.values()
         got = sum(a.position - a.chunk.start for a in running)

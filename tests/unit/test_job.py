@@ -227,23 +227,6 @@ def test_an_answer_that_fails_the_blob_stops_only_that_blob(setup: Setup) -> Non
     assert pool.load == [0]
 
 
-def test_only_a_transfer_of_a_whole_chunk_or_more_measures_the_link(setup: Setup) -> None:
-    # A config blob's few bytes take a round trip whatever the link: taken for a rate, they
-    # would cut the next chunks to the shortest on the fastest link.
-    job, pool, clock = setup.job, setup.pool, setup.clock
-    controller = job.connections["r.example"]
-    job._dispatch(clock.now)
-    first, second = pool.fetches()
-    short = first.start + job.sched.policy.min_chunk - 1
-    job.sched.shrunk(first.chunk_id, short)  # as after an endgame split
-    clock.now += 0.01
-    job._handle(Done(first.chunk_id, short, "00" * 16))
-    assert controller.per_transfer is None
-    clock.now += 0.01
-    job._handle(Done(second.chunk_id, second.end, "00" * 16))
-    assert controller.per_transfer == pytest.approx((second.end - second.start) / 0.02)
-
-
 def test_a_redirect_moves_the_blob_and_resends_the_chunk(setup: Setup) -> None:
     job, pool, clock = setup.job, setup.pool, setup.clock
     setup.blob.route = Route()  # not resolved: the first request runs alone
