@@ -18,7 +18,8 @@ Rules:
     which keeps a request's fixed cost to a few percent: 2 MiB at 8 MiB/s per connection,
     where the tail is still shared by many transfers; several times that on loopback,
     where more transfers would only share the same CPU (a 33 MB image of five layers took
-    18 requests there, now 9).
+    18 requests there, now 9; up to 17 when the machine is busy and each transfer gets
+    little).
   - The rate per transfer is that of the transfers finished so far (measured by the
     caller). The transfers running show a rate too (:meth:`Scheduler.running_rate`), and
     a chunk is never shorter than what one of them carries in ``request_seconds``. That
