@@ -281,7 +281,8 @@ class Job:
 
     def _chunk_length(self, index: int) -> int:
         rate = self.connections[self.hosts[index]].per_transfer
-        return self.sched.chunk_length(rate, self._limit() - sum(self._open.values()))
+        free = self._limit() - sum(self._open.values())
+        return self.sched.chunk_length(rate, free, self.clock())
 
     def _dispatch(self, now: float) -> None:
         while self._room():

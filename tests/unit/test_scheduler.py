@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,8 +70,93 @@ def test_chunk_length_follows_the_rate_of_one_transfer() -> None:
     assert s.chunk_length(500 * MIB) == 64 * MIB  # loopback: the largest chunk
     assert s.chunk_length(100_000) == 2 * MIB  # a trickle: the smallest
     # Transfers waiting for work share what is queued: none is left to split another's chunk.
-    assert s.chunk_length(500 * MIB, free=64) == 2048 * MIB // 64
-    assert s.chunk_length(500 * MIB, free=4096) == 2 * MIB
+    assert s.chunk_length(40 * MIB, free=64) == 2048 * MIB // 64
+    assert s.chunk_length(8 * MIB, free=4096) == 2 * MIB
+
+
+def test_the_queue_share_is_never_less_than_a_quarter_second_of_transfer() -> None:
+    s = Scheduler([24 * MIB], Policy(connections=64, request_seconds=0.25))
+    # A loaded loopback link: 20 MiB/s per transfer, with 13 transfers waiting. An even
+    # share (under 2 MiB) would cost a request each for a few milliseconds of transfer.
+    assert s.chunk_length(20 * MIB, free=13) == 5 * MIB
+    # Behind an 8 MiB/s-per-connection proxy, with the tail shared by 60 transfers, a
+    # quarter second is the shortest chunk anyway: every transfer still gets work.
+    assert s.chunk_length(8 * MIB, free=60) == 2 * MIB
+
+
+SMALL = [20 * MIB, 8 * MIB, 4 * MIB, 1 * MIB, 256 * 1024, 1500]
+
+
+def _first_requests(s: Scheduler) -> list[Chunk]:
+    """Each blob's first chunk, handed out at 0 (the rest waits for its first answer)."""
+    firsts = []
+    while (c := s.next_chunk(0.0, lambda b: not s.active_chunks(b))) is not None:
+        firsts.append(c)
+    return firsts
+
+
+def _the_rest(s: Scheduler, now: float, free: int, finished: float | None = None) -> list[Chunk]:
+    """Everything queued, handed out at ``now`` to ``free`` waiting transfers, when the
+    transfers finished so far got ``finished`` bytes a second each (None: none has)."""
+    chunks: list[Chunk] = []
+
+    def length(_blob: int) -> int:
+        return s.chunk_length(finished, max(1, free - len(chunks)), now)
+
+    while (c := s.next_chunk(now, length=length)) is not None:
+        chunks.append(c)
+    return chunks
+
+
+def test_the_running_transfers_tell_the_rate_before_any_has_finished() -> None:
+    s = Scheduler([8 * MIB, 8 * MIB], Policy(connections=4))
+    a, _ = _first_requests(s)
+    assert s.running_rate(1.0) is None  # nothing received yet: the plan's length
+    assert s.chunk_length(None, 1, now=1.0) == s.chunk_size
+    s.progress(a.id, a.start + 2 * MIB)
+    # 2 MiB over two transfers waiting 1 s each since their requests.
+    assert s.running_rate(1.0) == MIB
+
+
+def test_the_running_transfers_never_shorten_the_plans_chunks() -> None:
+    # Their rate counts the round trip: a high-latency link looks slow at first.
+    s = Scheduler([2048 * MIB], Policy(connections=64))
+    (first,) = _first_requests(s)
+    s.progress(first.id, first.start + MIB)
+    assert s.running_rate(1.0) == MIB
+    assert s.chunk_length(None, 16, now=1.0) == s.chunk_size == 8 * MIB
+    assert s.chunk_length(MIB, 16) == 2 * MIB  # a finished transfer's rate does
+
+
+@pytest.mark.parametrize("config", [None, 1500 / 0.005], ids=["nothing", "the-config"])
+def test_a_small_image_on_a_fast_link_takes_about_one_request_per_blob(
+    config: float | None,
+) -> None:
+    # The ceiling of 64 transfers wants 2 MiB chunks (33 MiB / 256 is less). 20 ms after
+    # the first requests, loopback has brought each up to 2 MiB: some 60 MiB/s per
+    # transfer, 15 MiB in a quarter second, so the rest of each blob is one request. The
+    # config blob may have finished: its 1500 bytes in a 5 ms round trip say nothing.
+    s = Scheduler(SMALL, Policy(connections=64))
+    firsts = _first_requests(s)
+    for chunk in firsts:
+        s.progress(chunk.id, chunk.start + 2 * MIB)
+    rest = _the_rest(s, 0.02, 16 - len(firsts), finished=config)
+    per_blob = [sum(c.blob == b for c in firsts + rest) for b in range(len(SMALL))]
+    assert per_blob == [2, 2, 2, 1, 1, 1]
+
+
+def test_a_small_image_on_a_slow_link_is_spread_over_many_transfers() -> None:
+    # Behind 8 MiB/s per connection, 20 ms have brought each first request 160 KiB: the
+    # rest goes in the plan's 2 MiB chunks, a quarter second each, and every transfer
+    # waiting gets one.
+    s = Scheduler(SMALL, Policy(connections=64))
+    firsts = _first_requests(s)
+    for chunk in firsts:
+        s.progress(chunk.id, chunk.start + 160 * 1024)
+    waiting = 16 - len(firsts)
+    rest = _the_rest(s, 0.02, waiting)
+    assert {c.length for c in rest} == {2 * MIB}
+    assert len(rest) == (18 + 6 + 2) // 2 > waiting
 
 
 def test_prefix_advances_only_over_contiguous_done_ranges() -> None:
