@@ -228,15 +228,19 @@ class StreamedUploads:
         self._stream_limit = max(1, pusher.jobs // 2)
 
     def want(self, dest: Reference, blobs: Iterable[Descriptor], layers: frozenset[Digest]) -> None:
-        """``dest`` needs ``blobs``: upload those the store has now, the others once it does."""
+        """``dest`` needs ``blobs``: upload those the store has now, the others once it does
+        (the destination is asked about those now, while they download)."""
+        later = []
         for blob in blobs:
             if self.pusher.store.has_blob(blob.digest, blob.size):
                 self._start(dest, blob, blob.digest in layers)
             else:
+                later.append(blob)
                 with self._lock:
                     self._waiting.setdefault(blob.digest, []).append(
                         (dest, blob, blob.digest in layers)
                     )
+        self.pusher.look_ahead(dest, later)
 
     def stored(self, digest: Digest) -> None:
         """The store has ``digest`` now: start its uploads."""
