@@ -3,7 +3,9 @@
 One image (:meth:`Copier.copy`): its manifests are read, the blobs the store lacks are
 downloaded by the engine, and each blob is handed to the uploads as soon as the engine
 reports it verified and committed (or at once when the store already has it), so uploads
-run while the rest is still downloading. A large blob does not wait for its download to
+run while the rest is still downloading. The destination is asked about each blob
+(``HEAD``) as soon as the plan is known, while the engine starts, so an upload is only a
+``POST`` and a ``PUT`` once its blob lands. A large blob does not wait for its download to
 end: its upload streams what the engine has hashed so far (``events.BlobHashed``), so a
 copy takes about as long as the slower of the download and the upload, not their sum.
 The image is then stored as a pull stores it, and its manifests are pushed once all its
