@@ -20,12 +20,15 @@ import pytest
 
 from fastpull import mirror
 from fastpull.errors import DigestMismatch
+from fastpull.pusher import Pusher
+from fastpull.reference import Reference
 from fastpull.registry.client import RegistryClient
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.responses import RetryPolicy
 from fastpull.registry.settings import Settings
 from fastpull.registry.transport import Transport
-from fastpull.registry.upload import BlobFile, PushAuth, Uploader
+from fastpull.registry.upload import MOUNTED, PUSHED, BlobFile, PushAuth, Uploader
+from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest
 from tests.conftest import _serve
 from tests.integration.conftest import (
@@ -1081,3 +1084,40 @@ def test_the_destination_is_asked_about_a_blob_while_it_downloads(
             proc.wait()
     assert served < len(layer.data)
     assert layer.digest not in _put_digests(dest_registry.requests(mark))
+
+
+def test_a_blob_waiting_for_another_repositorys_upload_of_it_holds_no_upload_slot(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    docker_config: Any,
+    proxies: Any,
+) -> None:
+    shared, other = make_layer(200_000, seed=891), make_layer(3000, seed=892)
+    image = make_image([shared, other])
+    _pulled(cli, registry, repo, "1", image)
+    proxy = proxies(dest_registry, max_response_seconds=5)
+    # The first upload (the shared layer's, into a) stalls until the proxy gives up on it.
+    proxy.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=50_000, stall=True), method="PUT")
+    store = Store.open(docker_config.store)
+    descriptors = {b.digest: Descriptor.from_json(b.descriptor()) for b in (shared, other)}
+    first, second = (Reference.parse(f"{proxy.host}/{repo}/{n}:1") for n in ("a", "b"))
+
+    with Pusher(store, settings=Settings(), jobs=2) as pusher:
+        placing = pusher.upload_blob(first, descriptors[shared.digest], True)
+        deadline = time.monotonic() + 30
+        while not proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT"):
+            assert time.monotonic() < deadline, "the shared layer's upload never began"
+            time.sleep(0.05)
+        waiting = pusher.upload_blob(second, descriptors[shared.digest], True)
+        # Two upload slots: one is stuck with the shared layer; the other is free, since
+        # the second repository's turn for that layer waits without one.
+        elsewhere = pusher.upload_blob(first, descriptors[other.digest], True)
+        assert elsewhere.result(timeout=60).outcome == PUSHED
+        assert not placing.done()
+        assert placing.result(timeout=60).outcome == PUSHED
+        mounted = waiting.result(timeout=60)
+
+    assert mounted.outcome == MOUNTED and mounted.mounted_from == f"{repo}/a"
+    assert dest_registry.blob_data_path(shared.digest).read_bytes() == shared.data
