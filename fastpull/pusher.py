@@ -233,6 +233,11 @@ class BlobHolders:
         with self._lock:
             self._lacking.add((digest, repository))
 
+    def begun(self, digest: Digest) -> bool:
+        """Whether a placement of the blob is under way or done."""
+        with self._lock:
+            return digest in self._placing or bool(self._known.get(digest))
+
     def lacking(self, digest: Digest, repository: str) -> bool:
         with self._lock:
             return (digest, repository) in self._lacking
@@ -303,6 +308,9 @@ class Pusher:
         self._local = threading.local()
         self.jobs = jobs or DEFAULT_JOBS
         self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="fastpull-push")
+        # Questions asked ahead of uploads (look_ahead) have threads of their own: an upload
+        # whose blob has landed never waits behind them.
+        self._asking = ThreadPoolExecutor(max(1, self.jobs // 2), thread_name_prefix="fastpull-ask")
         self._unfinished: set[Future[BlobResult]] = set()
         # Until close(): blobs being uploaded are not deleted by gc or rmi meanwhile.
         self._store_use = contextlib.ExitStack()
@@ -310,10 +318,12 @@ class Pusher:
             self._store_use.enter_context(store.shared_use())
         except BaseException:
             self._pool.shutdown()
+            self._asking.shutdown()
             raise
 
     def close(self) -> None:
         """Stop the upload threads, close connections, let gc and rmi at the store."""
+        self._asking.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             unfinished = list(self._unfinished)
@@ -415,18 +425,20 @@ class Pusher:
 
     def look_ahead(self, dest: Reference, blobs: Iterable[Descriptor]) -> None:
         """``dest`` will need ``blobs`` once they are stored: ask the registry now (a
-        ``HEAD`` on an upload thread, queued before those uploads) whether the first
-        repository to need each one holds it, so that its upload skips the question later,
-        when the upload threads are busiest. Blobs some repository of the registry is known
-        or guessed to hold are left to the mounts."""
+        ``HEAD``, on threads of its own) whether the first repository to need each one
+        holds it, so that its upload skips the question later, when the upload threads are
+        busiest. Blobs some repository of the registry is known or guessed to hold are
+        left to the mounts, and a blob whose upload began first is not asked about."""
         self.auth(dest.registry)
         holders = self._holders[dest.registry]
         for blob in blobs:
             if holders.ask_first(blob.digest):
-                self._pool.submit(self._ask, dest.registry, dest.repository, blob.digest)
+                self._asking.submit(self._ask, dest.registry, dest.repository, blob.digest)
 
     def _ask(self, registry: str, repository: str, digest: Digest) -> None:
         holders = self._holders[registry]
+        if holders.begun(digest):
+            return  # too late: the upload has asked itself
         with contextlib.suppress(FastpullError):  # then the upload asks again
             if self.uploader(registry).exists(repository, digest):
                 holders.add(digest, repository)

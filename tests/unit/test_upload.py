@@ -108,12 +108,15 @@ def test_holders_put_known_repositories_before_guesses() -> None:
 def test_a_blob_being_placed_puts_the_next_aside_until_it_ends() -> None:
     holders = BlobHolders()
     later: list[str] = []
+    assert not holders.begun(DIGEST)
     assert holders.begin(DIGEST, lambda: later.append("first")) is True
+    assert holders.begun(DIGEST)
     assert holders.begin(DIGEST, lambda: later.append("second")) is None
     assert holders.begin(DIGEST, lambda: later.append("third")) is None
     assert later == []
     holders.end(DIGEST)
     assert later == ["second", "third"]
+    assert not holders.begun(DIGEST)
     # Nobody holds it yet (the placement failed): the next to come places it.
     assert holders.begin(DIGEST, lambda: later.append("fourth")) is True
     holders.add(DIGEST, "placed")
