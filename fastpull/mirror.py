@@ -3,7 +3,9 @@
 One image (:meth:`Copier.copy`): its manifests are read, the blobs the store lacks are
 downloaded by the engine, and each blob is handed to the uploads as soon as the engine
 reports it verified and committed (or at once when the store already has it), so uploads
-run while the rest is still downloading. A large blob does not wait for its download to
+run while the rest is still downloading. The destination is asked about each blob
+(``HEAD``) as soon as the plan is known, while the engine starts, so an upload is only a
+``POST`` and a ``PUT`` once its blob lands. A large blob does not wait for its download to
 end: its upload streams what the engine has hashed so far (``events.BlobHashed``), so a
 copy takes about as long as the slower of the download and the upload, not their sum.
 The image is then stored as a pull stores it, and its manifests are pushed once all its
@@ -228,15 +230,19 @@ class StreamedUploads:
         self._stream_limit = max(1, pusher.jobs // 2)
 
     def want(self, dest: Reference, blobs: Iterable[Descriptor], layers: frozenset[Digest]) -> None:
-        """``dest`` needs ``blobs``: upload those the store has now, the others once it does."""
+        """``dest`` needs ``blobs``: upload those the store has now, the others once it does
+        (the destination is asked about those now, while they download)."""
+        later = []
         for blob in blobs:
             if self.pusher.store.has_blob(blob.digest, blob.size):
                 self._start(dest, blob, blob.digest in layers)
             else:
+                later.append(blob)
                 with self._lock:
                     self._waiting.setdefault(blob.digest, []).append(
                         (dest, blob, blob.digest in layers)
                     )
+        self.pusher.look_ahead(dest, later)
 
     def stored(self, digest: Digest) -> None:
         """The store has ``digest`` now: start its uploads."""

@@ -10,9 +10,10 @@
    blob: seen there by ``HEAD``, uploaded or mounted in this run, or guessed from the
    store's images named on that registry and from where earlier runs placed blobs
    (:mod:`~fastpull.store.placements`). A blob another repository holds is mounted, not
-   uploaded (at once, without a ``HEAD``, when this run saw it there), and two images
-   needing one blob never upload it twice at once: the second waits for the first, then
-   mounts it.
+   uploaded (at once, without a ``HEAD``, when this run saw it there; the mounts of one
+   blob into many repositories run side by side), and two images needing one blob never
+   upload it twice at once: the second is put aside until the first ends, then mounts it
+   (put aside, it holds no upload thread).
 4. Manifests go after all their blobs: platform manifests by digest, then the top one by
    tag (or by digest when there is no tag).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -160,6 +161,17 @@ def _manifest_upload(
 
 
 @dataclass(frozen=True)
+class _BlobJob:
+    """One blob to place in one repository of a registry (see :meth:`Pusher.upload_blob`)."""
+
+    registry: str
+    repository: str
+    blob: Descriptor
+    layer: bool
+    growing: GrowingBlob | None
+
+
+@dataclass(frozen=True)
 class PushResult:
     """What one push did: the destination, the top manifest's digest and size, and how
     each blob got there."""
@@ -181,13 +193,16 @@ class PushResult:
 
 class BlobHolders:
     """Which repositories of one registry hold which blob, as far as this run knows, and
-    which blobs some thread is uploading right now."""
+    which blobs are being placed right now (with what is to run once each placement ends)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._known: dict[Digest, list[str]] = {}
         self._guessed: dict[Digest, list[str]] = {}
-        self._busy: dict[Digest, threading.Event] = {}
+        self._placing: dict[Digest, list[Callable[[], object]]] = {}
+        # Asked ahead of the upload (HEAD): which blobs, and which repositories lack them.
+        self._asked: set[Digest] = set()
+        self._lacking: set[tuple[Digest, str]] = set()
 
     def add(self, digest: Digest, repository: str) -> None:
         """``repository`` holds the blob (the registry said so)."""
@@ -202,6 +217,30 @@ class BlobHolders:
             guesses = self._guessed.setdefault(digest, [])
             if repository not in guesses:
                 guesses.append(repository)
+
+    def ask_first(self, digest: Digest) -> bool:
+        """Whether the registry is worth asking about the blob ahead of its upload: the
+        first time, and only if no repository is known or guessed to hold it (the mount
+        asks, then)."""
+        with self._lock:
+            if digest in self._asked or self._known.get(digest) or self._guessed.get(digest):
+                return False
+            self._asked.add(digest)
+            return True
+
+    def lacks(self, digest: Digest, repository: str) -> None:
+        """``repository`` does not hold the blob (the registry said so, ahead of its upload)."""
+        with self._lock:
+            self._lacking.add((digest, repository))
+
+    def begun(self, digest: Digest) -> bool:
+        """Whether a placement of the blob is under way or done."""
+        with self._lock:
+            return digest in self._placing or bool(self._known.get(digest))
+
+    def lacking(self, digest: Digest, repository: str) -> bool:
+        with self._lock:
+            return (digest, repository) in self._lacking
 
     def holds(self, digest: Digest, repository: str) -> bool:
         with self._lock:
@@ -218,19 +257,27 @@ class BlobHolders:
             found = [*self._known.get(digest, ()), *self._guessed.get(digest, ())]
         return [r for r in dict.fromkeys(found) if r != repository]
 
-    def claim(self, digest: Digest) -> threading.Event | None:
-        """Claim the upload of a blob; if another thread has it, the event it will set."""
+    def begin(self, digest: Digest, later: Callable[[], object]) -> bool | None:
+        """Before a blob goes to a repository: False when some repository is known to
+        hold it (a mount or nothing will do, at once, alongside others); True when no
+        placement of it is under way, and this one is it (call :meth:`end` after); None
+        when one is under way: ``later`` is called once it ends, instead of waiting."""
         with self._lock:
-            busy = self._busy.get(digest)
-            if busy is None:
-                self._busy[digest] = threading.Event()
-            return busy
+            if self._known.get(digest):
+                return False
+            followers = self._placing.get(digest)
+            if followers is not None:
+                followers.append(later)
+                return None
+            self._placing[digest] = []
+            return True
 
-    def release(self, digest: Digest) -> None:
+    def end(self, digest: Digest) -> None:
+        """The placement :meth:`begin` allowed is over: run what waited for it."""
         with self._lock:
-            busy = self._busy.pop(digest, None)
-        if busy is not None:
-            busy.set()
+            followers = self._placing.pop(digest, [])
+        for follower in followers:
+            follower()
 
 
 class Pusher:
@@ -261,18 +308,27 @@ class Pusher:
         self._local = threading.local()
         self.jobs = jobs or DEFAULT_JOBS
         self._pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="fastpull-push")
-        self._unfinished = 0  # uploads submitted and not finished
+        # Questions asked ahead of uploads (look_ahead) have threads of their own: an upload
+        # whose blob has landed never waits behind them.
+        self._asking = ThreadPoolExecutor(max(1, self.jobs // 2), thread_name_prefix="fastpull-ask")
+        self._unfinished: set[Future[BlobResult]] = set()
         # Until close(): blobs being uploaded are not deleted by gc or rmi meanwhile.
         self._store_use = contextlib.ExitStack()
         try:
             self._store_use.enter_context(store.shared_use())
         except BaseException:
             self._pool.shutdown()
+            self._asking.shutdown()
             raise
 
     def close(self) -> None:
         """Stop the upload threads, close connections, let gc and rmi at the store."""
+        self._asking.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            unfinished = list(self._unfinished)
+        for future in unfinished:  # queued, or waiting for another upload of their blob
+            future.cancel()
         for uploader in self._uploaders:
             uploader.close()
         for push_auth in self._auth.values():
@@ -367,6 +423,28 @@ class Pusher:
         """Start uploading ``blobs`` to ``dest``'s repository; layers are reported."""
         return {b.digest: self.upload_blob(dest, b, b.digest in layers) for b in blobs}
 
+    def look_ahead(self, dest: Reference, blobs: Iterable[Descriptor]) -> None:
+        """``dest`` will need ``blobs`` once they are stored: ask the registry now (a
+        ``HEAD``, on threads of its own) whether the first repository to need each one
+        holds it, so that its upload skips the question later, when the upload threads are
+        busiest. Blobs some repository of the registry is known or guessed to hold are
+        left to the mounts, and a blob whose upload began first is not asked about."""
+        self.auth(dest.registry)
+        holders = self._holders[dest.registry]
+        for blob in blobs:
+            if holders.ask_first(blob.digest):
+                self._asking.submit(self._ask, dest.registry, dest.repository, blob.digest)
+
+    def _ask(self, registry: str, repository: str, digest: Digest) -> None:
+        holders = self._holders[registry]
+        if holders.begun(digest):
+            return  # too late: the upload has asked itself
+        with contextlib.suppress(FastpullError):  # then the upload asks again
+            if self.uploader(registry).exists(repository, digest):
+                holders.add(digest, repository)
+            else:
+                holders.lacks(digest, repository)
+
     def upload_blob(
         self,
         dest: Reference,
@@ -377,55 +455,70 @@ class Pusher:
         """Start uploading one blob (from the store) to ``dest``'s repository; with
         ``growing``, from its download as the bytes become final, before it is stored."""
         self.auth(dest.registry)
+        future: Future[BlobResult] = Future()
         with self._lock:
-            self._unfinished += 1
-            queued = self._unfinished > self.jobs
+            self._unfinished.add(future)
+            queued = len(self._unfinished) > self.jobs
+        future.add_done_callback(self._finished)
         if layer:
             self.emit(events.LayerEvent(blob.digest, events.PREPARING))
             if queued:  # as docker says of a layer waiting for an upload slot
                 self.emit(events.LayerEvent(blob.digest, events.WAITING))
-        future = self._pool.submit(
-            self._push_blob, dest.registry, dest.repository, blob, layer, growing
-        )
-        future.add_done_callback(self._finished)
+        self._submit(future, _BlobJob(dest.registry, dest.repository, blob, layer, growing))
         return future
 
-    def _finished(self, _future: Future[BlobResult]) -> None:
+    def _finished(self, future: Future[BlobResult]) -> None:
         with self._lock:
-            self._unfinished -= 1
+            self._unfinished.discard(future)
 
-    def _push_blob(
-        self,
-        registry: str,
-        repository: str,
-        blob: Descriptor,
-        layer: bool,
-        growing: GrowingBlob | None,
-    ) -> BlobResult:
+    def _submit(self, future: Future[BlobResult], job: _BlobJob) -> None:
+        try:
+            self._pool.submit(self._run, future, job)
+        except RuntimeError:  # the pool is shut down: the run is over
+            future.cancel()
+
+    def _run(self, future: Future[BlobResult], job: _BlobJob) -> None:
+        """One blob on an upload thread. While another repository's upload of the same
+        blob is under way, the job steps aside and comes back once that ends (to mount
+        it from there), so waiting never holds a thread that other blobs could use."""
+        digest = job.blob.digest
+        holders = self._holders[job.registry]
+        placing = holders.begin(digest, lambda: self._submit(future, job))
+        if placing is None:
+            if job.layer:
+                self.emit(events.LayerEvent(digest, events.WAITING))
+            return
+        try:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._push_blob(job))
+                except BaseException as exc:  # the caller's future carries it, as a pool's does
+                    future.set_exception(exc)
+        finally:
+            if placing:
+                holders.end(digest)
+
+    def _push_blob(self, job: _BlobJob) -> BlobResult:
+        registry, repository, blob = job.registry, job.repository, job.blob
         holders = self._holders[registry]
         digest = blob.digest
-        while (busy := holders.claim(digest)) is not None:
-            if layer:
-                self.emit(events.LayerEvent(digest, events.WAITING))
-            while not busy.wait(_POLL_SECONDS):
-                cancel.check()
-        try:
-            if holders.holds(digest, repository):
-                result = BlobResult(digest, blob.size, EXISTS)
-            else:
-                progress = _Progress(self, blob) if layer else None
-                result = self.uploader(registry).upload(
-                    repository,
-                    BlobFile(blob, self.store.blob_path(digest), growing),
-                    mount_from=holders.sources(digest, repository),
-                    progress=progress,
-                    probe=not holders.held_elsewhere(digest, repository),
-                )
-            holders.add(digest, repository)
-            self._placements.record(Placement(registry, repository, digest))
-        finally:
-            holders.release(digest)
-        if layer:
+        if holders.holds(digest, repository):
+            result = BlobResult(digest, blob.size, EXISTS)
+        else:
+            progress = _Progress(self, blob) if job.layer else None
+            result = self.uploader(registry).upload(
+                repository,
+                BlobFile(blob, self.store.blob_path(digest), job.growing),
+                mount_from=holders.sources(digest, repository),
+                progress=progress,
+                probe=not (
+                    holders.held_elsewhere(digest, repository)
+                    or holders.lacking(digest, repository)
+                ),
+            )
+        holders.add(digest, repository)
+        self._placements.record(Placement(registry, repository, digest))
+        if job.layer:
             self.emit(events.LayerEvent(digest, _layer_state(result), blob.size, blob.size))
         return result
 

@@ -507,9 +507,10 @@ class Uploader:
         ``mount_from`` that works, else upload it. Retried with backoff; raises the last
         error when the attempts run out or the error will not change (denied, invalid).
 
-        ``probe=False`` skips the first ``HEAD`` when ``mount_from`` starts with a
-        repository known to hold the blob: the mount answers 201 whether or not
-        ``repository`` has it already, so the ``HEAD`` would only cost a round trip."""
+        ``probe=False`` skips the first ``HEAD``: when ``mount_from`` starts with a
+        repository known to hold the blob (the mount answers 201 whether or not
+        ``repository`` has it already, so the ``HEAD`` would only cost a round trip), or
+        when a ``HEAD`` made ahead of the upload found that ``repository`` lacks it."""
         state = _UploadState(blob, skip_head=not probe)
 
         def counted(size: int) -> None:

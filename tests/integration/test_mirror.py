@@ -20,12 +20,15 @@ import pytest
 
 from fastpull import mirror
 from fastpull.errors import DigestMismatch
+from fastpull.pusher import Pusher
+from fastpull.reference import Reference
 from fastpull.registry.client import RegistryClient
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.responses import RetryPolicy
 from fastpull.registry.settings import Settings
 from fastpull.registry.transport import Transport
-from fastpull.registry.upload import BlobFile, PushAuth, Uploader
+from fastpull.registry.upload import MOUNTED, PUSHED, BlobFile, PushAuth, Uploader
+from fastpull.store.layout import Store
 from fastpull.types import Descriptor, Digest
 from tests.conftest import _serve
 from tests.integration.conftest import (
@@ -1022,3 +1025,99 @@ def test_ctrl_c_while_a_blob_streams_leaves_the_store_consistent_and_the_next_co
     assert again.code == 0, again.err
     _assert_arrived(dest_registry, repo, layer, image)
     assert_store_consistent(env_store())
+
+
+def test_a_batch_sharing_a_base_puts_it_once_and_mounts_it_everywhere_else(
+    registry: Any, dest_registry: RegistryServer, repo: str, cli: Any, tmp_path: Path
+) -> None:
+    # Six images need the base at once: one upload places it, the other five are put
+    # aside meanwhile (holding no upload thread), then mount it side by side.
+    base = make_layer(400_000, seed=861)
+    images = [make_image([base, make_layer(1000, seed=870 + n)]) for n in range(6)]
+    for n, image in enumerate(images):
+        registry.pusher.push_image(f"{repo}/{n}", "1", image)
+    batch = tmp_path / "batch.txt"
+    batch.write_text("".join(f"{registry.host}/{repo}/{n}:1\n" for n in range(6)))
+
+    mark = dest_registry.mark()
+    result = cli("copy", "-f", str(batch), "--to", f"{dest_registry.host}/mirror")
+
+    assert result.code == 0, result.err
+    logged = dest_registry.requests(mark)
+    assert _put_digests(logged).count(base.digest) == 1
+    base_mounts = [r for r in _mounts(logged) if base.digest in unquote(r.path)]
+    assert len(base_mounts) == 5
+    unique = {b.digest for image in images for b in image.referenced_blobs()}
+    heads = [r for r in logged if r.method == "HEAD" and "/blobs/" in r.path]
+    # Each blob was asked about once, in the repository that received its upload.
+    assert sorted(unquote(r.path).rsplit("/", 1)[1] for r in heads) == sorted(unique)
+    for n, image in enumerate(images):
+        assert _raw_manifest(dest_registry, f"mirror/{repo}/{n}", "1") == image.manifest_bytes
+
+
+def test_the_destination_is_asked_about_a_blob_while_it_downloads(
+    registry: Any, dest_registry: RegistryServer, repo: str, proxies: Any, docker_config: Any
+) -> None:
+    # The layer's download stalls at a third of it until the copy is interrupted: the
+    # destination must hear about the layer (HEAD) before its bytes can all be here.
+    layer = make_layer(3_000_000, seed=881)
+    image = make_image([layer])
+    registry.pusher.push_image(repo, "1", image)
+    source = proxies(registry, max_response_seconds=60)
+    source.on(blob_path(repo, layer.digest), Stall(after=STALL_AFTER), times=None)
+    mark = dest_registry.mark()
+    proc = start_fastpull("copy", f"{source.host}/{repo}:1", f"{dest_registry.host}/{repo}:1")
+    try:
+        deadline = time.monotonic() + 30
+        while not any(
+            r.method == "HEAD" and r.path.endswith(layer.digest)
+            for r in dest_registry.requests(mark)
+        ):
+            assert time.monotonic() < deadline, "the layer was never asked about"
+            time.sleep(0.05)
+        served = source.bytes_sent(blob_path(repo, layer.digest))
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert served < len(layer.data)
+    assert layer.digest not in _put_digests(dest_registry.requests(mark))
+
+
+def test_a_blob_waiting_for_another_repositorys_upload_of_it_holds_no_upload_slot(
+    registry: Any,
+    dest_registry: RegistryServer,
+    repo: str,
+    cli: Any,
+    docker_config: Any,
+    proxies: Any,
+) -> None:
+    shared, other = make_layer(200_000, seed=891), make_layer(3000, seed=892)
+    image = make_image([shared, other])
+    _pulled(cli, registry, repo, "1", image)
+    proxy = proxies(dest_registry, max_response_seconds=5)
+    # The first upload (the shared layer's, into a) stalls until the proxy gives up on it.
+    proxy.on(r"/v2/.+/blobs/uploads/.+", CutUpload(after=50_000, stall=True), method="PUT")
+    store = Store.open(docker_config.store)
+    descriptors = {b.digest: Descriptor.from_json(b.descriptor()) for b in (shared, other)}
+    first, second = (Reference.parse(f"{proxy.host}/{repo}/{n}:1") for n in ("a", "b"))
+
+    with Pusher(store, settings=Settings(), jobs=2) as pusher:
+        placing = pusher.upload_blob(first, descriptors[shared.digest], True)
+        deadline = time.monotonic() + 30
+        while not proxy.requests_for(r"/v2/.+/blobs/uploads/.+", "PUT"):
+            assert time.monotonic() < deadline, "the shared layer's upload never began"
+            time.sleep(0.05)
+        waiting = pusher.upload_blob(second, descriptors[shared.digest], True)
+        # Two upload slots: one is stuck with the shared layer; the other is free, since
+        # the second repository's turn for that layer waits without one.
+        elsewhere = pusher.upload_blob(first, descriptors[other.digest], True)
+        assert elsewhere.result(timeout=60).outcome == PUSHED
+        assert not placing.done()
+        assert placing.result(timeout=60).outcome == PUSHED
+        mounted = waiting.result(timeout=60)
+
+    assert mounted.outcome == MOUNTED and mounted.mounted_from == f"{repo}/a"
+    assert dest_registry.blob_data_path(shared.digest).read_bytes() == shared.data

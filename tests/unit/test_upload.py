@@ -27,6 +27,7 @@ from fastpull.registry.upload import (
 from fastpull.types import Digest
 
 DIGEST = Digest("sha256", "a" * 64)
+OTHER = Digest("sha256", "b" * 64)
 
 
 def test_digest_joins_the_query_the_registry_signed() -> None:
@@ -104,16 +105,32 @@ def test_holders_put_known_repositories_before_guesses() -> None:
     assert holders.holds(DIGEST, "seen") and not holders.holds(DIGEST, "guessed")
 
 
-def test_a_claimed_blob_makes_the_next_claimer_wait_until_release() -> None:
+def test_a_blob_being_placed_puts_the_next_aside_until_it_ends() -> None:
     holders = BlobHolders()
-    assert holders.claim(DIGEST) is None
-    busy = holders.claim(DIGEST)
-    assert busy is not None and not busy.is_set()
-    releaser = threading.Thread(target=holders.release, args=(DIGEST,))
-    releaser.start()
-    assert busy.wait(5)
-    releaser.join()
-    assert holders.claim(DIGEST) is None
+    later: list[str] = []
+    assert not holders.begun(DIGEST)
+    assert holders.begin(DIGEST, lambda: later.append("first")) is True
+    assert holders.begun(DIGEST)
+    assert holders.begin(DIGEST, lambda: later.append("second")) is None
+    assert holders.begin(DIGEST, lambda: later.append("third")) is None
+    assert later == []
+    holders.end(DIGEST)
+    assert later == ["second", "third"]
+    assert not holders.begun(DIGEST)
+    # Nobody holds it yet (the placement failed): the next to come places it.
+    assert holders.begin(DIGEST, lambda: later.append("fourth")) is True
+    holders.add(DIGEST, "placed")
+    holders.end(DIGEST)
+    assert later == ["second", "third"]
+
+
+def test_a_blob_a_repository_holds_is_mounted_by_many_at_once() -> None:
+    holders = BlobHolders()
+    holders.add(DIGEST, "placed")
+    assert holders.begin(DIGEST, lambda: None) is False
+    assert holders.begin(DIGEST, lambda: None) is False
+    holders.guess(OTHER, "maybe")
+    assert holders.begin(OTHER, lambda: None) is True
 
 
 # -- a blob read while it downloads ------------------------------------------------------------
