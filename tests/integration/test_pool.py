@@ -7,10 +7,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fastpull.engine.pool import WorkerPool
 from fastpull.engine.worker import Done, Fetch, Report
 from fastpull.registry.transport import TLSConfig
-from tests.support.images import MiB, make_image, make_layer
+from tests.support.images import Layer, MiB, make_image, make_layer
+
+
+@pytest.fixture
+def served(registry: Any, repo: str) -> tuple[str, Layer]:
+    """A 3 MiB layer in the registry: (its blob URL, the layer)."""
+    layer = make_layer(3 * MiB, compression="none", seed=91)
+    registry.pusher.push_image(repo, "1", make_image([layer]))
+    return f"{registry.url}/v2/{repo}/blobs/{layer.digest}", layer
 
 
 def _fetch(chunk_id: int, url: str, path: Path, size: int) -> Fetch:
@@ -30,11 +40,9 @@ def _until_done(pool: WorkerPool, chunk_id: int) -> list[Report]:
 
 
 def test_transfers_run_inline_until_a_worker_is_ready_then_go_to_the_workers(
-    registry: Any, repo: str, tmp_path: Path
+    served: tuple[str, Layer], tmp_path: Path
 ) -> None:
-    layer = make_layer(3 * MiB, compression="none", seed=91)
-    registry.pusher.push_image(repo, "1", make_image([layer]))
-    url = f"{registry.url}/v2/{repo}/blobs/{layer.digest}"
+    url, layer = served
     pool = WorkerPool(1)
     try:
         # Fresh off the constructor: the worker is still starting.
@@ -59,11 +67,9 @@ def test_transfers_run_inline_until_a_worker_is_ready_then_go_to_the_workers(
 
 
 def test_without_workers_every_transfer_runs_inline(
-    registry: Any, repo: str, tmp_path: Path
+    served: tuple[str, Layer], tmp_path: Path
 ) -> None:
-    layer = make_layer(1 * MiB, compression="none", seed=92)
-    registry.pusher.push_image(repo, "1", make_image([layer]))
-    url = f"{registry.url}/v2/{repo}/blobs/{layer.digest}"
+    url, layer = served
     pool = WorkerPool(0)
     try:
         assert not pool.starting
