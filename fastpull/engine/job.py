@@ -257,7 +257,7 @@ class Job:
 
     def _hashing_behind(self) -> bool:
         """Whether some blob has written bytes its verifier has not hashed yet."""
-        return any(self._behind(i) for i in range(len(self.blobs)))
+        return bool(self._hash_targets())
 
     # -- handing out work ----------------------------------------------------------------
 
@@ -276,8 +276,7 @@ class Job:
         return self.connections.total(h for h, left in self._unfinished.items() if left)
 
     def _room(self) -> bool:
-        limit = self._limit()
-        return self.pool.has_room(limit)
+        return self.pool.has_room(self._limit())
 
     def _chunk_length(self, index: int) -> int:
         rate = self.connections[self.hosts[index]].per_transfer
@@ -499,7 +498,7 @@ class Job:
         flight, and what is left when the last bytes land would otherwise be hashed on one
         core, blob after blob, while the others sit idle.
         """
-        targets = {i: self.sched.hashable(i) for i in range(len(self.blobs)) if self._behind(i)}
+        targets = self._hash_targets()
         if self._hasher is None or len(targets) < 2:
             for index, target in targets.items():
                 self._guarded(index, self.blobs[index].verifier.advance, target)
@@ -511,9 +510,15 @@ class Job:
         for index, step in steps.items():
             self._guarded(index, step.result)
 
-    def _behind(self, index: int) -> bool:
-        blob = self.blobs[index]
-        return blob.writing and blob.verifier.position < self.sched.hashable(index)
+    def _hash_targets(self) -> dict[int, int]:
+        """Per blob with written bytes its verifier has not hashed yet: how far it may hash."""
+        targets = {}
+        for index, blob in enumerate(self.blobs):
+            if blob.writing:
+                hashable = self.sched.hashable(index)
+                if blob.verifier.position < hashable:
+                    targets[index] = hashable
+        return targets
 
     def _verify(self, index: int, blob: BlobRun) -> None:
         self._tell_hashed(index, blob)  # a restart since the last call, before new bytes

@@ -57,7 +57,7 @@ class EngineConfig:
     stall_seconds: int = 30
     emit: events.Listener = events.ignore
     clock: Callable[[], float] = time.monotonic
-    # The machine's idle CPU-seconds, for the connection count (see engine/connections.py).
+    # The machine's idle seconds as a whole, for the connection count (engine/connections.py).
     idle_clock: Callable[[], float | None] = machine_idle_seconds
 
 
