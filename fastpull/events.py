@@ -1,12 +1,13 @@
 """What a pull or a push reports while it runs. Plain data, emitted by ``puller``,
 ``download`` and ``pusher`` and rendered by ``progress`` (docker-style lines, terminal bars,
 or ``--json``); :class:`BlobHashed` is for programs (``mirror`` streams uploads from it),
-not shown."""
+not shown. NamedTuples: they cost a tenth of a frozen dataclass to define and to make, and
+every command imports this module."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastpull.types import Digest
 
@@ -27,8 +28,7 @@ LAYER_EXISTS = "Layer already exists"
 MOUNTED_FROM = "Mounted from"
 
 
-@dataclass(frozen=True)
-class PullStarted:
+class PullStarted(NamedTuple):
     """``latest: Pulling from library/debian``; ``default_tag`` when the tag was implied."""
 
     reference: str
@@ -37,8 +37,7 @@ class PullStarted:
     default_tag: bool
 
 
-@dataclass(frozen=True)
-class LayerEvent:
+class LayerEvent(NamedTuple):
     """One layer (or config) changed state or made progress."""
 
     digest: Digest
@@ -48,8 +47,7 @@ class LayerEvent:
     message: str = ""
 
 
-@dataclass(frozen=True)
-class BlobHashed:
+class BlobHashed(NamedTuple):
     """The engine has hashed the first ``hashed`` bytes of a blob it is downloading into the
     file ``path``: those bytes are final and may be read (an upload streams them while the
     rest downloads). A value below the previous one means the blob started again from byte
@@ -62,8 +60,7 @@ class BlobHashed:
     size: int
 
 
-@dataclass(frozen=True)
-class PullFinished:
+class PullFinished(NamedTuple):
     """The image is in the store: ``Digest:`` and ``Status:`` lines."""
 
     reference: str
@@ -72,15 +69,13 @@ class PullFinished:
     up_to_date: bool
 
 
-@dataclass(frozen=True)
-class PushStarted:
+class PushStarted(NamedTuple):
     """``The push refers to repository [localhost:5000/app]``."""
 
     repository: str
 
 
-@dataclass(frozen=True)
-class PushFinished:
+class PushFinished(NamedTuple):
     """The manifest is in the destination: ``TAG: digest: sha256:... size: N``; ``tag`` is
     the digest itself when the image was pushed by digest."""
 
@@ -98,8 +93,7 @@ SKIPPED = "skipped"
 COPIED = "copied"
 
 
-@dataclass(frozen=True)
-class BatchPlanned:
+class BatchPlanned(NamedTuple):
     """A batch's images are resolved: ``images`` to store, needing ``blobs`` missing blobs
     of ``bytes_total`` bytes between them (each counted once)."""
 
@@ -108,8 +102,7 @@ class BatchPlanned:
     bytes_total: int
 
 
-@dataclass(frozen=True)
-class ImageDone:
+class ImageDone(NamedTuple):
     """One image of a batch is stored, or failed (``error``), or was skipped (fail-fast)."""
 
     reference: str
@@ -120,8 +113,7 @@ class ImageDone:
     error: str = ""
 
 
-@dataclass(frozen=True)
-class BatchFinished:
+class BatchFinished(NamedTuple):
     """The whole batch is over."""
 
     images: int

@@ -29,6 +29,25 @@ SUPPORTED_ALGORITHMS = tuple(_ALGORITHMS)
 MAX_BLOB_SIZE = 1 << 44
 
 
+class Marker:
+    """Base of a message or decision that carries no data (``Shutdown``, ``Fail``...).
+
+    Every instance of one such class equals every other, and nothing else: a NamedTuple
+    without fields would equal ``()`` and every other empty NamedTuple.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 class InvalidDigest(ManifestError):
     """Text that is not a digest fastpull can verify."""
 
@@ -274,6 +293,7 @@ __all__ = [
     "Descriptor",
     "Digest",
     "InvalidDigest",
+    "Marker",
     "Platform",
     "PlatformSelection",
 ]

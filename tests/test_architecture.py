@@ -76,7 +76,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry": frozenset(),
     "registry.credentials": frozenset({"errors", "types"}),
     "registry.auth": frozenset({"errors", "types"}),
-    "registry.responses": frozenset({"errors"}),
+    "registry.responses": frozenset({"errors", "types"}),
     "registry.transport": frozenset({"cancel", "errors", "registry.responses"}),
     "registry.settings": frozenset({"errors", "reference", "registry.transport"}),
     "registry.manifest": frozenset({"errors", "hashing", "types"}),
@@ -116,7 +116,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "engine.scheduler": frozenset({"errors", "types", "registry.responses"}),
     "engine.connections": frozenset(),
     "engine.sink": frozenset({"hashing", "store.journal", EXTENSION}),
-    "engine.worker": frozenset({"errors", "registry.transport", "engine.sink"}),
+    "engine.worker": frozenset({"errors", "types", "registry.transport", "engine.sink"}),
     "engine.verify": frozenset({"errors", "hashing", "types", "store.diskqueue"}),
     "engine.routing": frozenset({"errors", "types", "registry.responses", "registry.transport"}),
     "engine.records": frozenset({"events", "types", "registry.responses", "registry.transport"})

@@ -15,6 +15,7 @@ blob's :class:`Route` and returns the new route with the :data:`Step` the engine
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from fastpull.errors import DigestMismatch, FastpullError, Unauthorized
 from fastpull.registry.responses import (
@@ -27,7 +28,7 @@ from fastpull.registry.responses import (
     classify,
 )
 from fastpull.registry.transport import Response, http_error
-from fastpull.types import Digest
+from fastpull.types import Digest, Marker
 
 MAX_REAUTH = 3
 
@@ -58,20 +59,17 @@ class Route:
         return replace(self, url="", with_auth=True, resolved=False, hops=0)
 
 
-@dataclass(frozen=True)
-class Resend:
+class Resend(Marker):
     """Send the chunk again at once, as the same attempt (a redirect was followed)."""
 
 
-@dataclass(frozen=True)
-class Reauthorize:
+class Reauthorize(NamedTuple):
     """Answer the registry's challenge with ``response``, then send the chunk again."""
 
     response: Response
 
 
-@dataclass(frozen=True)
-class Backoff:
+class Backoff(NamedTuple):
     """A failed attempt of the chunk: retry after its backoff (``wait``: the server's
     Retry-After, 0 for at once); ``error`` is what to raise once attempts run out."""
 
@@ -79,8 +77,7 @@ class Backoff:
     error: FastpullError | None
 
 
-@dataclass(frozen=True)
-class Refuse:
+class Refuse(NamedTuple):
     """No retry changes this; ``discard``: the bytes written so far must not be resumed."""
 
     error: FastpullError

@@ -26,13 +26,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import pycurl
 
 from fastpull.engine.sink import ChunkWriter, new_chunk_writer
 from fastpull.errors import ConnectionFailed, FastpullError, ProtocolError, StoreError
 from fastpull.registry.transport import TLSConfig, configure_easy, curl_error, parse_header_line
+from fastpull.types import Marker
 
 if TYPE_CHECKING:
     # Only a worker process needs it (its command line imports it): a pull small enough to
@@ -53,9 +54,12 @@ PROGRESS_INTERVAL = 0.025
 
 # -- commands (parent → worker) ------------------------------------------------------------
 
+# Commands and reports are NamedTuples, not frozen dataclasses: every pull imports this
+# module and a frozen dataclass costs about 1 ms to create (its methods are compiled from
+# source), while a NamedTuple costs 0.1 ms; they also pickle smaller on the worker pipe.
 
-@dataclass(frozen=True)
-class Fetch:
+
+class Fetch(NamedTuple):
     """Fetch bytes ``[start, end)`` of a ``total``-byte blob into the file at ``path``."""
 
     chunk_id: int
@@ -75,23 +79,20 @@ class Fetch:
         return not (self.start == 0 and self.end == self.total)
 
 
-@dataclass(frozen=True)
-class Shrink:
+class Shrink(NamedTuple):
     """Stop chunk ``chunk_id`` at ``end`` (or as soon after as already written)."""
 
     chunk_id: int
     end: int
 
 
-@dataclass(frozen=True)
-class Cancel:
+class Cancel(NamedTuple):
     """Stop chunk ``chunk_id`` now."""
 
     chunk_id: int
 
 
-@dataclass(frozen=True)
-class Shutdown:
+class Shutdown(Marker):
     """Abort everything and exit."""
 
 
@@ -101,15 +102,13 @@ Command = Fetch | Shrink | Cancel | Shutdown
 # -- reports (worker → parent) -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """Chunks written up to these positions."""
 
     positions: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True)
-class Accepted:
+class Accepted(NamedTuple):
     """Chunk ``chunk_id``'s response carries its bytes; ``etag`` is its ETag ('' if none).
 
     Sent before any progress of that transfer, so the parent can judge resumed bytes
@@ -125,8 +124,7 @@ class Accepted:
 # chunk's start up to ``position`` (for the resume journal; '' when nothing was written).
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     """The chunk is written, up to its (possibly shrunk) end."""
 
     chunk_id: int
@@ -134,8 +132,7 @@ class Done:
     checksum: str
 
 
-@dataclass(frozen=True)
-class Cancelled:
+class Cancelled(NamedTuple):
     """Stopped on the parent's ``Cancel`` (or at shutdown)."""
 
     chunk_id: int
@@ -143,8 +140,7 @@ class Cancelled:
     checksum: str = ""
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(NamedTuple):
     """Network failure, short body, bad ``Content-Range``, a write error: ``error`` says
     which."""
 
@@ -154,8 +150,7 @@ class Failed:
     checksum: str = ""
 
 
-@dataclass(frozen=True)
-class Answered:
+class Answered(NamedTuple):
     """An HTTP answer that is not data (redirect, 401, 429, 5xx...); nothing written.
     ``body`` is at most 64 KiB of it."""
 
@@ -166,8 +161,7 @@ class Answered:
     body: bytes = b""
 
 
-@dataclass(frozen=True)
-class RangeIgnored:
+class RangeIgnored(NamedTuple):
     """A 200 to a Range request: the server sends the whole blob; nothing written."""
 
     chunk_id: int
@@ -177,8 +171,7 @@ class RangeIgnored:
 Finished = Done | Cancelled | Failed | Answered | RangeIgnored
 
 
-@dataclass(frozen=True)
-class Shrunk:
+class Shrunk(NamedTuple):
     """Chunk ``chunk_id`` now ends at ``end`` (never below what is already written)."""
 
     chunk_id: int

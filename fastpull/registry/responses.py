@@ -23,9 +23,11 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 from fastpull.errors import ProtocolError, TLSFailure, redact_url
+from fastpull.types import Marker
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
@@ -85,35 +87,30 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 # -- what to do with an answer ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Redirect:
+class Redirect(NamedTuple):
     """Ask ``target`` next; ``keep_auth`` when it is still the registry's origin."""
 
     target: str
     keep_auth: bool
 
 
-@dataclass(frozen=True)
-class Reauthenticate:
+class Reauthenticate(Marker):
     """The registry wants (fresh) credentials: answer its challenge, then ask again."""
 
 
-@dataclass(frozen=True)
-class Reresolve:
+class Reresolve(Marker):
     """A redirect target refused the request (its signed URL expired): ask the registry
     for the blob's URL again."""
 
 
-@dataclass(frozen=True)
-class RetryAfter:
+class RetryAfter(NamedTuple):
     """A transient refusal: ask again after a backoff; ``seconds`` is the server's
     Retry-After (None when it sent none)."""
 
     seconds: float | None
 
 
-@dataclass(frozen=True)
-class Fail:
+class Fail(Marker):
     """An answer no retry changes: the caller turns it into an error (``http_error``)."""
 
 
@@ -178,8 +175,7 @@ class RetryPolicy:
         return Retries(self)
 
 
-@dataclass(frozen=True)
-class Try:
+class Try(NamedTuple):
     """One failed attempt: how many bytes it wrote, and when it ended."""
 
     wrote: int

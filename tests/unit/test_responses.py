@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from fastpull.errors import ProtocolError, TLSFailure
@@ -69,7 +71,19 @@ TABLE: list[tuple[int, dict[str, str], str, Action]] = [
 def test_each_answer_calls_for_one_action(
     status: int, headers: dict[str, str], url: str, action: Action
 ) -> None:
-    assert classify(status, headers, url, REGISTRY) == action
+    got = classify(status, headers, url, REGISTRY)
+    # NamedTuples of different kinds can be equal as tuples: the kind must match too.
+    assert type(got) is type(action)
+    assert got == action
+
+
+def test_actions_without_data_equal_only_their_own_kind() -> None:
+    assert Fail() == Fail()
+    assert hash(Reresolve()) == hash(Reresolve())
+    assert Fail() != Reauthenticate()
+    assert Fail() != ()
+    assert pickle.loads(pickle.dumps(Reauthenticate())) == Reauthenticate()
+    assert repr(Reresolve()) == "Reresolve()"
 
 
 def test_redirects_stop_after_the_limit() -> None:

@@ -78,7 +78,7 @@ def test_each_answer_moves_the_route_and_takes_one_step(
 
 def test_backoffs_carry_the_wait_and_the_error_to_raise_at_the_end() -> None:
     _, expired = judge(AT_CDN, DIGEST, 1000, REGISTRY, _answer(403, CDN), 0)
-    assert expired == Backoff(0.0, None)
+    assert isinstance(expired, Backoff) and expired == Backoff(0.0, None)
     _, busy = judge(AT_CDN, DIGEST, 1000, REGISTRY, _answer(503, CDN, retry_after="2"), 0)
     assert isinstance(busy, Backoff) and busy.wait == 2.0
     assert isinstance(busy.error, ServerError)
