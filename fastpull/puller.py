@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 
@@ -48,8 +49,7 @@ from fastpull.types import Descriptor, Digest, Platform, PlatformSelection
 MAX_INDEX_DEPTH = 3
 
 
-@dataclass(frozen=True)
-class PullResult:
+class PullResult(NamedTuple):
     """What one pull did. ``digest`` is the repo digest docker prints (the index's, for
     multi-platform images); ``manifest_digest`` is the platform manifest as stored (an
     OCI conversion for Docker-format images, see ``manifest.to_oci``)."""
@@ -117,8 +117,7 @@ class RepositoryBlobs:
         return self.client.authenticate(response, self.scope)
 
 
-@dataclass(frozen=True)
-class PlannedManifest:
+class PlannedManifest(NamedTuple):
     """One platform's manifest, and the index entry that named it (None when the
     reference named the manifest itself)."""
 

@@ -15,7 +15,6 @@ cancelled Dask task keeps running otherwise), then cancels the futures.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import importlib
@@ -258,7 +257,7 @@ class ClusterFetcher:
         def done(task: Task, result: TaskResult) -> None:
             if result.interrupted:
                 raise Interrupted("interrupted on the cluster")
-            stats.extend(dataclasses.replace(s, worker=result.worker) for s in result.stats)
+            stats.extend(s._replace(worker=result.worker) for s in result.stats)
             for digest, error in result.failures:
                 fail(digest, error)
 

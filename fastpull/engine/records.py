@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from fastpull import events
 from fastpull.engine.connections import machine_idle_seconds
@@ -61,8 +61,7 @@ class EngineConfig:
     idle_clock: Callable[[], float | None] = machine_idle_seconds
 
 
-@dataclass(frozen=True)
-class BlobStats:
+class BlobStats(NamedTuple):
     """What it took to get one blob (for ``--stats`` and the Python API)."""
 
     digest: Digest
@@ -86,8 +85,7 @@ class BlobStats:
         )
 
 
-@dataclass(frozen=True)
-class Fetched:
+class Fetched(NamedTuple):
     """What one engine run did: the numbers of every blob it stored or found stored, and
     the worker processes it used (0: all transfers ran in the calling process)."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, urljoin
 
 import orjson
@@ -44,8 +44,7 @@ DOCKER_HUB = DEFAULT_REGISTRY
 MAX_TAG_PAGES = 10_000
 
 
-@dataclass(frozen=True)
-class FetchedManifest:
+class FetchedManifest(NamedTuple):
     """Manifest bytes as served, already checked against every digest we know of."""
 
     raw: bytes

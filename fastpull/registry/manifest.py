@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -75,8 +75,7 @@ class ImageManifest:
         return self.config.size + sum(layer.size for layer in self.layers)
 
 
-@dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(NamedTuple):
     """The few config fields fastpull shows."""
 
     created: datetime | None

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import pycurl
@@ -86,8 +87,7 @@ def system_ca_file() -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Response:
+class Response(NamedTuple):
     """A complete HTTP response with its body (bodies here are always small)."""
 
     status: int

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 import xxhash
@@ -36,8 +36,7 @@ MAX_JOURNAL_SIZE = 16 << 20
 _READ_STEP = 4 << 20
 
 
-@dataclass(frozen=True, order=True)
-class Extent:
+class Extent(NamedTuple):
     """Bytes ``[start, end)`` of the data file, finished, with their xxh3-128 checksum."""
 
     start: int
@@ -49,8 +48,7 @@ class Extent:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
-class JournalState:
+class JournalState(NamedTuple):
     """What a journal file says: the server's validator and the finished ranges."""
 
     etag: str | None

@@ -799,7 +799,11 @@ def test_memory_does_not_grow_with_the_blob(
         )
         assert processes >= 3, "the workers were never seen"
 
-    assert peaks["big"] < peaks["small"] + 30_000_000, peaks
+    # Ten times the bytes may not cost ten times the memory. Some growth is fair: the parent
+    # maps a 16 MiB hashing step of the file at a time (resident while mapped), and on a
+    # loaded machine more transfers run at once; seen here: 13-31 MB, both before and after
+    # the change that moved this margin from 30 MB. Buffering the blob would add ~144 MiB.
+    assert peaks["big"] < peaks["small"] + 48_000_000, peaks
 
 
 # -- how many transfers ------------------------------------------------------------------------
