@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -54,6 +53,7 @@ class WorkerPool:
 
     def _start(self) -> None:
         # Imported here: a small pull runs inline and never starts a process.
+        import socket
         import subprocess
 
         mine, theirs = socket.socketpair()
