@@ -46,8 +46,7 @@ URLs through :func:`redact_url`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -109,8 +108,7 @@ class CredentialError(FastpullError):
     exit_code = 3
 
 
-@dataclass(frozen=True)
-class Diagnostic:
+class Diagnostic(NamedTuple):
     """One entry of a registry's error body (``{"errors": [{"code", "message"}]}``): the
     spec's code as sent (``MANIFEST_UNKNOWN``) and its message."""
 

@@ -56,14 +56,14 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from fastpull.registry.responses import Retries, RetryPolicy
 
 MIB = 1 << 20
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """One request's worth of a blob: bytes ``[start, end)``."""
 
     id: int
@@ -253,8 +253,8 @@ class Scheduler:
                     size = max(1, self.chunk_size if length is None else length(queued.blob))
                     stop = queued.start + size
                     if queued.end - stop >= max(1, size // 2):  # no runt chunk at the tail
-                        chunk = replace(queued, id=self._new_id(), end=stop)
-                        self._pending[i] = (ready_at, replace(queued, start=stop))
+                        chunk = queued._replace(id=self._new_id(), end=stop)
+                        self._pending[i] = (ready_at, queued._replace(start=stop))
                 if chunk is queued:
                     del self._pending[i]
                 active = _Active(chunk, chunk.start, now)
@@ -383,7 +383,7 @@ class Scheduler:
         new_end = max(old.start, min(new_end, old.end))
         if new_end >= old.end:
             return None
-        active.chunk = replace(old, end=new_end)
+        active.chunk = old._replace(end=new_end)
         tail = self._new(old.blob, new_end, old.end, old.attempt, old.retries)
         self._pending.insert(0, (0.0, tail))
         return tail

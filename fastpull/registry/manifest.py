@@ -11,7 +11,6 @@ What is checked before anything is used (field-notes, "Security pitfalls"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -49,8 +48,7 @@ ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 _GENERIC_TYPES = frozenset({"", "application/json", "application/octet-stream", "text/plain"})
 
 
-@dataclass(frozen=True)
-class ImageIndex:
+class ImageIndex(NamedTuple):
     """An OCI image index or Docker manifest list."""
 
     media_type: str
@@ -59,8 +57,7 @@ class ImageIndex:
     raw: bytes
 
 
-@dataclass(frozen=True)
-class ImageManifest:
+class ImageManifest(NamedTuple):
     """An image manifest: one config and its layers, for one platform."""
 
     media_type: str

@@ -65,8 +65,7 @@ _SYSTEM_CA_CANDIDATES = (
 )
 
 
-@dataclass(frozen=True)
-class TLSConfig:
+class TLSConfig(NamedTuple):
     """How to talk TLS to one origin: verify or not, which CA file, optional client cert."""
 
     verify: bool = True

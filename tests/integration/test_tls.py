@@ -8,7 +8,6 @@ put it.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping
@@ -68,7 +67,7 @@ def _get_v2(url: str, tls_for: Callable[[str], TLSConfig]) -> int:
 
 def _verifying(settings: Settings) -> Callable[[str], TLSConfig]:
     """``settings.tls_for`` with verification forced on (loopback would switch it off)."""
-    return lambda url: dataclasses.replace(settings.tls_for(url), verify=True)
+    return lambda url: settings.tls_for(url)._replace(verify=True)
 
 
 # -- loopback policy ---------------------------------------------------------------------------
