@@ -63,8 +63,8 @@ from fastpull.errors import (
     ProtocolError,
     StoreError,
 )
-from fastpull.registry.responses import origin
-from fastpull.registry.transport import Response
+from fastpull.registry.responses import Origin, origin
+from fastpull.registry.transport import Response, TLSConfig
 from fastpull.store.diskqueue import DiskQueue
 from fastpull.types import Digest
 
@@ -151,6 +151,9 @@ class Job:
         self._touched: set[int] = set()
         self._behind: set[int] = set()
         self._committing: set[int] = set()
+        # TLS settings per origin, looked up once per run rather than once per chunk (the
+        # lookup reads certs.d).
+        self._tls: dict[Origin, TLSConfig] = {}
 
     def run(self) -> list[BlobStats]:
         """Loop until every blob is stored or given up; the stats of those stored."""
@@ -328,7 +331,7 @@ class Job:
             chunk.start,
             chunk.end,
             blob.size,
-            self.config.tls_for(url),
+            self._tls_for(url),
             stall_seconds=self.config.stall_seconds,
         )
         blob.chunks += 1
@@ -336,6 +339,13 @@ class Job:
         worker = self.pool.assign(fetch)
         self._open[self.hosts[chunk.blob]] += 1
         self.flights[chunk.id] = InFlight(chunk.id, chunk.blob, worker, url, chunk.start, now)
+
+    def _tls_for(self, url: str) -> TLSConfig:
+        key = origin(url)
+        tls = self._tls.get(key)
+        if tls is None:
+            tls = self._tls[key] = self.config.tls_for(url)
+        return tls
 
     def _tell(self, chunk_id: int, command: Command) -> None:
         """Send ``command`` to the worker running chunk ``chunk_id``, if it still runs."""

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +311,7 @@ def _job_over(
     stack: contextlib.ExitStack,
     contents: list[bytes],
     hasher: ThreadPoolExecutor | None = None,
+    tls_for: Callable[[str], TLSConfig] = lambda _url: TLSConfig(),
 ) -> tuple[Job, FakePool, list[RecordingVerifier]]:
     """A job over one blob per content, each blob's first answer already in (chunks go at
     once), on eight connections."""
@@ -329,7 +330,7 @@ def _job_over(
         blobs.append(blob)
         verifiers.append(verifier)
     pool = FakePool()
-    config = EngineConfig(tls_for=lambda _url: TLSConfig(), connections=8)
+    config = EngineConfig(tls_for=tls_for, connections=8)
     job = Job(config, blobs, pool, disk, None, None, hasher)  # type: ignore[arg-type]
     return job, pool, verifiers
 
@@ -415,3 +416,24 @@ def test_a_blob_hashed_in_several_steps_is_verified_without_another_report(
         assert verifiers[0].position == 3 * MIB
         assert len(verifiers[0].threads) == turns == 3  # one step of a MiB per turn
         assert job.blobs[1].stage is Stage.FETCHING
+
+
+def test_tls_settings_are_looked_up_once_per_origin(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    looked_up: list[str] = []
+
+    def tls_for(url: str) -> TLSConfig:
+        looked_up.append(url)
+        return TLSConfig(ca_file=f"/ca/{url.split('/')[2]}.pem")
+
+    contents = [bytes([n]) * MIB for n in range(4)]
+    with contextlib.ExitStack() as stack:
+        job, pool, _ = _job_over(store, stack, contents, tls_for=tls_for)
+        job.blobs[3].route = Route("https://cdn.example/blob").data_from("https://cdn.example/blob")
+        job._dispatch(0.0)
+
+    fetches = pool.fetches()
+    assert len(fetches) == 4
+    assert sorted(looked_up) == sorted([URL, "https://cdn.example/blob"])
+    by_url = {f.url: f.tls.ca_file for f in fetches}
+    assert by_url == {URL: "/ca/r.example.pem", "https://cdn.example/blob": "/ca/cdn.example.pem"}
