@@ -63,8 +63,8 @@ from fastpull.errors import (
     ProtocolError,
     StoreError,
 )
-from fastpull.registry.responses import Origin, origin
-from fastpull.registry.transport import Response, TLSConfig
+from fastpull.registry.responses import origin
+from fastpull.registry.transport import Response, tls_per_origin
 from fastpull.store.diskqueue import DiskQueue
 from fastpull.types import Digest
 
@@ -151,9 +151,8 @@ class Job:
         self._touched: set[int] = set()
         self._behind: set[int] = set()
         self._committing: set[int] = set()
-        # TLS settings per origin, looked up once per run rather than once per chunk (the
-        # lookup reads certs.d).
-        self._tls: dict[Origin, TLSConfig] = {}
+        # Looked up once per origin and run, not once per chunk.
+        self._tls_for = tls_per_origin(config.tls_for)
 
     def run(self) -> list[BlobStats]:
         """Loop until every blob is stored or given up; the stats of those stored."""
@@ -339,13 +338,6 @@ class Job:
         worker = self.pool.assign(fetch)
         self._open[self.hosts[chunk.blob]] += 1
         self.flights[chunk.id] = InFlight(chunk.id, chunk.blob, worker, url, chunk.start, now)
-
-    def _tls_for(self, url: str) -> TLSConfig:
-        key = origin(url)
-        tls = self._tls.get(key)
-        if tls is None:
-            tls = self._tls[key] = self.config.tls_for(url)
-        return tls
 
     def _tell(self, chunk_id: int, command: Command) -> None:
         """Send ``command`` to the worker running chunk ``chunk_id``, if it still runs."""
