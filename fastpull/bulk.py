@@ -581,9 +581,10 @@ class _Run:
     def _stored(
         self, main: Puller, image: _Image, staged: StagedImage, stats: dict[Digest, BlobStats]
     ) -> ImageOutcome:
+        """The outcome of an image just named, reported."""
         plan = staged.plan
         fetched = [stats[b.digest] for b in plan.blobs if b.digest in stats]
-        result = staged.result(fetched, 0, main.connections)
+        result = staged.result(fetched, workers=0, connections=main.connections)
         new = 0
         for blob in plan.blobs:
             fresh = blob.digest in stats and not stats[blob.digest].already_present

@@ -173,7 +173,7 @@ class StagedImage:
     previous: Descriptor | None
     platforms: tuple[Platform, ...]
 
-    def result(self, stats: Iterable[BlobStats], workers: int, connections: int) -> PullResult:
+    def result(self, stats: Iterable[BlobStats], *, workers: int, connections: int) -> PullResult:
         """What pulling it did, once it is named."""
         plan, descriptor = self.plan, self.name.descriptor
         wanted = {b.digest for b in plan.blobs}
@@ -351,7 +351,7 @@ class Puller:
         name the image in index.json (``name``, by default the reference)."""
         staged = self.stage(plan, name=name)
         self.store.add_images([staged.name])
-        return staged.result(stats, workers, self.connections)
+        return staged.result(stats, workers=workers, connections=self.connections)
 
     @property
     def connections(self) -> int:
