@@ -39,6 +39,7 @@ from fastpull.store.layout import (
     resolve_store_path,
 )
 from fastpull.types import Descriptor, Digest, Platform
+from tests.support.diskcalls import record_disk_calls
 from tests.support.tools import require_tool
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -1010,36 +1011,13 @@ def test_entries_written_by_skopeo_survive(store: Store, tmp_path: Path) -> None
     run(skopeo, "inspect", "--raw", f"oci:{other}:y")
 
 
-def _record_disk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Log every fsync and rename the store makes, as (call, path), in order."""
-    calls: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
-
-    def fsync(fd: int) -> None:
-        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
-        calls.append(("rename", str(dst)))
-        real_replace(src, dst, **kwargs)
-
-    def link(src: Any, dst: Any, **kwargs: Any) -> None:
-        calls.append(("rename", str(dst)))
-        real_link(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "link", link)
-    return calls
-
-
 def test_blobs_are_durable_before_index_json_names_them(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # publish() leaves the directory sync to add_image, once for every blob of the image:
     # each blob's bytes are fsynced before its rename, and every rename into blobs/ is
     # fsynced (its directory) before index.json is replaced.
-    calls = _record_disk_calls(monkeypatch)
+    calls = record_disk_calls(monkeypatch)
     layers = [os.urandom(5000 + i) for i in range(3)]
     for data in layers:
         digest = digest_of(data)
@@ -1077,7 +1055,7 @@ def test_a_new_ingest_journal_is_not_synced_but_one_with_records_is(
     # before the first byte. Rewriting one that holds records (resume) still syncs it.
     data = os.urandom(4096)
     digest = digest_of(data)
-    calls = _record_disk_calls(monkeypatch)
+    calls = record_disk_calls(monkeypatch)
     with store.ingest(digest, len(data)) as ing:
         ing.preallocate()
         assert not [c for c in calls if c[0] == "fsync"]
@@ -1113,7 +1091,7 @@ def test_several_images_are_named_in_one_rewrite_after_their_blobs_are_durable(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.add_image(put_manifest(store, b'{"old":1}'), "example.com/old:1")
-    calls = _record_disk_calls(monkeypatch)
+    calls = record_disk_calls(monkeypatch)
     manifests = [put_manifest(store, b'{"n":%d}' % n) for n in range(3)]
     names = [
         ImageName(m, f"example.com/{n}:1", {"k": n}) for n, m in zip("abc", manifests, strict=True)
