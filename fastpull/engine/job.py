@@ -147,8 +147,9 @@ class Job:
         self._told: dict[int, int] = {}
         # The loop looks at the blobs that may have moved, not at every blob each turn (a
         # batch has hundreds): those a report or a step concerned since the last look, those
-        # whose hash is still behind what is written, those being published.
-        self._touched: set[int] = set()
+        # whose hash is still behind what is written, those being published. The first look
+        # is at every blob: one resumed whole gets no report, and is only to be hashed.
+        self._touched: set[int] = set(range(len(blobs)))
         self._behind: set[int] = set()
         self._committing: set[int] = set()
         # Looked up once per origin and run, not once per chunk.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from fastpull.engine.job import Job, contained
 from fastpull.engine.records import BlobRun, EngineConfig, Stage
@@ -382,6 +383,9 @@ def test_a_turn_looks_only_at_the_blobs_that_moved(
             job.sched, "hashable", lambda blob: asked.append(blob) or hashable(blob)
         )
         job._dispatch(0.0)
+        job._hash()  # the first turn looks at every blob (see the test after the next)
+        job._settle()
+        asked.clear()
         _land(job, pool, contents, {4})
 
         job._hash()
@@ -437,3 +441,27 @@ def test_tls_settings_are_looked_up_once_per_origin(tmp_path: Path) -> None:
     assert sorted(looked_up) == sorted([URL, "https://cdn.example/blob"])
     by_url = {f.url: f.tls.ca_file for f in fetches}
     assert by_url == {URL: "/ca/r.example.pem", "https://cdn.example/blob": "/ca/cdn.example.pem"}
+
+
+def test_a_blob_resumed_whole_is_verified_without_any_report(tmp_path: Path) -> None:
+    # Its journal vouches for every byte (a run killed before the commit): nothing is
+    # fetched, so no report will ever name it.
+    store = Store.open(tmp_path / "store")
+    contents = [bytes([9]) * MIB, bytes([10]) * MIB]
+    digest = Digest.parse("sha256:" + hashlib.sha256(contents[0]).hexdigest())
+    with store.ingest(digest, MIB) as ingest:
+        ingest.preallocate()
+        os.pwrite(ingest.fd, contents[0], 0)
+        ingest.record(Extent(0, MIB, xxhash.xxh3_128_hexdigest(contents[0])))
+    with contextlib.ExitStack() as stack:
+        job, pool, verifiers = _job_over(store, stack, contents)
+        assert [e.end for e in job.blobs[0].ingest.resumed] == [MIB]
+        job._dispatch(0.0)
+        assert {job.flights[f.chunk_id].blob for f in pool.fetches()} == {1}
+
+        job._hash()
+        job._settle()
+
+        assert job.blobs[0].stage is Stage.COMMITTING
+        assert verifiers[0].position == MIB
+        assert job.blobs[1].stage is Stage.FETCHING
