@@ -13,7 +13,8 @@ pulls them as one run:
    A blob that another process is downloading into the same store right now (its ingest
    lock is held) is left out of that run: images that do not need it are stored first,
    then the run waits on the lock, and finds the blob in the store instead of fetching it.
-4. Store each image whose blobs are all present (manifests, index, index.json entry).
+4. Store each image whose blobs are all present (manifests, index), and name them all in
+   one rewrite of index.json.
 
 In a batch, failures stay with their image: a tag that does not exist, a denied
 repository, a blob that never matches its digest fail that image only, unless
@@ -37,7 +38,7 @@ from fastpull import cancel, events
 from fastpull.batchfile import BatchEntry
 from fastpull.engine.download import BlobSource, BlobStats, Downloader
 from fastpull.errors import FastpullError, Interrupted, UsageError
-from fastpull.puller import ImagePlan, Puller, PullResult, RepositoryBlobs
+from fastpull.puller import ImagePlan, Puller, PullResult, RepositoryBlobs, StagedImage
 from fastpull.reference import Reference
 from fastpull.registry.credentials import CredentialStore
 from fastpull.registry.settings import Settings
@@ -497,15 +498,15 @@ class _Run:
             for s in fetched:
                 if s.digest not in stats or not s.already_present:
                     stats[s.digest] = s
+            ready = []
             for image in waiting:
                 assert image.plan is not None
                 error = next((lost[b.digest] for b in image.plan.blobs if b.digest in lost), None)
                 if error is not None:
                     image.outcome = self._report(image.failed(error))
-                elif self.stopped:
-                    continue
                 elif all(self.store.has_blob(b.digest, b.size) for b in image.plan.blobs):
-                    image.outcome = self._commit(main, image, image.plan, stats)
+                    ready.append(image)
+            self._store(main, ready, stats)
         return list(stats.values())
 
     def _fetch(
@@ -534,17 +535,56 @@ class _Run:
             self.stopped = True
             return (), lost
 
-    def _commit(
-        self, main: Puller, image: _Image, plan: ImagePlan, stats: dict[Digest, BlobStats]
-    ) -> ImageOutcome:
+    def _store(self, main: Puller, images: list[_Image], stats: dict[Digest, BlobStats]) -> None:
+        """Store images whose blobs are all in: each one's manifests, then every name in ONE
+        rewrite of index.json (one sync of the disk for the batch, not one per image).
+
+        Each image still gets its own verdict: one whose manifests cannot be stored fails
+        alone, and should the rewrite fail, each image is named again on its own.
+        """
+        staged: list[tuple[_Image, StagedImage]] = []
+        for image in images:
+            if self.stopped:
+                break
+            assert image.plan is not None
+            try:
+                staged.append((image, main.stage(image.plan)))
+            except Exception as exc:
+                self._failed(image, exc)
         try:
-            result = main.commit(plan, [stats[b.digest] for b in plan.blobs if b.digest in stats])
+            self.store.add_images([one.name for _, one in staged])
+            named = staged
         except Exception as exc:
             if not _isolated(exc):
                 raise
-            assert isinstance(exc, FastpullError)
-            self.stopped = self.fail_fast
-            return self._report(image.failed(exc, time.monotonic() - plan.started))
+            named = []
+            for image, one in staged:
+                if self.stopped:
+                    break
+                try:
+                    self.store.add_images([one.name])
+                    named.append((image, one))
+                except Exception as alone:
+                    self._failed(image, alone)
+        for image, one in named:
+            image.outcome = self._stored(main, image, one, stats)
+
+    def _failed(self, image: _Image, exc: Exception) -> None:
+        """``image`` failed with ``exc``: its outcome if the error is the image's alone,
+        else raised."""
+        if not _isolated(exc):
+            raise exc
+        assert isinstance(exc, FastpullError) and image.plan is not None
+        self.stopped = self.fail_fast
+        image.outcome = self._report(image.failed(exc, time.monotonic() - image.plan.started))
+
+    def _stored(
+        self, main: Puller, image: _Image, staged: StagedImage, stats: dict[Digest, BlobStats]
+    ) -> ImageOutcome:
+        """The outcome of an image just named, reported."""
+        plan = staged.plan
+        fetched = [stats[b.digest] for b in plan.blobs if b.digest in stats]
+        result = staged.result(fetched, workers=0, connections=main.connections)
         new = 0
         for blob in plan.blobs:
             fresh = blob.digest in stats and not stats[blob.digest].already_present

@@ -40,6 +40,7 @@ from fastpull.store.layout import (
     CONTAINERD_NAME_ANNOTATION,
     REPO_DIGEST_ANNOTATION,
     SOURCE_MANIFEST_ANNOTATION,
+    ImageName,
     Store,
     resolve_store_path,
 )
@@ -159,6 +160,42 @@ class ImagePlan:
     def layers(self) -> tuple[Descriptor, ...]:
         """Every manifest's layers, in order (a layer two platforms share appears twice)."""
         return tuple(layer for p in self.manifests for layer in p.manifest.layers)
+
+
+class StagedImage(NamedTuple):
+    """An image whose blobs and manifests are in the store, to be named in index.json
+    (``name``); ``previous`` is what that name meant before."""
+
+    plan: ImagePlan
+    name: ImageName
+    previous: Descriptor | None
+    platforms: tuple[Platform, ...]
+
+    def result(self, stats: Iterable[BlobStats], *, workers: int, connections: int) -> PullResult:
+        """What pulling it did, once it is named."""
+        plan, descriptor = self.plan, self.name.descriptor
+        wanted = {b.digest for b in plan.blobs}
+        mine = [s for s in stats if s.digest in wanted]
+        fresh = [s for s in mine if not s.already_present]
+        previous = self.previous
+        up_to_date = not fresh and previous is not None and previous.digest == descriptor.digest
+        return PullResult(
+            reference=str(plan.ref),
+            familiar=plan.ref.familiar,
+            digest=plan.repo_digest,
+            manifest_digest=descriptor.digest,
+            config_digest=plan.manifests[0].manifest.config.digest,
+            platform=descriptor.platform,
+            layers=plan.layers,
+            blobs=tuple(mine),
+            bytes_downloaded=sum(s.downloaded for s in mine),
+            bytes_total=sum(b.size for b in plan.blobs),
+            seconds=time.monotonic() - plan.started,
+            up_to_date=up_to_date,
+            workers=workers,
+            connections=connections,
+            platforms=self.platforms,
+        )
 
 
 class Puller:
@@ -310,8 +347,20 @@ class Puller:
     ) -> PullResult:
         """Store the manifests (and index) of a plan whose blobs are all in the store, and
         name the image in index.json (``name``, by default the reference)."""
-        ref = plan.ref
-        name = name or str(ref)
+        staged = self.stage(plan, name=name)
+        self.store.add_images([staged.name])
+        return staged.result(stats, workers=workers, connections=self.connections)
+
+    @property
+    def connections(self) -> int:
+        """The transfers a pull may use at most (for its result)."""
+        return self.settings.connections or self.settings.max_connections
+
+    def stage(self, plan: ImagePlan, *, name: str | None = None) -> StagedImage:
+        """Store the manifests (and index) of a plan whose blobs are all in the store; the
+        image is named once its :attr:`StagedImage.name` is added to index.json (a batch
+        names several images in one rewrite: ``Store.add_images``)."""
+        name = name or str(plan.ref)
         previous = self.store.find_image(name)
         stored = [self._store_manifest(plan, planned) for planned in plan.manifests]
         annotations = {
@@ -328,28 +377,11 @@ class Puller:
             descriptor, source = self._store_index(plan.index, platforms)
             if source is not None:
                 annotations[SOURCE_MANIFEST_ANNOTATION] = str(source)
-        self.store.add_image(descriptor, name, annotations, platforms)
-        wanted = {b.digest for b in plan.blobs}
-        mine = [s for s in stats if s.digest in wanted]
-        fresh = [s for s in mine if not s.already_present]
-        up_to_date = not fresh and previous is not None and previous.digest == descriptor.digest
-        manifest = plan.manifests[0].manifest
-        return PullResult(
-            reference=str(ref),
-            familiar=ref.familiar,
-            digest=plan.repo_digest,
-            manifest_digest=descriptor.digest,
-            config_digest=manifest.config.digest,
-            platform=descriptor.platform,
-            layers=plan.layers,
-            blobs=tuple(mine),
-            bytes_downloaded=sum(s.downloaded for s in mine),
-            bytes_total=sum(b.size for b in plan.blobs),
-            seconds=time.monotonic() - plan.started,
-            up_to_date=up_to_date,
-            workers=workers,
-            connections=self.settings.connections or self.settings.max_connections,
-            platforms=tuple(d.platform for d, _ in stored if d.platform is not None),
+        return StagedImage(
+            plan,
+            ImageName(descriptor, name, annotations, tuple(platforms)),
+            previous,
+            tuple(d.platform for d, _ in stored if d.platform is not None),
         )
 
     def _store_manifest(
@@ -516,5 +548,6 @@ __all__ = [
     "PullResult",
     "Puller",
     "RepositoryBlobs",
+    "StagedImage",
     "pull",
 ]

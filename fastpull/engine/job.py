@@ -64,7 +64,7 @@ from fastpull.errors import (
     StoreError,
 )
 from fastpull.registry.responses import origin
-from fastpull.registry.transport import Response
+from fastpull.registry.transport import Response, tls_per_origin
 from fastpull.store.diskqueue import DiskQueue
 from fastpull.types import Digest
 
@@ -145,11 +145,20 @@ class Job:
         self.results: list[BlobStats] = []
         # Per blob, the hashed prefix last told in a BlobHashed event.
         self._told: dict[int, int] = {}
+        # The loop looks at the blobs that may have moved, not at every blob each turn (a
+        # batch has hundreds): those a report or a step concerned since the last look, those
+        # whose hash is still behind what is written, those being published. The first look
+        # is at every blob: one resumed whole gets no report, and is only to be hashed.
+        self._touched: set[int] = set(range(len(blobs)))
+        self._behind: set[int] = set()
+        self._committing: set[int] = set()
+        # Looked up once per origin and run, not once per chunk.
+        self._tls_for = tls_per_origin(config.tls_for)
 
     def run(self) -> list[BlobStats]:
         """Loop until every blob is stored or given up; the stats of those stored."""
         try:
-            while not all(b.finished for b in self.blobs):
+            while self._running():
                 cancel.check()
                 for report in self._reports(self._wait(self.clock())):
                     index = None if isinstance(report, Progress) else self._blob_of(report)
@@ -160,13 +169,7 @@ class Job:
                 self.connections.observe(self.clock(), self._received, self._open)
                 self._received.clear()
                 self._hash()
-                for index, blob in enumerate(self.blobs):
-                    if blob.stage is Stage.COMMITTING:
-                        assert blob.commit is not None
-                        if blob.commit.done():
-                            self._guarded(index, self._committed, index, blob)
-                    elif blob.writing:
-                        self._guarded(index, self._verify, index, blob)
+                self._settle()
                 self._sync_journals()
                 self.disk.check()
         except BaseException:
@@ -174,13 +177,30 @@ class Job:
             raise
         return self.results
 
+    def _running(self) -> bool:
+        """Whether some blob is neither stored nor given up."""
+        return any(self._unfinished.values())
+
+    def _settle(self) -> None:
+        """Collect the commits that ended, and verify the blobs that moved this turn."""
+        for index in sorted(self._committing):
+            blob = self.blobs[index]
+            assert blob.commit is not None
+            if blob.commit.done():
+                self._guarded(index, self._committed, index, blob)
+        touched, self._touched = sorted(self._touched), set()
+        for index in touched:
+            blob = self.blobs[index]
+            if blob.writing:
+                self._guarded(index, self._verify, index, blob)
+
     def _reports(self, timeout: float) -> list[Report]:
         """What the workers report within ``timeout`` seconds. With no transfer in flight
         there is nothing to hear from them: the wait ends as soon as a commit does (or the
         backoff that ``timeout`` is), instead of polling for it."""
         if self.flights or timeout <= 0:
             return self.pool.receive(timeout)
-        commits = [b.commit for b in self.blobs if b.stage is Stage.COMMITTING and b.commit]
+        commits = [c for i in self._committing if (c := self.blobs[i].commit) is not None]
         if commits:
             wait_for(commits, timeout, return_when=FIRST_COMPLETED)
         else:
@@ -248,7 +268,7 @@ class Job:
     def _wait(self, now: float) -> float:
         if self._hashing_behind():
             return 0.0  # hash on at once; reports that came meanwhile are read anyway
-        if any(b.stage is Stage.COMMITTING for b in self.blobs):
+        if self._committing:
             return _COMMIT_POLL
         ready = self.sched.next_ready_time()
         if ready is None or not self._room():
@@ -311,7 +331,7 @@ class Job:
             chunk.start,
             chunk.end,
             blob.size,
-            self.config.tls_for(url),
+            self._tls_for(url),
             stall_seconds=self.config.stall_seconds,
         )
         blob.chunks += 1
@@ -329,6 +349,10 @@ class Job:
     # -- what workers report -------------------------------------------------------------
 
     def _handle(self, report: Report) -> None:
+        if not isinstance(report, Progress):
+            index = self._blob_of(report)
+            if index is not None:
+                self._touched.add(index)
         match report:
             case Accepted():
                 self._accepted(report)
@@ -374,6 +398,7 @@ class Job:
         blob = self.blobs[flight.blob]
         delta = position - flight.position
         if delta > 0:
+            self._touched.add(flight.blob)
             flight.position = position
             blob.downloaded += delta
             self._received[self.hosts[flight.blob]] += delta
@@ -502,18 +527,30 @@ class Job:
         if self._hasher is None or len(targets) < 2:
             for index, target in targets.items():
                 self._guarded(index, self.blobs[index].verifier.advance, target)
-            return
-        steps = {
-            index: self._hasher.submit(self.blobs[index].verifier.advance, target)
+        else:
+            steps = {
+                index: self._hasher.submit(self.blobs[index].verifier.advance, target)
+                for index, target in targets.items()
+            }
+            for index, step in steps.items():
+                self._guarded(index, step.result)
+        # A step hashes at most verify.STEP bytes: a large blob may still be behind.
+        self._touched.update(targets)
+        self._behind = {
+            index
             for index, target in targets.items()
+            if self.blobs[index].writing and self.blobs[index].verifier.position < target
         }
-        for index, step in steps.items():
-            self._guarded(index, step.result)
 
     def _hash_targets(self) -> dict[int, int]:
-        """Per blob with written bytes its verifier has not hashed yet: how far it may hash."""
+        """Per blob with written bytes its verifier has not hashed yet: how far it may hash.
+
+        Only a report about a blob moves what of it is written (``Scheduler.hashable``),
+        so the blobs looked at are those touched since the last look and those left behind
+        by the last hashing step."""
         targets = {}
-        for index, blob in enumerate(self.blobs):
+        for index in sorted(self._behind | self._touched):
+            blob = self.blobs[index]
             if blob.writing:
                 hashable = self.sched.hashable(index)
                 if blob.verifier.position < hashable:
@@ -533,6 +570,7 @@ class Job:
         self._tell_hashed(index, blob, verified=True)
         # The fsync and rename run on another thread: the loop keeps feeding the workers.
         blob.stage = Stage.COMMITTING
+        self._committing.add(index)
         blob.commit = self._publish(
             functools.partial(commit.publish, blob, blob.verifier.hexdigest())
         )
@@ -550,6 +588,7 @@ class Job:
     def _committed(self, index: int, blob: BlobRun) -> None:
         """A commit ended: the blob is in the store, or its error is raised here."""
         assert blob.commit is not None
+        self._committing.discard(index)
         blob.commit.result()
         blob.stage = Stage.DONE
         self._unfinished[self.hosts[index]] -= 1

@@ -40,6 +40,7 @@ from fastpull.errors import (
 from fastpull.registry.responses import (
     MAX_REDIRECTS,
     RETRYABLE_STATUS,
+    Origin,
     Redirect,
     RetryAfter,
     RetryPolicy,
@@ -72,6 +73,21 @@ class TLSConfig(NamedTuple):
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
+
+
+def tls_per_origin(tls_for: Callable[[str], TLSConfig]) -> Callable[[str], TLSConfig]:
+    """``tls_for``, asked once per origin: its answer depends on the origin alone, and
+    finding it reads certs.d, which a run of hundreds of requests need not do each time."""
+    known: dict[Origin, TLSConfig] = {}
+
+    def lookup(url: str) -> TLSConfig:
+        key = origin(url)
+        tls = known.get(key)
+        if tls is None:
+            tls = known[key] = tls_for(url)
+        return tls
+
+    return lookup
 
 
 @functools.cache
@@ -458,4 +474,5 @@ __all__ = [
     "parse_header_line",
     "parse_retry_after",
     "system_ca_file",
+    "tls_per_origin",
 ]

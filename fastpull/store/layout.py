@@ -21,8 +21,9 @@ What holds whatever happens, ``kill -9`` and power loss included:
   matched and its data was fsynced. A name in ``blobs/`` is never a partial file.
 - Before ``index.json`` names an image, every ``blobs/<alg>/`` directory is fsynced, so the
   renames that published its blobs (by this process or another) are durable before anything
-  durable refers to them. One directory fsync per image instead of one per blob: a rename
-  that a power cut takes back leaves a blob nothing names yet, fetched again when needed.
+  durable refers to them. One directory fsync per rewrite of index.json (which names one
+  image, or a batch's images at once) instead of one per blob: a rename that a power cut
+  takes back leaves a blob nothing names yet, fetched again when needed.
 - ``index.json`` is only ever replaced by renaming a complete, fsynced temp file over it, so a
   reader always sees the old or the new version, never a torn one. Writers hold an exclusive
   flock on ``index.json.lock`` across read-modify-write, so two fastpull processes never drop
@@ -51,7 +52,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -143,6 +144,16 @@ def _ref_name(entry: Mapping[str, Any]) -> object:
 def _named(entry: Mapping[str, Any], ref_name: str) -> bool:
     """Whether ``entry`` is named ``ref_name`` or is one of the platforms of that image."""
     return ref_name in (_ref_name(entry), _annotation(entry, PLATFORM_OF_ANNOTATION))
+
+
+class ImageName(NamedTuple):
+    """An image to name in index.json (see :meth:`Store.add_image`): its manifest (or
+    index), the name, the entry's annotations and, for an index, the platforms pulled."""
+
+    descriptor: Descriptor
+    ref_name: str
+    annotations: Mapping[str, str]
+    platforms: tuple[Descriptor, ...] = ()
 
 
 class Store:
@@ -410,10 +421,41 @@ class Store:
         that want one manifest can address it. The platform entries ``ref_name`` had before
         go, in the same rewrite of index.json.
         """
-        named = {ref_name: descriptor}
-        for manifest in platforms:
+        self.add_images([ImageName(descriptor, ref_name, annotations, tuple(platforms))])
+
+    def add_images(self, images: Sequence[ImageName]) -> None:
+        """Name several images in ONE rewrite of index.json, as :meth:`add_image` names one
+        (later names replace earlier ones): one sync of the blob directories and one of
+        index.json for all of them, rather than one each.
+
+        All or nothing: a StoreError when some image's manifest is not in the store (no
+        image is named then), or when index.json cannot be written.
+        """
+        if not images:
+            return
+        entries = [(image.ref_name, self._entries(image)) for image in images]
+        with self._index_lock():
+            index = self._read_index()
+            manifests = index["manifests"]
+            for ref_name, named in entries:
+                manifests = [
+                    e
+                    for e in manifests
+                    if not _named(e, ref_name) and not any(_ref_name(e) == n for n in named)
+                ]
+                manifests += named.values()
+            index["manifests"] = manifests
+            # The images' blobs were published without syncing their directory (see
+            # publish); one sync here, before index.json names them, covers all of them.
+            self._write_index(index, durable_first=self._blob_directories())
+
+    def _entries(self, image: ImageName) -> dict[str, dict[str, Any]]:
+        """``image``'s index.json entries by name (the image's, then its platforms'), checked
+        to name manifests the store holds."""
+        named = {image.ref_name: image.descriptor}
+        for manifest in image.platforms:
             if manifest.platform is not None:
-                named.setdefault(platform_name(ref_name, manifest.platform), manifest)
+                named.setdefault(platform_name(image.ref_name, manifest.platform), manifest)
         for name, manifest in named.items():
             if not self.has_blob(manifest.digest, manifest.size):
                 raise StoreError(
@@ -421,20 +463,17 @@ class Store:
                     f"{manifest.digest} ({manifest.size} bytes) is not in the store",
                     store=str(self.root),
                 )
-        entries = [_entry(descriptor, {**annotations, REF_NAME_ANNOTATION: ref_name})]
+        annotations = image.annotations
+        entries = {
+            image.ref_name: _entry(
+                image.descriptor, {**annotations, REF_NAME_ANNOTATION: image.ref_name}
+            )
+        }
         for name, manifest in list(named.items())[1:]:
-            entries.append(_entry(manifest, _platform_annotations(annotations, ref_name, name)))
-        with self._index_lock():
-            index = self._read_index()
-            kept = [
-                e
-                for e in index["manifests"]
-                if not _named(e, ref_name) and not any(_ref_name(e) == n for n in named)
-            ]
-            index["manifests"] = [*kept, *entries]
-            # The image's blobs were published without syncing their directory (see
-            # publish); one sync here, before index.json names them, covers all of them.
-            self._write_index(index, durable_first=self._blob_directories())
+            entries[name] = _entry(
+                manifest, _platform_annotations(annotations, image.ref_name, name)
+            )
+        return entries
 
     def remove_image(self, ref_name: str) -> Descriptor | None:
         """Drop every index.json entry named ``ref_name``, and the entries of its platforms;
@@ -570,6 +609,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "PLATFORM_OF_ANNOTATION",
     "REF_NAME_ANNOTATION",
+    "ImageName",
     "Store",
     "platform_name",
     "resolve_store_path",

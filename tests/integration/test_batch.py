@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from fastpull.errors import ManifestError, StoreError
+from fastpull.puller import ImagePlan, Puller, StagedImage
+from fastpull.store.layout import ImageName, Store
 from tests.integration.conftest import (
     assert_store_consistent,
     blob,
@@ -20,6 +23,7 @@ from tests.integration.conftest import (
     env_store,
     index_entries,
 )
+from tests.support.diskcalls import record_disk_calls
 from tests.support.faultserver import Respond, Serve
 from tests.support.images import Image, make_image, make_index, make_layer
 from tests.support.tools import require_tool
@@ -124,6 +128,81 @@ def test_one_failing_image_does_not_stop_the_others(
     assert any(f"{registry.host}/{repo}:broken: " in e and "digest" in e for e in errors)
     assert errors[-1] == "Error: 2 of 5 images failed"
     assert "Traceback" not in result.err
+
+
+def test_a_batch_names_its_images_in_one_rewrite_once_their_blobs_are_durable(
+    registry: Any, repo: str, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _shared_images(registry, repo, 4, seed=560)
+    path = _write(tmp_path, "list.txt", "\n".join(images))
+    Store.open(env_store())  # its first index.json is not what this test is about
+    calls = record_disk_calls(monkeypatch)
+
+    result = cli("pull", "-f", path)
+
+    assert result.code == 0, result.err
+    store = env_store()
+    blob_dir, index = str(store / "blobs" / "sha256"), str(store / "index.json")
+    # One rewrite of index.json names the four images (it was one each)...
+    (index_write,) = [i for i, c in enumerate(calls) if c == ("rename", index)]
+    # ...after every blob and manifest went into blobs/, and their directory was synced.
+    into_blobs = [i for i, c in enumerate(calls) if c[0] == "rename" and c[1].startswith(blob_dir)]
+    unique = {b.digest for image in images.values() for b in image.referenced_blobs()}
+    assert len(into_blobs) >= len(unique)
+    dir_syncs = [i for i, c in enumerate(calls) if c == ("fsync", blob_dir)]
+    assert any(max(into_blobs) < i < index_write for i in dir_syncs)
+    for ref, image in images.items():
+        assert entry_for(store, ref)["digest"] == image.manifest_digest
+    assert_store_consistent(store)
+
+
+@pytest.mark.parametrize("failing", ["manifests", "name"])
+def test_an_image_that_cannot_be_stored_fails_alone_and_the_others_are_named(
+    registry: Any,
+    repo: str,
+    cli: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    images = _shared_images(registry, repo, 3, seed=580)
+    refs = list(images)
+    bad = refs[1]
+    if failing == "manifests":  # storing its manifests fails (before any name is written)
+        stage = Puller.stage
+
+        def bad_stage(self: Puller, plan: ImagePlan, **kwargs: Any) -> StagedImage:
+            if str(plan.ref) == bad:
+                raise ManifestError(f"{bad}: config is not valid JSON")
+            return stage(self, plan, **kwargs)
+
+        monkeypatch.setattr(Puller, "stage", bad_stage)
+    else:  # naming it fails, and with it the rewrite that was to name all three
+        entries = Store._entries
+
+        def bad_entries(self: Store, image: ImageName) -> dict[str, dict[str, Any]]:
+            if image.ref_name == bad:
+                raise StoreError(f"cannot name {bad}: its manifest is gone", store=str(self.root))
+            return entries(self, image)
+
+        monkeypatch.setattr(Store, "_entries", bad_entries)
+    path = _write(tmp_path, "list.txt", "\n".join(refs))
+    report = tmp_path / "report.json"
+
+    result = cli("pull", "-f", path, "--report", str(report))
+
+    assert result.code != 0
+    statuses = {r["image"]: r["status"] for r in json.loads(report.read_text())["images"]}
+    assert statuses == {refs[0]: "downloaded", bad: "failed", refs[2]: "downloaded"}
+    store = env_store()
+    named = {e["annotations"]["org.opencontainers.image.ref.name"] for e in index_entries(store)}
+    assert named == {refs[0], refs[2]}
+    for ref in (refs[0], refs[2]):
+        assert entry_for(store, ref)["digest"] == images[ref].manifest_digest
+    errors = result.err.splitlines()
+    assert any(e.startswith(f"Error: {bad}: ") for e in errors), errors
+    assert errors[-1] == "Error: 1 of 3 images failed"
+    assert_store_consistent(store)
 
 
 def test_fail_fast_stops_at_the_first_failure(

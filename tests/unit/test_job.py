@@ -11,12 +11,13 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from fastpull.engine.job import Job, contained
 from fastpull.engine.records import BlobRun, EngineConfig, Stage
@@ -306,42 +307,59 @@ class RecordingVerifier(Verifier):
         return super().advance(to)
 
 
+def _job_over(
+    store: Store,
+    stack: contextlib.ExitStack,
+    contents: list[bytes],
+    hasher: ThreadPoolExecutor | None = None,
+    tls_for: Callable[[str], TLSConfig] = lambda _url: TLSConfig(),
+) -> tuple[Job, FakePool, list[RecordingVerifier]]:
+    """A job over one blob per content, each blob's first answer already in (chunks go at
+    once), on eight connections."""
+    disk = DiskQueue()
+    stack.callback(disk.close)
+    blobs, verifiers = [], []
+    for content in contents:
+        digest = Digest.parse("sha256:" + hashlib.sha256(content).hexdigest())
+        blob_stack = stack.enter_context(contextlib.ExitStack())
+        ingest = blob_stack.enter_context(store.ingest(digest, len(content)))
+        ingest.preallocate()
+        verifier = RecordingVerifier(digest, ingest.fd)
+        descriptor = Descriptor("application/octet-stream", digest, len(content))
+        blob = BlobRun(descriptor, ingest, blob_stack, verifier, Source())
+        blob.route = Route(URL).data_from(URL)
+        blobs.append(blob)
+        verifiers.append(verifier)
+    pool = FakePool()
+    config = EngineConfig(tls_for=tls_for, connections=8)
+    job = Job(config, blobs, pool, disk, None, None, hasher)  # type: ignore[arg-type]
+    return job, pool, verifiers
+
+
+def _land(job: Job, pool: FakePool, contents: list[bytes], which: set[int]) -> None:
+    """The bytes of the blobs ``which`` land: their transfers write them and end."""
+    for fetch in pool.fetches():
+        index = job.flights[fetch.chunk_id].blob
+        if index in which:
+            os.pwrite(
+                job.blobs[index].ingest.fd, contents[index][fetch.start : fetch.end], fetch.start
+            )
+            job._handle(Done(fetch.chunk_id, fetch.end, "00" * 16))
+
+
 @pytest.mark.parametrize("behind", [1, 2, 3])
 def test_blobs_behind_their_download_are_hashed_at_once_on_the_hashing_threads(
     tmp_path: Path, behind: int
 ) -> None:
     store = Store.open(tmp_path / "store")
     contents = [bytes([n]) * (3 * MIB) for n in range(3)]
-    digests = [Digest.parse("sha256:" + hashlib.sha256(c).hexdigest()) for c in contents]
     with contextlib.ExitStack() as stack:
-        disk = DiskQueue()
-        stack.callback(disk.close)
         hasher = ThreadPoolExecutor(2, thread_name_prefix="test-hash")
         stack.callback(hasher.shutdown)
-        blobs, verifiers = [], []
-        for digest, content in zip(digests, contents, strict=True):
-            blob_stack = stack.enter_context(contextlib.ExitStack())
-            ingest = blob_stack.enter_context(store.ingest(digest, len(content)))
-            ingest.preallocate()
-            verifier = RecordingVerifier(digest, ingest.fd)
-            descriptor = Descriptor("application/octet-stream", digest, len(content))
-            blob = BlobRun(descriptor, ingest, blob_stack, verifier, Source())
-            blob.route = Route(URL).data_from(URL)
-            blobs.append(blob)
-            verifiers.append(verifier)
-        pool = FakePool()
-        config = EngineConfig(tls_for=lambda _url: TLSConfig(), connections=8)
-        job = Job(config, blobs, pool, disk, None, None, hasher)  # type: ignore[arg-type]
+        job, pool, verifiers = _job_over(store, stack, contents, hasher)
         job._dispatch(0.0)
-        fetches = pool.fetches()
         # The first ``behind`` blobs' bytes land; the others' are still on their way.
-        for fetch in fetches:
-            index = job.flights[fetch.chunk_id].blob
-            if index < behind:
-                os.pwrite(
-                    blobs[index].ingest.fd, contents[index][fetch.start : fetch.end], fetch.start
-                )
-                job._handle(Done(fetch.chunk_id, fetch.end, "00" * 16))
+        _land(job, pool, contents, set(range(behind)))
 
         job._hash()
 
@@ -350,3 +368,100 @@ def test_blobs_behind_their_download_are_hashed_at_once_on_the_hashing_threads(
     expected = "test-hash" if behind > 1 else threading.current_thread().name
     assert all(v.threads[0].startswith(expected) for v in hashed)
     assert all(v.position == 3 * MIB for v in hashed)
+
+
+def test_a_turn_looks_only_at_the_blobs_that_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store.open(tmp_path / "store")
+    contents = [bytes([n]) * MIB for n in range(6)]
+    with contextlib.ExitStack() as stack:
+        job, pool, _ = _job_over(store, stack, contents)
+        asked: list[int] = []
+        hashable = job.sched.hashable
+        monkeypatch.setattr(
+            job.sched, "hashable", lambda blob: asked.append(blob) or hashable(blob)
+        )
+        job._dispatch(0.0)
+        job._hash()  # the first turn looks at every blob (see the test after the next)
+        job._settle()
+        asked.clear()
+        _land(job, pool, contents, {4})
+
+        job._hash()
+        job._settle()
+        assert set(asked) == {4}
+        assert [b.stage for b in job.blobs].count(Stage.COMMITTING) == 1
+        assert job.blobs[4].stage is Stage.COMMITTING
+
+        asked.clear()  # a turn in which nothing was reported looks at no blob
+        job._hash()
+        job._settle()
+        assert asked == []
+
+
+def test_a_blob_hashed_in_several_steps_is_verified_without_another_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fastpull.engine.verify.STEP", MIB)
+    store = Store.open(tmp_path / "store")
+    contents = [bytes([7]) * (3 * MIB), bytes([8]) * MIB]
+    with contextlib.ExitStack() as stack:
+        job, pool, verifiers = _job_over(store, stack, contents)
+        job._dispatch(0.0)
+        _land(job, pool, contents, {0})
+        turns = 0
+        while job.blobs[0].stage is Stage.FETCHING and turns < 10:
+            turns += 1
+            job._hash()
+            job._settle()
+
+        assert job.blobs[0].stage is Stage.COMMITTING
+        assert verifiers[0].position == 3 * MIB
+        assert len(verifiers[0].threads) == turns == 3  # one step of a MiB per turn
+        assert job.blobs[1].stage is Stage.FETCHING
+
+
+def test_tls_settings_are_looked_up_once_per_origin(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    looked_up: list[str] = []
+
+    def tls_for(url: str) -> TLSConfig:
+        looked_up.append(url)
+        return TLSConfig(ca_file=f"/ca/{url.split('/')[2]}.pem")
+
+    contents = [bytes([n]) * MIB for n in range(4)]
+    with contextlib.ExitStack() as stack:
+        job, pool, _ = _job_over(store, stack, contents, tls_for=tls_for)
+        job.blobs[3].route = Route("https://cdn.example/blob").data_from("https://cdn.example/blob")
+        job._dispatch(0.0)
+
+    fetches = pool.fetches()
+    assert len(fetches) == 4
+    assert sorted(looked_up) == sorted([URL, "https://cdn.example/blob"])
+    by_url = {f.url: f.tls.ca_file for f in fetches}
+    assert by_url == {URL: "/ca/r.example.pem", "https://cdn.example/blob": "/ca/cdn.example.pem"}
+
+
+def test_a_blob_resumed_whole_is_verified_without_any_report(tmp_path: Path) -> None:
+    # Its journal vouches for every byte (a run killed before the commit): nothing is
+    # fetched, so no report will ever name it.
+    store = Store.open(tmp_path / "store")
+    contents = [bytes([9]) * MIB, bytes([10]) * MIB]
+    digest = Digest.parse("sha256:" + hashlib.sha256(contents[0]).hexdigest())
+    with store.ingest(digest, MIB) as ingest:
+        ingest.preallocate()
+        os.pwrite(ingest.fd, contents[0], 0)
+        ingest.record(Extent(0, MIB, xxhash.xxh3_128_hexdigest(contents[0])))
+    with contextlib.ExitStack() as stack:
+        job, pool, verifiers = _job_over(store, stack, contents)
+        assert [e.end for e in job.blobs[0].ingest.resumed] == [MIB]
+        job._dispatch(0.0)
+        assert {job.flights[f.chunk_id].blob for f in pool.fetches()} == {1}
+
+        job._hash()
+        job._settle()
+
+        assert job.blobs[0].stage is Stage.COMMITTING
+        assert verifiers[0].position == MIB
+        assert job.blobs[1].stage is Stage.FETCHING

@@ -33,11 +33,13 @@ from fastpull.store.journal import Extent
 from fastpull.store.layout import (
     PLATFORM_OF_ANNOTATION,
     REF_NAME_ANNOTATION,
+    ImageName,
     Store,
     platform_name,
     resolve_store_path,
 )
 from fastpull.types import Descriptor, Digest, Platform
+from tests.support.diskcalls import record_disk_calls
 from tests.support.tools import require_tool
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -1009,36 +1011,13 @@ def test_entries_written_by_skopeo_survive(store: Store, tmp_path: Path) -> None
     run(skopeo, "inspect", "--raw", f"oci:{other}:y")
 
 
-def _record_disk_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Log every fsync and rename the store makes, as (call, path), in order."""
-    calls: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
-
-    def fsync(fd: int) -> None:
-        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
-        calls.append(("rename", str(dst)))
-        real_replace(src, dst, **kwargs)
-
-    def link(src: Any, dst: Any, **kwargs: Any) -> None:
-        calls.append(("rename", str(dst)))
-        real_link(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(os, "link", link)
-    return calls
-
-
 def test_blobs_are_durable_before_index_json_names_them(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # publish() leaves the directory sync to add_image, once for every blob of the image:
     # each blob's bytes are fsynced before its rename, and every rename into blobs/ is
     # fsynced (its directory) before index.json is replaced.
-    calls = _record_disk_calls(monkeypatch)
+    calls = record_disk_calls(monkeypatch)
     layers = [os.urandom(5000 + i) for i in range(3)]
     for data in layers:
         digest = digest_of(data)
@@ -1076,7 +1055,7 @@ def test_a_new_ingest_journal_is_not_synced_but_one_with_records_is(
     # before the first byte. Rewriting one that holds records (resume) still syncs it.
     data = os.urandom(4096)
     digest = digest_of(data)
-    calls = _record_disk_calls(monkeypatch)
+    calls = record_disk_calls(monkeypatch)
     with store.ingest(digest, len(data)) as ing:
         ing.preallocate()
         assert not [c for c in calls if c[0] == "fsync"]
@@ -1106,3 +1085,54 @@ def test_index_json_is_not_changed_when_the_blobs_cannot_be_made_durable(
         store.add_image(manifest, "example.com/app:1")
     assert (store.root / "index.json").read_bytes() == before
     assert not [n for n in os.listdir(store.root) if n.startswith(".index.json.")]
+
+
+def test_several_images_are_named_in_one_rewrite_after_their_blobs_are_durable(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.add_image(put_manifest(store, b'{"old":1}'), "example.com/old:1")
+    calls = record_disk_calls(monkeypatch)
+    manifests = [put_manifest(store, b'{"n":%d}' % n) for n in range(3)]
+    names = [
+        ImageName(m, f"example.com/{n}:1", {"k": n}) for n, m in zip("abc", manifests, strict=True)
+    ]
+
+    store.add_images(names)
+
+    blob_dir = str(store.root / "blobs" / "sha256")
+    index = str(store.root / "index.json")
+    into_blobs = [i for i, c in enumerate(calls) if c[0] == "rename" and blob_dir in c[1]]
+    (index_write,) = [i for i, c in enumerate(calls) if c == ("rename", index)]
+    (dir_sync,) = [i for i, c in enumerate(calls) if c == ("fsync", blob_dir)]
+    assert max(into_blobs) < dir_sync < index_write
+    # The earlier name stays; the new ones come in the order given, replacing none.
+    assert [
+        (e["annotations"][REF_NAME_ANNOTATION], e["digest"]) for e in store.index_entries()
+    ] == [
+        ("example.com/old:1", str(digest_of(b'{"old":1}'))),
+        *((n.ref_name, str(n.descriptor.digest)) for n in names),
+    ]
+    assert store.index_entries()[2]["annotations"]["k"] == "b"
+
+
+def test_a_later_name_in_one_rewrite_replaces_an_earlier_one(store: Store) -> None:
+    first, second = put_manifest(store, b'{"v":1}'), put_manifest(store, b'{"v":2}')
+    store.add_images(
+        [ImageName(first, "example.com/a:1", {}), ImageName(second, "example.com/a:1", {})]
+    )
+    assert [e["digest"] for e in store.index_entries()] == [str(second.digest)]
+
+
+def test_naming_images_together_is_all_or_nothing(store: Store) -> None:
+    store.add_image(put_manifest(store), "example.com/kept:1")
+    before = (store.root / "index.json").read_bytes()
+    present = put_manifest(store, b'{"here":1}')
+    absent = Descriptor(MANIFEST_TYPE, digest_of(b"absent"), 6)
+    with pytest.raises(StoreError, match=r"cannot name example\.com/gone:1 .* not in the store"):
+        store.add_images(
+            [
+                ImageName(present, "example.com/here:1", {}),
+                ImageName(absent, "example.com/gone:1", {}),
+            ]
+        )
+    assert (store.root / "index.json").read_bytes() == before

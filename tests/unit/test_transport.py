@@ -26,6 +26,7 @@ from fastpull.registry.transport import (
     MAX_REDIRECTS,
     Response,
     RetryPolicy,
+    TLSConfig,
     Transport,
     curl_error,
     http_error,
@@ -33,6 +34,7 @@ from fastpull.registry.transport import (
     origin,
     parse_header_line,
     parse_retry_after,
+    tls_per_origin,
 )
 
 
@@ -255,3 +257,27 @@ def test_redirect_loops_end() -> None:
     with Scripted(*loop) as transport, pytest.raises(ProtocolError, match="too many redirects"):
         transport.request("GET", "https://r.example/v2/")
     assert len(transport.sent) == MAX_REDIRECTS + 1
+
+
+def test_tls_settings_are_asked_for_once_per_origin() -> None:
+    asked: list[str] = []
+
+    def tls_for(url: str) -> TLSConfig:
+        asked.append(url)
+        return TLSConfig(ca_file=f"/ca/{len(asked)}.pem")
+
+    lookup = tls_per_origin(tls_for)
+    first = lookup("https://r.example/v2/a/blobs/uploads/1")
+    assert lookup("https://R.example:443/v2/b/blobs/uploads/2?digest=x") is first
+    other_port = lookup("https://r.example:5000/v2/a/")
+    plain = lookup("http://r.example/v2/")
+    assert [first.ca_file, other_port.ca_file, plain.ca_file] == [
+        "/ca/1.pem",
+        "/ca/2.pem",
+        "/ca/3.pem",
+    ]
+    assert asked == [
+        "https://r.example/v2/a/blobs/uploads/1",
+        "https://r.example:5000/v2/a/",
+        "http://r.example/v2/",
+    ]
