@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -42,8 +41,7 @@ _COMMENT = re.compile(r"(?:^|\s)#.*$")
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class BatchEntry:
+class BatchEntry(NamedTuple):
     """One line or entry of a batch file.
 
     ``platforms`` None means the command line's choice; ``store`` None the command

@@ -103,7 +103,7 @@ def all_tags_entry(source: str, dest: str) -> BatchEntry:
     entry = command_line_entry(source, all_tags=True)
     target = Reference.parse(dest)
     check_all_tags(dest, target)
-    return replace(entry, to=target.name)
+    return entry._replace(to=target.name)
 
 
 def _names_tag(text: str) -> bool:

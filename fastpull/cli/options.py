@@ -9,14 +9,12 @@ version`` reads this module too.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import click
 import orjson
@@ -34,8 +32,7 @@ STORE_HELP = "OCI layout directory (default: $FASTPULL_STORE or ~/.local/share/f
 TIMEOUT_SHOWN = "60"
 
 
-@dataclass(frozen=True)
-class SettingsOptions:
+class SettingsOptions(NamedTuple):
     """What the command line said about the settings (None or empty: not given)."""
 
     store: str | None = None
@@ -61,7 +58,7 @@ class SettingsOptions:
         )
 
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(SettingsOptions))
+_FIELDS = SettingsOptions._fields
 
 _STORE = click.option("--store", help=STORE_HELP)
 _REGISTRY = (

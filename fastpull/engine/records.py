@@ -41,8 +41,7 @@ class BlobSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(NamedTuple):
     """What a run of the engine is told: its limits, TLS per origin, whom to tell, its clock."""
 
     tls_for: Callable[[str], TLSConfig]
@@ -53,7 +52,7 @@ class EngineConfig:
     pinned: bool = False
     # A registry host's own ceiling (``HOST[:PORT]``); ``max_connections`` for all if None.
     ceiling_for: Callable[[str], int] | None = None
-    retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=6))
+    retry: RetryPolicy = RetryPolicy(attempts=6)
     stall_seconds: int = 30
     emit: events.Listener = events.ignore
     clock: Callable[[], float] = time.monotonic

@@ -14,7 +14,6 @@ blob's :class:`Route` and returns the new route with the :data:`Step` the engine
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from fastpull.errors import DigestMismatch, FastpullError, Unauthorized
@@ -33,8 +32,7 @@ from fastpull.types import Digest, Marker
 MAX_REAUTH = 3
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """A blob's URL and what is known of it: whether the registry's credentials go with it,
     whether it has answered with data yet (until then the blob's first request runs alone,
     so redirects are followed once per blob), and the redirects and logins spent on it."""
@@ -47,16 +45,16 @@ class Route:
 
     def resolve(self, url: str) -> Route:
         """Start from the registry's own URL for the blob."""
-        return replace(self, url=url, with_auth=True, resolved=False)
+        return self._replace(url=url, with_auth=True, resolved=False)
 
     def data_from(self, url: str) -> Route:
         """A request to ``url`` got the blob's bytes: if that is the current URL, it is
         settled, and every chunk may go there."""
-        return replace(self, resolved=True, hops=0) if url == self.url else self
+        return self._replace(resolved=True, hops=0) if url == self.url else self
 
     def forget(self) -> Route:
         """Ask the registry for the blob's URL again (expired, or the content was wrong)."""
-        return replace(self, url="", with_auth=True, resolved=False, hops=0)
+        return self._replace(url="", with_auth=True, resolved=False, hops=0)
 
 
 class Resend(Marker):
@@ -105,14 +103,14 @@ def judge(
     match action:
         case Redirect(target, keep_auth):
             if current:
-                route = replace(
-                    route, url=target, with_auth=route.with_auth and keep_auth, hops=route.hops + 1
+                route = route._replace(
+                    url=target, with_auth=route.with_auth and keep_auth, hops=route.hops + 1
                 )
             return route, Resend()
         case Reauthenticate():
             if route.reauths >= MAX_REAUTH:
                 return route, Refuse(Unauthorized(f"unauthorized: {what} refused after login"))
-            return replace(route, reauths=route.reauths + 1), Reauthorize(response)
+            return route._replace(reauths=route.reauths + 1), Reauthorize(response)
         case Reresolve():
             # Once, however many requests to the old URL come back refused.
             return (route.forget() if current else route), Backoff(0.0, None)

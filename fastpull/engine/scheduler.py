@@ -55,7 +55,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fastpull.registry.responses import Retries, RetryPolicy
@@ -103,8 +103,7 @@ class _Blob:
     restarts: int = 0
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """Chunking knobs; the defaults suit loopback and CDN-capped links alike."""
 
     connections: int = 16
@@ -120,7 +119,7 @@ class Policy:
     request_seconds: float = 0.25
     max_attempts: int = 6
     # The other bounds on a range's retries (progress, total, time); ``max_attempts`` wins.
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = RetryPolicy()
 
 
 class Scheduler:
@@ -135,7 +134,7 @@ class Scheduler:
         """``done[i]`` lists ranges of blob ``i`` already written (resumed): they are not
         fetched again."""
         self.policy = policy or Policy()
-        self._retry = replace(self.policy.retry, attempts=self.policy.max_attempts)
+        self._retry = self.policy.retry._replace(attempts=self.policy.max_attempts)
         self._blobs = [_Blob(size) for size in sizes]
         self._next_id = 0
         self._pending: list[tuple[float, Chunk]] = []

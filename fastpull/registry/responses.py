@@ -22,7 +22,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
@@ -145,8 +144,7 @@ def classify(
 # -- when to ask again ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+class RetryPolicy(NamedTuple):
     """Bounded exponential backoff with jitter; Retry-After wins when the server sends one.
 
     ``attempts`` bounds the attempts that made no progress. An attempt that wrote at least
@@ -182,8 +180,7 @@ class Try(NamedTuple):
     at: float
 
 
-@dataclass(frozen=True)
-class Retries:
+class Retries(NamedTuple):
     """The failed attempts of one thing (a request, a chunk's byte range) under a policy.
 
     Immutable: :meth:`failed` returns the history with one more attempt, so a retried
@@ -213,7 +210,7 @@ class Retries:
         idle_since = at if self._progressed(attempt) else self.idle_since
         if idle_since is None and not self.history:
             idle_since = at  # the clock without progress starts at the first failure
-        return replace(self, history=(*self.history, attempt), idle_since=idle_since)
+        return self._replace(history=(*self.history, attempt), idle_since=idle_since)
 
     @property
     def exhausted(self) -> bool:

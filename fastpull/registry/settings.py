@@ -18,8 +18,8 @@ import contextlib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
@@ -147,8 +147,7 @@ def _cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         return None
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Everything that shapes how fastpull talks to registries and where it stores images."""
 
     insecure_registries: tuple[str, ...] = ()
