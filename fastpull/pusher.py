@@ -39,7 +39,7 @@ from fastpull.registry.manifest import (
     parse_document,
 )
 from fastpull.registry.settings import Settings
-from fastpull.registry.transport import Transport, tls_per_origin
+from fastpull.registry.transport import Transport
 from fastpull.registry.upload import (
     EXISTS,
     MOUNTED,
@@ -304,8 +304,6 @@ class Pusher:
         self._auth: dict[str, PushAuth] = {}
         self._holders: dict[str, BlobHolders] = {}
         self._placements = Placements(store.root)
-        # Every upload thread's connections ask for TLS settings per request: once per origin.
-        self._tls_for = tls_per_origin(self.settings.tls_for)
         self._uploaders: list[Uploader] = []
         self._local = threading.local()
         self.jobs = jobs or DEFAULT_JOBS
@@ -349,7 +347,7 @@ class Pusher:
             self._on_event(event)
 
     def _new_transport(self) -> Transport:
-        return Transport(tls_for=self._tls_for, stall_seconds=self.settings.stall_timeout)
+        return Transport(tls_for=self.settings.tls_for, stall_seconds=self.settings.stall_timeout)
 
     # -- destinations --------------------------------------------------------------------
 

@@ -269,7 +269,8 @@ class _Capture:
 class Transport:
     """Small HTTP requests (ping, manifests, tokens, tag lists) with retries and redirects.
 
-    ``tls_for(url)`` decides TLS settings per origin. An answer slower than 1 KiB/s for
+    ``tls_for(url)`` decides TLS settings per origin, asked once per origin
+    (:func:`tls_per_origin`). An answer slower than 1 KiB/s for
     ``stall_seconds`` is dropped and asked again, as blob transfers are (``--stall-timeout``):
     small bodies arrive in one go, so only a server that stalls or trickles is affected.
     ``sleep`` is injectable for tests.
@@ -282,7 +283,7 @@ class Transport:
         sleep: Callable[[float], None] = time.sleep,
         stall_seconds: int = 30,
     ) -> None:
-        self._tls_for = tls_for or (lambda _url: TLSConfig())
+        self._tls_for = tls_per_origin(tls_for) if tls_for else lambda _url: TLSConfig()
         self.retry = retry or RetryPolicy()
         self.stall_seconds = stall_seconds
         self._sleep = sleep

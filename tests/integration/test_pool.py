@@ -3,6 +3,7 @@ processes boot, and go to the workers once one is ready."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,7 @@ def test_transfers_run_inline_until_a_worker_is_ready_then_go_to_the_workers(
     served: tuple[str, Layer], tmp_path: Path
 ) -> None:
     url, layer = served
-    pool = WorkerPool(1)
-    try:
+    with contextlib.closing(WorkerPool(1)) as pool:
         # Fresh off the constructor: the worker is still starting.
         assert pool.starting
         first = pool.assign(_fetch(1, url, tmp_path / "first", layer.size))
@@ -59,8 +59,6 @@ def test_transfers_run_inline_until_a_worker_is_ready_then_go_to_the_workers(
         second = pool.assign(_fetch(2, url, tmp_path / "second", layer.size))
         assert second == 0
         _until_done(pool, 2)
-    finally:
-        pool.close()
 
     assert (tmp_path / "first").read_bytes() == layer.data
     assert (tmp_path / "second").read_bytes() == layer.data
@@ -70,13 +68,10 @@ def test_without_workers_every_transfer_runs_inline(
     served: tuple[str, Layer], tmp_path: Path
 ) -> None:
     url, layer = served
-    pool = WorkerPool(0)
-    try:
+    with contextlib.closing(WorkerPool(0)) as pool:
         assert not pool.starting
         slot = pool.assign(_fetch(1, url, tmp_path / "blob", layer.size))
         assert slot == pool.inline == 0
         _until_done(pool, 1)
-    finally:
-        pool.close()
 
     assert (tmp_path / "blob").read_bytes() == layer.data

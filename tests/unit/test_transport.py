@@ -281,3 +281,18 @@ def test_tls_settings_are_asked_for_once_per_origin() -> None:
         "https://r.example:5000/v2/a/",
         "http://r.example/v2/",
     ]
+
+
+def test_a_transport_asks_for_tls_settings_once_per_origin() -> None:
+    asked: list[str] = []
+
+    def tls_for(url: str) -> TLSConfig:
+        asked.append(url)
+        return TLSConfig()
+
+    with Transport(tls_for=tls_for) as transport:
+        for path in ("/v2/", "/v2/a/manifests/1"):
+            # Nothing listens on port 1: each request fails after asking for its settings.
+            with pytest.raises(FastpullError):
+                transport.send("GET", f"https://127.0.0.1:1{path}")
+    assert asked == ["https://127.0.0.1:1/v2/"]
