@@ -203,6 +203,8 @@ class BlobHolders:
         # Asked ahead of the upload (HEAD): which blobs, and which repositories lack them.
         self._asked: set[Digest] = set()
         self._lacking: set[tuple[Digest, str]] = set()
+        # Questions in flight: set once answered (or given up).
+        self._asking: dict[Digest, threading.Event] = {}
 
     def add(self, digest: Digest, repository: str) -> None:
         """``repository`` holds the blob (the registry said so)."""
@@ -236,7 +238,34 @@ class BlobHolders:
     def begun(self, digest: Digest) -> bool:
         """Whether a placement of the blob is under way or done."""
         with self._lock:
-            return digest in self._placing or bool(self._known.get(digest))
+            return self._begun(digest)
+
+    def _begun(self, digest: Digest) -> bool:
+        return digest in self._placing or bool(self._known.get(digest))
+
+    def start_asking(self, digest: Digest) -> bool:
+        """Whether the question asked ahead (:meth:`ask_first`) may go now: not once a
+        placement of the blob has begun (it asks itself). Call :meth:`answered` after."""
+        with self._lock:
+            if self._begun(digest):
+                return False
+            self._asking[digest] = threading.Event()
+            return True
+
+    def answered(self, digest: Digest) -> None:
+        """The question :meth:`start_asking` let go has its answer (or none)."""
+        with self._lock:
+            asking = self._asking.pop(digest, None)
+        if asking is not None:
+            asking.set()
+
+    def await_answer(self, digest: Digest) -> None:
+        """Wait for the question about the blob in flight, if one is: its answer spares the
+        placement its own ``HEAD``."""
+        with self._lock:
+            asking = self._asking.get(digest)
+        if asking is not None:
+            asking.wait()
 
     def lacking(self, digest: Digest, repository: str) -> bool:
         with self._lock:
@@ -437,13 +466,16 @@ class Pusher:
 
     def _ask(self, registry: str, repository: str, digest: Digest) -> None:
         holders = self._holders[registry]
-        if holders.begun(digest):
+        if not holders.start_asking(digest):
             return  # too late: the upload has asked itself
-        with contextlib.suppress(FastpullError):  # then the upload asks again
-            if self.uploader(registry).exists(repository, digest):
-                holders.add(digest, repository)
-            else:
-                holders.lacks(digest, repository)
+        try:
+            with contextlib.suppress(FastpullError):  # then the upload asks again
+                if self.uploader(registry).exists(repository, digest):
+                    holders.add(digest, repository)
+                else:
+                    holders.lacks(digest, repository)
+        finally:
+            holders.answered(digest)
 
     def upload_blob(
         self,
@@ -502,6 +534,7 @@ class Pusher:
         registry, repository, blob = job.registry, job.repository, job.blob
         holders = self._holders[registry]
         digest = blob.digest
+        holders.await_answer(digest)
         if holders.holds(digest, repository):
             result = BlobResult(digest, blob.size, EXISTS)
         else:

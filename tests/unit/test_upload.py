@@ -124,6 +124,31 @@ def test_a_blob_being_placed_puts_the_next_aside_until_it_ends() -> None:
     assert later == ["second", "third"]
 
 
+def test_a_placement_waits_for_the_question_in_flight_instead_of_asking_again() -> None:
+    holders = BlobHolders()
+    assert holders.ask_first(DIGEST)
+    assert holders.start_asking(DIGEST)
+    waited: list[str] = []
+    placement = threading.Thread(
+        target=lambda: (holders.await_answer(DIGEST), waited.append("answered"))
+    )
+    placement.start()
+    placement.join(0.2)
+    assert placement.is_alive() and waited == []  # the HEAD is still out
+    holders.lacks(DIGEST, "target")
+    holders.answered(DIGEST)
+    placement.join(5)
+    assert waited == ["answered"] and holders.lacking(DIGEST, "target")
+    holders.await_answer(DIGEST)  # nothing in flight: no wait
+
+
+def test_no_question_goes_once_the_placement_has_begun() -> None:
+    holders = BlobHolders()
+    assert holders.begin(DIGEST, lambda: None) is True
+    assert not holders.start_asking(DIGEST)
+    holders.await_answer(DIGEST)  # none in flight
+
+
 def test_a_blob_a_repository_holds_is_mounted_by_many_at_once() -> None:
     holders = BlobHolders()
     holders.add(DIGEST, "placed")
