@@ -52,6 +52,7 @@ from benchmarks.report import (
 )
 from benchmarks.synthetic import ImageSpec, build_image, image_specs, largest_layer
 from benchmarks.tools import (
+    DEFAULT_TOOLS,
     TOOLS,
     Target,
     fastpull_supports_stats,
@@ -114,7 +115,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--scenario", choices=(*SCENARIOS, *EXTRA_SCENARIOS, "all"), default="all")
     parser.add_argument("--images", choices=(*IMAGES, "all"), default="all")
     parser.add_argument(
-        "--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}"
+        "--tools",
+        default=",".join(DEFAULT_TOOLS),
+        help=f"comma-separated subset of {','.join(TOOLS)} (default: all but pyfloor)",
     )
     parser.add_argument(
         "--quick",
@@ -560,6 +563,13 @@ class Bench:
             "Caches are not dropped: the registry serves blobs from the page cache. Registry, "
             f"nginx, tool and harness share {self.machine.get('cpus_usable', '?')} CPU(s).",
         ]
+        if "pyfloor" in opts.tools:
+            notes.append(
+                "pyfloor: benchmarks/pyfloor.py, the whole image as the least a CPython puller "
+                "does it (pycurl, every blob at once, hashed as it lands, fsynced as it ends; no "
+                "command line, store or checks beyond the digests), run by fastpull's own "
+                "interpreter: fastpull's wall time above this row is fastpull's own fixed cost."
+            )
         if "capped" in opts.scenarios:
             notes.append(
                 f"capped: every tool pulls through nginx with limit_rate {opts.cap_mbps:g} MB/s "

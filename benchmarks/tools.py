@@ -10,6 +10,10 @@
   least CPU any tool can spend to download, store and verify those bytes. Every row's CPU s/GB
   is compared with it. (coreutils' ``sha256sum`` does not use the CPU's SHA instructions here:
   5.3 CPU s/GB against OpenSSL's 0.8.)
+- ``pyfloor``: ``benchmarks/pyfloor.py``, the least a CPython puller can do for the whole
+  image (every blob at once over pycurl, hashed as it lands, fsynced as it ends; no command
+  line, store or checks beyond the digests), run by the same interpreter as fastpull: what is
+  left of fastpull's wall time above it are fastpull's own fixed costs, not Python's.
 - ``disk``: no network; ``dd`` writes as many bytes as the image has to a file, then fsyncs
   it: what storing the image durably costs on this disk at the moment. fastpull fsyncs every
   blob before it is published (it starts the write-out as it hashes, so it can come in a little
@@ -32,7 +36,10 @@ from pathlib import Path
 
 from tests.support.images import Blob
 
-TOOLS = ("fastpull", "curl", "aria2c", "skopeo", "floor", "disk")
+TOOLS = ("fastpull", "curl", "aria2c", "skopeo", "floor", "pyfloor", "disk")
+# pyfloor only when asked for: it is about the small image's fixed costs, and behind a
+# per-connection cap it would take minutes on the big image's largest layer.
+DEFAULT_TOOLS = tuple(t for t in TOOLS if t != "pyfloor")
 
 # The program each tool runs, and where it comes from, for the error message when it is missing.
 _BINARIES = {"disk": "dd", "floor": "openssl"}
@@ -98,8 +105,8 @@ def missing_tools(tools: Sequence[str]) -> list[str]:
     """Human-readable notes for requested tools that are not installed."""
     notes = []
     for tool in tools:
-        if tool == "fastpull":
-            continue  # this interpreter runs it, from the editable install
+        if tool in ("fastpull", "pyfloor"):
+            continue  # this interpreter runs them (fastpull from the editable install)
         if shutil.which(_BINARIES.get(tool, tool)) is None:
             notes.append(f"{tool} (apt-get install {_PACKAGES[tool]})")
     return notes
@@ -156,6 +163,13 @@ def invocation(
             f"docker://{target.reference}",
             f"oci:{layout}:{target.tag}",
         ]
+        return Invocation(tuple(argv), image_bytes, _layout_blobs(layout, target))
+    if tool == "pyfloor":
+        layout = out_dir / "layout"
+        url = f"{target.scheme}://{target.host}/v2/{target.repository}/manifests/{target.tag}"
+        argv = [sys.executable, str(Path(__file__).with_name("pyfloor.py")), url, str(layout)]
+        if target.ca_path is not None:
+            argv.append(str(target.ca_path))
         return Invocation(tuple(argv), image_bytes, _layout_blobs(layout, target))
     blob_file = out_dir / "blob"
     if tool == "disk":
@@ -248,6 +262,7 @@ def tool_version(tool: str, env: Mapping[str, str]) -> str:
         "skopeo": ["skopeo", "--version"],
         "disk": ["dd", "--version"],
         "floor": ["openssl", "version"],
+        "pyfloor": [sys.executable, "--version"],
         "nginx": ["/usr/sbin/nginx", "-v"],
         "docker-registry": ["docker-registry", "--version"],
     }[tool]
