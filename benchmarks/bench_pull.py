@@ -565,10 +565,12 @@ class Bench:
         ]
         if "pyfloor" in opts.tools:
             notes.append(
-                "pyfloor: benchmarks/pyfloor.py, the whole image as the least a CPython puller "
-                "does it (pycurl, every blob at once, hashed as it lands, fsynced as it ends; no "
-                "command line, store or checks beyond the digests), run by fastpull's own "
-                "interpreter: fastpull's wall time above this row is fastpull's own fixed cost."
+                "pyfloor: benchmarks/pyfloor.py, the whole image with the least work a CPython "
+                "puller does (one pycurl connection per blob, all at once, hashed as it lands, "
+                "fsynced as it ends; no command line, store or checks beyond the digests), run by "
+                "fastpull's own interpreter: on a small image, fastpull's wall time above this "
+                "row is fastpull's own fixed cost (on a big one, one connection per blob is no "
+                "floor)."
             )
         if "capped" in opts.scenarios:
             notes.append(

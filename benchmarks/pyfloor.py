@@ -1,4 +1,4 @@
-"""The least a CPython puller can do for one image: a yardstick for fastpull's fixed costs.
+"""The least work a CPython puller does for one image: a yardstick for fastpull's fixed costs.
 
     python benchmarks/pyfloor.py URL OUT_DIR [CA_FILE]
 
@@ -10,7 +10,8 @@ to ``OUT_DIR/blobs/sha256/HEX``; a digest that does not match is exit 1.
 
 No command line, store, locks, journals, retries, auth, redirects or validation beyond the
 digests: this is what the interpreter, pycurl and the disk cost, so that the benchmark can
-tell fastpull's own fixed costs from those of the language it is written in.
+tell fastpull's own fixed costs from those of the language it is written in. One connection
+per blob is no floor for a big blob, which fastpull fetches in parallel ranges.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@
   least CPU any tool can spend to download, store and verify those bytes. Every row's CPU s/GB
   is compared with it. (coreutils' ``sha256sum`` does not use the CPU's SHA instructions here:
   5.3 CPU s/GB against OpenSSL's 0.8.)
-- ``pyfloor``: ``benchmarks/pyfloor.py``, the least a CPython puller can do for the whole
-  image (every blob at once over pycurl, hashed as it lands, fsynced as it ends; no command
-  line, store or checks beyond the digests), run by the same interpreter as fastpull: what is
-  left of fastpull's wall time above it are fastpull's own fixed costs, not Python's.
+- ``pyfloor``: ``benchmarks/pyfloor.py``, the least work a CPython puller does for the whole
+  image (one pycurl connection per blob, all at once, each hashed as it lands and fsynced as
+  it ends; no command line, store or checks beyond the digests), run by the same interpreter
+  as fastpull: on a small image, what is left of fastpull's wall time above it is fastpull's
+  own fixed cost, not Python's. (On a big image one connection per blob is no floor.)
 - ``disk``: no network; ``dd`` writes as many bytes as the image has to a file, then fsyncs
   it: what storing the image durably costs on this disk at the moment. fastpull fsyncs every
   blob before it is published (it starts the write-out as it hashes, so it can come in a little
