@@ -542,32 +542,36 @@ class _Run:
         Each image still gets its own verdict: one whose manifests cannot be stored fails
         alone, and should the rewrite fail, each image is named again on its own.
         """
-        staged: list[tuple[_Image, StagedImage]] = []
-        for image in images:
-            if self.stopped:
-                break
-            assert image.plan is not None
-            try:
-                staged.append((image, main.stage(image.plan)))
-            except Exception as exc:
-                self._failed(image, exc)
+        planned = [(image, image.plan) for image in images if image.plan is not None]
+        staged = self._each(planned, main.stage)
         try:
             self.store.add_images([one.name for _, one in staged])
             named = staged
         except Exception as exc:
             if not _isolated(exc):
                 raise
-            named = []
-            for image, one in staged:
-                if self.stopped:
-                    break
-                try:
-                    self.store.add_images([one.name])
-                    named.append((image, one))
-                except Exception as alone:
-                    self._failed(image, alone)
+            named = self._each(staged, self._name_alone)
         for image, one in named:
             image.outcome = self._stored(main, image, one, stats)
+
+    def _each(
+        self, items: list[tuple[_Image, _T]], work: Callable[[_T], _U]
+    ) -> list[tuple[_Image, _U]]:
+        """``work`` on each image's item, in turn, until a fail-fast stop; an image whose
+        work fails with an error of its own fails alone (:meth:`_failed`)."""
+        done: list[tuple[_Image, _U]] = []
+        for image, item in items:
+            if self.stopped:
+                break
+            try:
+                done.append((image, work(item)))
+            except Exception as exc:
+                self._failed(image, exc)
+        return done
+
+    def _name_alone(self, staged: StagedImage) -> StagedImage:
+        self.store.add_images([staged.name])
+        return staged
 
     def _failed(self, image: _Image, exc: Exception) -> None:
         """``image`` failed with ``exc``: its outcome if the error is the image's alone,
