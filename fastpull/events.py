@@ -1,8 +1,8 @@
 """What a pull or a push reports while it runs. Plain data, emitted by ``puller``,
 ``download`` and ``pusher`` and rendered by ``progress`` (docker-style lines, terminal bars,
 or ``--json``); :class:`BlobHashed` is for programs (``mirror`` streams uploads from it),
-not shown. NamedTuples: they cost a tenth of a frozen dataclass to define and to make, and
-every command imports this module."""
+not shown. NamedTuples: they cost a fraction of a frozen dataclass to define (0.1-0.2 ms
+against 0.7-1 ms) and to make, and every command imports this module."""
 
 from __future__ import annotations
 

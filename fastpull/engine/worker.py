@@ -55,8 +55,8 @@ PROGRESS_INTERVAL = 0.025
 # -- commands (parent → worker) ------------------------------------------------------------
 
 # Commands and reports are NamedTuples, not frozen dataclasses: every pull imports this
-# module and a frozen dataclass costs about 1 ms to create (its methods are compiled from
-# source), while a NamedTuple costs 0.1 ms; they also pickle smaller on the worker pipe.
+# module and a frozen dataclass costs 0.7-1 ms to create (its methods are compiled from
+# source), while a NamedTuple costs 0.1-0.2 ms; they also pickle smaller on the worker pipe.
 
 
 class Fetch(NamedTuple):
