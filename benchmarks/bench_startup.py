@@ -12,9 +12,9 @@ each run:
 - ``skopeo``, ``pyfloor`` and ``fastpull`` pulling the whole image into a fresh directory,
   exactly as ``bench_pull --images small --scenario direct`` runs them (wall time of the
   process);
-- ``python -c pass``: the interpreter's own start-up;
-- ``python -c 'import benchmarks.pyfloor'`` and ``python -c 'import <what fastpull pull
-  imports>'``: each side's imports on top of that start-up;
+- ``python -c pass``: the interpreter's own start-up and exit;
+- each side's imports alone (``benchmarks.pyfloor``, and what ``fastpull pull`` imports
+  before its first request), timed inside the child around the import statement;
 - each side's work alone: the same pull run in a process that has already imported its
   modules, timed inside it from the call to its return.
 
